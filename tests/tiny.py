@@ -1,0 +1,57 @@
+"""Tiny configurations shared by the tests: every test model is built from a config with random init."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 128
+IMAGE_TOKEN_ID = 127
+IMAGE_SIZE = 32
+PATCH = 8
+NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 16
+
+TINY_LLMS = {
+    "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(model_type="gemma2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=VOCAB,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=16),
+}
+
+
+def tiny_clip_vision_spec(**overrides) -> dict:
+    spec = dict(backend="hf", model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                num_hidden_layers=3, num_attention_heads=4, patch_size=PATCH, image_size=IMAGE_SIZE)
+    spec.update(overrides)
+    return spec
+
+
+def tiny_config(strategy: str = "llava", llm: str = "llama", **kwargs):
+    from vlmzoo import VLMConfig
+
+    kwargs.setdefault("vision_config", tiny_clip_vision_spec())
+    return VLMConfig(text_config=dict(TINY_LLMS[llm]), image_token_id=IMAGE_TOKEN_ID, strategy=strategy, **kwargs)
+
+
+def tiny_model(strategy: str = "llava", llm: str = "llama", seed: int = 0, **kwargs):
+    from vlmzoo import VLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return VLMForConditionalGeneration(tiny_config(strategy, llm, **kwargs)).eval()
+
+
+def prompt_ids(num_visual_tokens: int, prefix: list[int], suffix: list[int]) -> list[int]:
+    """A prompt with one image placeholder run between two text spans."""
+    return prefix + [IMAGE_TOKEN_ID] * num_visual_tokens + suffix
+
+
+def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> input_ids, attention_mask ``(B, T_max)`` with left padding."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask

@@ -1,0 +1,210 @@
+"""The interface between the shared core and a vision-guidance strategy.
+
+A strategy is an ``nn.Module`` built from its own config dataclass and the core's dimensions
+(:class:`CoreDims`). It declares what it needs (:class:`StrategyNeeds`) and how many visual
+tokens it produces; the core computes exactly that and calls :meth:`GuidanceStrategy.forward`
+with a :class:`GuidanceInputs`. Two kinds fit the same interface:
+
+* input-level strategies (LLaVA, TG-LLaVA, IGVA) return ``visual_embeds`` that replace the
+  image placeholder tokens in the LLM's input embeddings;
+* in-LLM strategies (TA-LLaVA) also return an ``llm_context`` and list the decoder layers after
+  which :meth:`GuidanceStrategy.adapt` must run. The core calls ``adapt`` on the prefill pass
+  only (decode steps run the plain LLM on its cache) and passes the context through the
+  forward call, never through module state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from .utils import build_dataclass
+
+TextFeatureKind = Literal["pooled", "tokens"]
+
+
+@dataclass(frozen=True)
+class StrategyNeeds:
+    """What the core must compute for a strategy.
+
+    Attributes:
+        vision_layers: indices into the tower's hidden states (``0`` = embedding output, ``-1`` =
+            last layer, as in transformers' ``hidden_states`` tuples).
+        drop_cls: drop the CLS token from patch features (it is still given in ``cls``).
+        high_res_factor: if > 1, the (normalised) image is upsampled by this factor, cut into
+            ``factor**2`` crops of the tower's input size and passed through the tower in one batch.
+        high_res_layers: which tower layers to return for the crops.
+        instruction_text: which text-encoder outputs are needed (``()`` = no text encoder).
+        instruction_span: the strategy reads the instruction's token positions in the LLM sequence.
+    """
+
+    vision_layers: tuple[int, ...] = (-2,)
+    drop_cls: bool = True
+    high_res_factor: int = 1
+    high_res_layers: tuple[int, ...] = (-2,)
+    instruction_text: tuple[TextFeatureKind, ...] = ()
+    instruction_span: bool = False
+
+
+@dataclass(frozen=True)
+class CoreDims:
+    """Sizes of the shared core that a strategy is built against.
+
+    Attributes:
+        vision_hidden_size: channels D_v of the tower's hidden states.
+        vision_num_patches: patch tokens P per image (CLS excluded).
+        vision_num_layers: transformer layers of the tower (hidden states has this + 1 entries).
+        vision_has_cls: whether the tower prepends a CLS token.
+        text_encoder_hidden_size: D_t of the instruction text encoder, or ``None`` if absent.
+        llm_config: the LLM's own config (``hidden_size`` = d_llm, heads, norms, ...).
+    """
+
+    vision_hidden_size: int
+    vision_num_patches: int
+    vision_num_layers: int
+    vision_has_cls: bool
+    llm_config: Any
+    text_encoder_hidden_size: int | None = None
+
+    @property
+    def llm_hidden_size(self) -> int:
+        return self.llm_config.hidden_size
+
+
+@dataclass
+class VisionFeatures:
+    """Tower outputs for the N images of a batch.
+
+    Attributes:
+        layers: requested layer -> patch features ``(N, P, D_v)`` (CLS dropped if asked).
+        cls: requested layer -> CLS feature ``(N, D_v)``; empty if the tower has no CLS.
+        high_res: requested layer -> crop features ``(N, factor**2 * P, D_v)``, crops in
+            row-major order (TL, TR, BL, BR for factor 2); empty unless asked for.
+    """
+
+    layers: dict[int, torch.Tensor]
+    cls: dict[int, torch.Tensor] = field(default_factory=dict)
+    high_res: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class InstructionFeatures:
+    """Text-encoder features of each image's instruction.
+
+    Attributes:
+        pooled: ``(N, D_t)`` pooled instruction embedding, or ``None``.
+        tokens: ``(N, L, D_t)`` token features, or ``None``.
+        mask: ``(N, L)`` 1 for real tokens, 0 for padding (with ``tokens``).
+    """
+
+    pooled: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class GuidanceInputs:
+    """Everything the core hands a strategy on the prefill pass.
+
+    Attributes:
+        vision: tower features of the N images in the batch.
+        text: instruction features from the text encoder, if the strategy asked for them.
+        image_batch_index: ``(N,)`` which sample (row of ``input_ids``) each image belongs to.
+        input_ids: ``(B, T)`` the LLM token ids (image placeholders included).
+        attention_mask: ``(B, T)`` 1 = real token, 0 = padding.
+        image_token_mask: ``(B, T)`` True at image placeholder positions.
+        instruction_mask: ``(B, T)`` True at the instruction's tokens, if asked for.
+        llm_embed_tokens: the LLM's input embedding (some strategies embed the instruction with it).
+    """
+
+    vision: VisionFeatures
+    image_batch_index: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_token_mask: torch.Tensor
+    text: InstructionFeatures | None = None
+    instruction_mask: torch.Tensor | None = None
+    llm_embed_tokens: nn.Module | None = None
+
+
+@dataclass
+class StrategyOutput:
+    """What a strategy returns.
+
+    Attributes:
+        visual_embeds: ``(N, num_visual_tokens, d_llm)``, scattered into the image placeholders.
+        llm_context: per-call state for :meth:`GuidanceStrategy.adapt` (in-LLM strategies only).
+        aux_loss: a scalar added to the LM loss (e.g. a regulariser), or ``None``.
+        extras: tensors a caller may ask for (e.g. IGVA's layer weights ``(N, K)``).
+    """
+
+    visual_embeds: torch.Tensor
+    llm_context: Any = None
+    aux_loss: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's config dataclass; fields must be JSON-serialisable."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class GuidanceStrategy(nn.Module):
+    """Base class of all strategies. Subclass it, set ``config_class``, and register it.
+
+    Subclasses implement :attr:`needs`, :attr:`num_visual_tokens` and :meth:`forward`; in-LLM
+    strategies also :attr:`adapter_layers` and :meth:`adapt`.
+    """
+
+    config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
+    strategy_name: ClassVar[str] = ""  # set by the registry
+
+    def __init__(self, config: StrategyConfig, dims: CoreDims) -> None:
+        super().__init__()
+        self.config = config
+        self.dims = dims
+
+    @classmethod
+    def build_config(cls, values: dict[str, Any] | StrategyConfig | None) -> StrategyConfig:
+        """Turn a plain dict into the strategy's config dataclass; unknown keys are errors."""
+        if isinstance(values, cls.config_class):
+            return values
+        return build_dataclass(cls.config_class, values or {}, where=f"strategy_config of {cls.strategy_name!r}")
+
+    # ---- declarations -------------------------------------------------------------------
+    @property
+    def needs(self) -> StrategyNeeds:
+        return StrategyNeeds()
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens this strategy puts in place of one ``<image>`` (the processor expands to this)."""
+        raise NotImplementedError
+
+    @property
+    def adapter_layers(self) -> tuple[int, ...]:
+        """LLM decoder-layer indices after which :meth:`adapt` runs (prefill only)."""
+        return ()
+
+    def module_groups(self) -> dict[str, nn.Module]:
+        """Named parameter groups that training stages freeze, train or give their own lr.
+
+        Default: every direct child module under its attribute name.
+        """
+        return dict(self.named_children())
+
+    # ---- computation ----------------------------------------------------------------------
+    def forward(self, inputs: GuidanceInputs) -> StrategyOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def adapt(self, layer_idx: int, hidden_states: torch.Tensor, context: Any) -> torch.Tensor:
+        """Update ``hidden_states`` ``(B, T, d_llm)`` after LLM layer ``layer_idx`` (in-LLM only)."""
+        raise NotImplementedError(f"{type(self).__name__} lists adapter layers but does not implement adapt().")
+
