@@ -1,0 +1,43 @@
+"""Data: conversation templates, LLaVA-format JSON loading, collation."""
+
+from .llava_json import (
+    LlavaDataError,
+    LlavaJsonDataset,
+    SkippedRecord,
+    VLMDataCollator,
+    iter_json_records,
+    normalize_record,
+    read_llava_records,
+)
+from .templates import (
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    ConversationTemplate,
+    EncodedConversation,
+    ImageTruncationError,
+    Segment,
+    TemplateEncoder,
+    available_templates,
+    encode_conversation,
+    get_template,
+)
+
+__all__ = [
+    "DEFAULT_IMAGE_TOKEN",
+    "IGNORE_INDEX",
+    "ConversationTemplate",
+    "EncodedConversation",
+    "ImageTruncationError",
+    "LlavaDataError",
+    "LlavaJsonDataset",
+    "Segment",
+    "SkippedRecord",
+    "TemplateEncoder",
+    "VLMDataCollator",
+    "available_templates",
+    "encode_conversation",
+    "get_template",
+    "iter_json_records",
+    "normalize_record",
+    "read_llava_records",
+]

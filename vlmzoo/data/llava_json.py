@@ -1,0 +1,556 @@
+"""LLaVA-format JSON data: streaming reader, cached tokenisation, a torch dataset and a collator.
+
+A LLaVA file is a JSON array (JSON Lines also work) of records::
+
+    {"id": "000001", "image": "coco/train2017/000001.jpg",   # relative to the image folder; absent = text-only
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}
+
+Pipeline (every step bounded in memory, so a 665K-record file is fine):
+
+1. :func:`iter_json_records` parses the array incrementally (a ~1 MB window); malformed JSON is an
+   error with its line/column.
+2. :func:`read_llava_records` normalises each record (roles -> ``user``/``assistant``/``system``,
+   ``image`` -> a list) into an Arrow dataset cached by ``datasets`` (keyed by path, size and mtime).
+   Records that fail validation are kept with an ``error`` column so both error modes share the cache.
+3. :class:`LlavaJsonDataset` checks the image files, tokenises every record with the processor's
+   template (cached ``Dataset.map``), counts truncations (one summary warning), and raises on the
+   first bad record (``on_error="raise"``) or skips bad records and reports them by id
+   (``on_error="skip"``: one summary warning, the full list in ``dataset.skipped``).
+4. ``dataset[i]`` loads and preprocesses the images; :class:`VLMDataCollator` pads a list of those
+   into the model's batch (see :mod:`vlmzoo.processing`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal, TextIO
+
+import datasets
+import torch
+from datasets import Features, List, Value
+from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
+from PIL import Image
+
+from .templates import DEFAULT_IMAGE_TOKEN, TemplateEncoder
+
+if TYPE_CHECKING:
+    from ..processing import VLMProcessor
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+ImageCheck = Literal["none", "exists", "decode"]
+
+_CACHE_VERSION = "1"  # bump when the record layout or the encoding changes
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
+
+RECORD_FEATURES = Features(
+    {
+        "index": Value("int64"),
+        "id": Value("string"),
+        "images": List(Value("string")),
+        "messages": List({"role": Value("string"), "content": Value("string")}),
+        "error": Value("string"),
+    }
+)
+ENCODED_FEATURES = Features(
+    {
+        "index": Value("int64"),
+        "id": Value("string"),
+        "images": List(Value("string")),
+        "input_ids": List(Value("int32")),
+        "labels": List(Value("int32")),
+        "instruction_mask": List(Value("bool")),
+        "instruction_text": Value("string"),
+        "truncated": Value("bool"),
+        "length": Value("int32"),
+        "error": Value("string"),
+    }
+)
+
+
+class LlavaDataError(ValueError):
+    """Bad data; the message names the file and, when known, the record id and index."""
+
+    def __init__(self, file: str, reason: str, record_id: str | None = None, index: int | None = None) -> None:
+        self.file, self.reason, self.record_id, self.index = file, reason, record_id, index
+        where = ""
+        if record_id is not None or index is not None:
+            where = f" record {record_id!r}" if record_id is not None else ""
+            where += f" (#{index})" if index is not None else ""
+            where += ":"
+        super().__init__(f"{file}:{where} {reason}")
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out in ``on_error="skip"`` mode."""
+
+    record_id: str
+    index: int
+    reason: str
+
+
+# ---- 1. incremental JSON reading ---------------------------------------------------------------------
+
+_WS = re.compile(r"[ \t\n\r]*")
+_ID_RE = re.compile(r'"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+class _Window:
+    """A sliding text window over a file; positions are relative to ``buf``."""
+
+    def __init__(self, f: TextIO, chunk_chars: int) -> None:
+        self.f, self.chunk_chars = f, chunk_chars
+        self.buf, self.pos, self.eof = "", 0, False
+        # characters and newlines dropped before buf[0], and the column buf[0] is at (0-based)
+        self.base_chars = self.base_lines = self.base_column = 0
+
+    def fill(self) -> bool:
+        """Read one more chunk (dropping consumed text); False at end of file."""
+        if self.eof:
+            return False
+        data = self.f.read(self.chunk_chars)
+        if not data:
+            self.eof = True
+            return False
+        if self.pos:
+            last_newline = self.buf.rfind("\n", 0, self.pos)
+            self.base_column = self.pos - last_newline - 1 if last_newline >= 0 else self.base_column + self.pos
+            self.base_lines += self.buf.count("\n", 0, self.pos)
+            self.base_chars += self.pos
+            self.buf, self.pos = self.buf[self.pos :], 0
+        self.buf += data
+        return True
+
+    def peek(self) -> str:
+        """Next non-whitespace character ("" at end of file), without consuming it."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or not self.fill():
+                return self.buf[self.pos : self.pos + 1]
+
+    def location(self, p: int) -> str:
+        line = self.base_lines + self.buf.count("\n", 0, p) + 1
+        last_newline = self.buf.rfind("\n", 0, p)
+        column = p - last_newline if last_newline >= 0 else self.base_column + p + 1
+        return f"line {line}, column {column} (character {self.base_chars + p})"
+
+
+def _guess_id(text: str) -> str | None:
+    """The ``"id"`` of a (possibly broken) record's text, if it can be read."""
+    m = _ID_RE.search(text)
+    if not m:
+        return None
+    try:
+        return str(json.loads(m.group(1)))
+    except ValueError:
+        return None
+
+
+def iter_json_records(
+    path: str | os.PathLike, chunk_chars: int = 1 << 20, max_record_chars: int = 64 << 20
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, record)`` from a JSON array file (or JSON Lines) without loading it whole.
+
+    Raises :class:`LlavaDataError` for an empty file, an empty array, or malformed JSON (the
+    message gives the line/column, the record's index and its id when readable).
+    """
+    path = os.fspath(path)
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as f:
+        w = _Window(f, chunk_chars)
+        first = w.peek()
+        if first == "":
+            raise LlavaDataError(path, "the file is empty (expected a JSON array of records).")
+        if first == "{":
+            yield from _iter_json_lines(path)
+            return
+        if first != "[":
+            raise LlavaDataError(path, f"expected a JSON array of records ('[') at {w.location(w.pos)}, found {first!r}.")
+        w.pos += 1
+        if w.peek() == "]":
+            raise LlavaDataError(path, "the JSON array is empty: no records.")
+        index = 0
+        while True:
+            if w.peek() == "":
+                raise LlavaDataError(path, f"malformed JSON: the file ends inside the array (record #{index}) at {w.location(w.pos)}.")
+            while True:  # decode one record, reading more text while it is incomplete
+                try:
+                    record, end = decoder.raw_decode(w.buf, w.pos)
+                except json.JSONDecodeError as exc:
+                    near_end = exc.pos >= len(w.buf) - 16 or exc.msg.startswith("Unterminated string")
+                    if near_end and len(w.buf) - w.pos < max_record_chars and w.fill():
+                        continue
+                    rid = _guess_id(w.buf[w.pos : exc.pos])
+                    raise LlavaDataError(
+                        path, f"malformed JSON at {w.location(exc.pos)}: {exc.msg}.", rid, index
+                    ) from None
+                if end == len(w.buf) and w.fill():
+                    continue  # the value may continue in the next chunk
+                break
+            yield index, record
+            index += 1
+            w.pos = end
+            sep = w.peek()
+            if sep == ",":
+                w.pos += 1
+            elif sep == "]":
+                w.pos += 1
+                if w.peek() != "":
+                    raise LlavaDataError(path, f"malformed JSON: unexpected data after the array at {w.location(w.pos)}.")
+                return
+            else:
+                what = "the file ends" if sep == "" else f"found {sep!r}"
+                rid = record.get("id") if isinstance(record, dict) else None
+                raise LlavaDataError(
+                    path,
+                    f"malformed JSON at {w.location(w.pos)}: expected ',' or ']' after this record, {what}.",
+                    None if rid is None else str(rid),
+                    index - 1,
+                )
+
+
+def _iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    index = 0
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LlavaDataError(
+                    path,
+                    f"malformed JSON at line {lineno}, column {exc.colno}: {exc.msg} "
+                    "(read as JSON Lines because the file starts with '{').",
+                    _guess_id(line),
+                    index,
+                ) from None
+            yield index, record
+            index += 1
+
+
+# ---- 2. normalised records, cached as Arrow ----------------------------------------------------------
+
+
+class _RecordProblem(ValueError):
+    def __init__(self, reason: str, record_id: str) -> None:
+        super().__init__(reason)
+        self.reason, self.record_id = reason, record_id
+
+
+def normalize_record(raw: Any, index: int) -> dict[str, Any]:
+    """One raw LLaVA record -> ``{"index", "id", "images", "messages", "error": None}``.
+
+    Raises ``ValueError`` (with ``record_id``) for a malformed record or one whose ``<image>``
+    count differs from its number of images.
+    """
+    if not isinstance(raw, dict):
+        raise _RecordProblem(f"record is a JSON {type(raw).__name__}, expected an object.", f"#{index}")
+    rid = f"#{index}" if raw.get("id") is None else str(raw["id"])
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _RecordProblem("'conversations' must be a non-empty list.", rid)
+    messages = []
+    for t, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in _ROLES or not isinstance(turn.get("value"), str):
+            raise _RecordProblem(
+                f"turn {t} must be {{'from': one of {sorted(_ROLES)}, 'value': str}}, got {str(turn)[:200]}.", rid
+            )
+        messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
+    image = raw.get("image")
+    images = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise _RecordProblem(f"'image' must be a path or a list of paths, got {image!r}.", rid)
+    for t, m in enumerate(messages):
+        if m["role"] != "user" and DEFAULT_IMAGE_TOKEN in m["content"]:
+            raise _RecordProblem(f"turn {t} ({m['role']}) contains {DEFAULT_IMAGE_TOKEN}; images belong in human turns.", rid)
+    n_placeholders = sum(m["content"].count(DEFAULT_IMAGE_TOKEN) for m in messages)
+    if n_placeholders != len(images):
+        raise _RecordProblem(
+            f"{n_placeholders} {DEFAULT_IMAGE_TOKEN} placeholder(s) in its conversations but {len(images)} image(s) "
+            "in its 'image' field.",
+            rid,
+        )
+    return {"index": index, "id": rid, "images": images, "messages": messages, "error": None}
+
+
+def _generate_records(path: str, stamp: str) -> Iterator[dict[str, Any]]:
+    del stamp  # only part of the cache key
+    for index, raw in iter_json_records(path):
+        try:
+            yield normalize_record(raw, index)
+        except _RecordProblem as exc:
+            yield {"index": index, "id": exc.record_id, "images": [], "messages": [], "error": exc.reason}
+
+
+def read_llava_records(path: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
+    """Normalised records of a LLaVA JSON file as a cached, memory-mapped ``datasets.Dataset``.
+
+    Columns: ``index`` (position in the file), ``id``, ``images`` (relative paths), ``messages``
+    (``[{"role", "content"}]``), ``error`` (``None``, or why the record is invalid). Re-reading an
+    unchanged file reuses the cache. Raises :class:`LlavaDataError` for file-level problems
+    (missing, empty, malformed JSON).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise LlavaDataError(path, "file not found.")
+    st = os.stat(path)
+    stamp = f"{st.st_size}-{st.st_mtime_ns}"
+    fingerprint = Hasher.hash([_CACHE_VERSION, path, stamp])
+    try:
+        return datasets.Dataset.from_generator(
+            _generate_records,
+            features=RECORD_FEATURES,
+            gen_kwargs={"path": path, "stamp": stamp},
+            cache_dir=cache_dir,
+            fingerprint=fingerprint,
+        )
+    except DatasetGenerationError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, LlavaDataError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+# ---- 3. tokenised dataset ----------------------------------------------------------------------------
+
+
+def _prepare_messages(messages: list[dict[str, str]], n_images: int, image_token: str, move_image_to_front: bool) -> list[dict[str, str]]:
+    out = []
+    for m in messages:
+        content = m["content"]
+        if move_image_to_front and n_images == 1 and content.count(DEFAULT_IMAGE_TOKEN) == 1:
+            # LLaVA-1.5 puts the single image first: "<image>\n" + the rest of the turn.
+            content = DEFAULT_IMAGE_TOKEN + "\n" + content.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        if image_token != DEFAULT_IMAGE_TOKEN:
+            content = content.replace(DEFAULT_IMAGE_TOKEN, image_token)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _encode_batch(
+    batch: dict[str, list[Any]], encoder: TemplateEncoder, max_length: int | None, move_image_to_front: bool
+) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "instruction_mask", "instruction_text", "truncated", "length", "error")}
+    for messages, images, error in zip(batch["messages"], batch["images"], batch["error"]):
+        enc = None
+        if error is None:
+            try:
+                prepared = _prepare_messages(messages, len(images), encoder.image_token, move_image_to_front)
+                enc = encoder.encode(prepared, max_length=max_length)
+            except ValueError as exc:  # template/role problems, image truncation
+                error = str(exc)
+        out["input_ids"].append(enc.input_ids if enc else [])
+        out["labels"].append(enc.labels if enc else [])
+        out["instruction_mask"].append(enc.instruction_mask if enc else [])
+        out["instruction_text"].append(enc.instruction_text if enc else "")
+        out["truncated"].append(bool(enc and enc.truncated))
+        out["length"].append(len(enc) if enc else 0)
+        out["error"].append(error)
+    return out
+
+
+def _tokenizer_state(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else Hasher.hash(tokenizer)
+    return Hasher.hash([state, type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id])
+
+
+class LlavaJsonDataset(torch.utils.data.Dataset):
+    """A LLaVA JSON file, tokenised with a :class:`~vlmzoo.VLMProcessor`'s template.
+
+    Args:
+        json_path: the LLaVA ``.json`` (array) or ``.jsonl`` file.
+        processor: supplies the tokenizer, template, image token, ``num_visual_tokens`` and image preprocessing.
+        image_folder: root of the records' relative image paths (default: the JSON file's folder).
+        max_length: truncate longer samples (counted, one summary warning); a cut reaching image
+            tokens is a bad record.
+        on_error: ``"raise"`` on the first bad record, or ``"skip"`` bad records and report them
+            (``self.skipped``; one summary warning). Malformed JSON always raises.
+        check_images: at load time, check that image files ``"exists"`` (default), also ``"decode"``
+            them (slow, catches corrupt files up front), or ``"none"``. Unreadable images found
+            later, in ``__getitem__``, raise (or, when skipping, are warned about and replaced by
+            the next record).
+        move_image_to_front: like LLaVA-1.5, rewrite a single-image turn to ``"<image>\\n" + text``.
+        cache_dir: ``datasets`` cache directory (default: the ``datasets`` cache).
+        num_proc: processes for tokenisation.
+
+    ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
+    "pixel_values" (n_i, 3, H, W)}``; batch those with :class:`VLMDataCollator`.
+    """
+
+    def __init__(
+        self,
+        json_path: str | os.PathLike,
+        processor: "VLMProcessor",
+        image_folder: str | os.PathLike | None = None,
+        *,
+        max_length: int | None = None,
+        on_error: OnError = "raise",
+        check_images: ImageCheck = "exists",
+        move_image_to_front: bool = True,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+        if check_images not in ("none", "exists", "decode"):
+            raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}.")
+        self.json_path = os.path.abspath(os.fspath(json_path))
+        self.image_folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(self.json_path)
+        self.processor = processor
+        self.on_error = on_error
+        self.max_length = max_length
+        self.skipped: list[SkippedRecord] = []
+        self.runtime_skipped: list[SkippedRecord] = []  # found in __getitem__ (this process only)
+
+        records = read_llava_records(self.json_path, cache_dir=cache_dir)
+        self.num_records = len(records)
+        errors: dict[int, tuple[str, str]] = {}
+        self._collect_errors(records, errors)
+        if check_images != "none":
+            self._check_image_files(records, errors, decode=check_images == "decode")
+
+        encoder = processor.encoder
+        fingerprint = Hasher.hash(
+            [_CACHE_VERSION, records._fingerprint, encoder.template.to_dict(), encoder.image_token,
+             encoder.num_visual_tokens, max_length, move_image_to_front, _tokenizer_state(encoder.tokenizer)]
+        )
+        encoded = records.map(
+            _encode_batch,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs={"encoder": encoder, "max_length": max_length, "move_image_to_front": move_image_to_front},
+            remove_columns=["messages"],
+            features=ENCODED_FEATURES,
+            new_fingerprint=fingerprint,
+            num_proc=num_proc,
+            desc=f"Tokenizing {os.path.basename(self.json_path)}",
+        )
+        self._collect_errors(encoded, errors)
+
+        if errors:
+            keep = [i for i in range(len(encoded)) if i not in errors]
+            self.skipped = [SkippedRecord(rid, i, reason) for i, (rid, reason) in sorted(errors.items())]
+            encoded = encoded.select(keep)
+            shown = "; ".join(f"{s.record_id!r} ({s.reason})" for s in self.skipped[:20])
+            more = f"; ... and {len(self.skipped) - 20} more (see .skipped)" if len(self.skipped) > 20 else ""
+            logger.warning(
+                "%s: skipped %d of %d records (on_error='skip'): %s%s",
+                self.json_path, len(self.skipped), self.num_records, shown, more,
+            )
+        self.data = encoded
+        self.num_truncated = sum(sum(b["truncated"]) for b in encoded.select_columns(["truncated"]).iter(batch_size=50_000))
+        if self.num_truncated:
+            logger.warning(
+                "%s: truncated %d of %d records to max_length=%s tokens.",
+                self.json_path, self.num_truncated, len(encoded), max_length,
+            )
+        if len(self.data) == 0:
+            raise LlavaDataError(self.json_path, f"no usable records (all {self.num_records} were skipped).")
+
+    # ---- validation -----------------------------------------------------------------------------------
+    def _bad(self, errors: dict[int, tuple[str, str]], index: int, record_id: str, reason: str) -> None:
+        if self.on_error == "raise":
+            raise LlavaDataError(self.json_path, reason, record_id, index)
+        errors.setdefault(index, (record_id, reason))
+
+    def _collect_errors(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]]) -> None:
+        for batch in ds.select_columns(["index", "id", "error"]).iter(batch_size=50_000):
+            for index, rid, error in zip(batch["index"], batch["id"], batch["error"]):
+                if error is not None:
+                    self._bad(errors, index, rid, error)
+
+    def _check_image_files(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]], decode: bool) -> None:
+        for batch in ds.select_columns(["index", "id", "images"]).iter(batch_size=10_000):
+            for index, rid, paths in zip(batch["index"], batch["id"], batch["images"]):
+                for rel in paths:
+                    full = os.path.join(self.image_folder, rel)
+                    if not os.path.isfile(full):
+                        self._bad(errors, index, rid, f"image file not found: {full}")
+                        break
+                    if decode:
+                        try:
+                            _open_image(full)
+                        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+                            self._bad(errors, index, rid, f"cannot read image {full}: {exc}")
+                            break
+
+    # ---- access ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token length of every sample (for length-grouped sampling)."""
+        return list(self.data["length"])
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Lengths, negative for text-only samples (LLaVA's modality-grouped sampler convention)."""
+        return [n if imgs else -n for n, imgs in zip(self.data["length"], self.data["images"])]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        for attempt in range(len(self)):
+            row = self.data[(i + attempt) % len(self)]
+            try:
+                return self._load(row)
+            except LlavaDataError as exc:
+                if self.on_error == "raise":
+                    raise
+                self.runtime_skipped.append(SkippedRecord(row["id"], row["index"], exc.reason))
+                logger.warning("%s (on_error='skip': using the next record; %d skipped in this process)", exc, len(self.runtime_skipped))
+        raise LlavaDataError(self.json_path, "no record could be loaded.")
+
+    def _load(self, row: dict[str, Any]) -> dict[str, Any]:
+        images = []
+        for rel in row["images"]:
+            full = os.path.join(self.image_folder, rel)
+            try:
+                images.append(_open_image(full))
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+                raise LlavaDataError(self.json_path, f"cannot read image {full}: {exc}", row["id"], row["index"]) from exc
+        return {
+            "id": row["id"],
+            "input_ids": row["input_ids"],
+            "labels": row["labels"],
+            "instruction_mask": row["instruction_mask"],
+            "instruction_text": row["instruction_text"],
+            "pixel_values": self.processor.preprocess_images(images),
+        }
+
+
+def _open_image(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+# ---- 4. collation ----------------------------------------------------------------------------------
+
+
+class VLMDataCollator:
+    """Pads :class:`LlavaJsonDataset` items into a batch (``processor.pad``; see :mod:`vlmzoo.processing`).
+
+    Args:
+        processor: the dataset's processor.
+        padding_side: ``"right"`` for training (default) or ``"left"``.
+    """
+
+    def __init__(self, processor: "VLMProcessor", padding_side: str = "right") -> None:
+        self.processor = processor
+        self.padding_side = padding_side
+
+    def __call__(self, features: list[dict[str, Any]]) -> Any:
+        return self.processor.pad(features, padding_side=self.padding_side)

@@ -1,0 +1,462 @@
+"""Conversation templates as data, and the tokenisation that turns a conversation into a sample.
+
+A :class:`ConversationTemplate` is a frozen description of a chat format (role prefixes, end
+markers, system-prompt handling). :meth:`ConversationTemplate.render` turns a list of messages
+``[{"role": "user" | "assistant" | "system", "content": str}]`` into an ordered list of
+:class:`Segment` s, each flagged as *target* (contributes to the loss) and/or *instruction*
+(text of the first user turn). :class:`TemplateEncoder` tokenises each segment separately and
+concatenates, so labels and the instruction mask come straight from the segment flags (never from
+re-searching separators in the token stream).
+
+Built-in templates (see :func:`available_templates`): ``plain`` (LLaVA stage-1 captioning),
+``vicuna_v1`` (LLaVA-1.5), ``llama3``, ``qwen2`` and ``gemma2``. A custom format is simply another
+``ConversationTemplate`` instance passed wherever a template name is accepted; nothing global is
+ever mutated.
+
+Tokenising segments separately can differ at segment boundaries from tokenising the whole string
+at once (e.g. SentencePiece's leading-space marker); training and generation both go through
+:class:`TemplateEncoder`, and a generation prompt is a token-exact prefix of the training sample,
+so the two stay consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Mapping, Sequence
+
+from ..utils import build_dataclass, nearest_names
+
+IGNORE_INDEX = -100
+"""Label value of tokens that do not contribute to the loss."""
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+SegmentKind = Literal["text", "image", "bos", "eos"]
+SystemMode = Literal["turn", "fold", "drop"]
+Message = Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a rendered conversation.
+
+    Attributes:
+        kind: ``"text"`` (tokenised), ``"image"`` (one image: ``num_visual_tokens`` image tokens),
+            ``"bos"`` / ``"eos"`` (the tokenizer's BOS / EOS id).
+        text: the text of a ``"text"`` segment.
+        target: the segment's tokens are trained on (labels = ids); otherwise labels are -100.
+        instruction: the segment is (part of) the first user turn's text.
+    """
+
+    kind: SegmentKind
+    text: str = ""
+    target: bool = False
+    instruction: bool = False
+
+
+@dataclass(frozen=True)
+class ConversationTemplate:
+    """A chat format, described by strings.
+
+    A conversation renders as::
+
+        [BOS] begin [system] (user_prefix USER user_suffix assistant_prefix ANSWER end assistant_suffix)*
+
+    where ``end`` is ``assistant_end`` and/or the tokenizer's EOS (``assistant_end_eos``); ANSWER and
+    ``end`` are the targets. With ``add_generation_prompt`` the rendering stops after the last
+    ``assistant_prefix``.
+
+    Attributes:
+        name: template name.
+        tokenizer_bos: start with the tokenizer's BOS id (skipped if the tokenizer has none).
+        begin: literal text at the very start (after the tokenizer BOS, if any), e.g. ``"<bos>"``.
+        default_system: system prompt used when the conversation has none (``None`` = no system).
+        system_mode: ``"turn"``: render ``system_format``; ``"fold"``: prepend the system text plus
+            ``system_fold_separator`` to the first user message (its tokens are not instruction);
+            ``"drop"``: ignore any system message.
+        system_format: system text with a ``{content}`` placeholder (``"turn"`` mode).
+        system_fold_separator: separator after a folded system prompt.
+        user_prefix, user_suffix: text around each user message.
+        assistant_prefix: text before each assistant message; also the generation prompt.
+        assistant_end: literal end-of-turn marker, trained on (e.g. ``"<|eot_id|>"``).
+        assistant_end_eos: end each assistant turn with the tokenizer's EOS id, trained on.
+        assistant_suffix: untrained text after the end marker (e.g. ``"\\n"``).
+        drop_user_text: keep only the images of user messages (LLaVA's ``plain`` format).
+        single_turn: exactly one user message (and one assistant answer) per conversation.
+        required_tokens: literal markers that must each be a single token of the tokenizer.
+    """
+
+    name: str
+    tokenizer_bos: bool = False
+    begin: str = ""
+    default_system: str | None = None
+    system_mode: SystemMode = "turn"
+    system_format: str = "{content}"
+    system_fold_separator: str = "\n\n"
+    user_prefix: str = ""
+    user_suffix: str = ""
+    assistant_prefix: str = ""
+    assistant_end: str = ""
+    assistant_end_eos: bool = False
+    assistant_suffix: str = ""
+    drop_user_text: bool = False
+    single_turn: bool = False
+    required_tokens: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.system_mode not in ("turn", "fold", "drop"):
+            raise ValueError(f"system_mode must be 'turn', 'fold' or 'drop', got {self.system_mode!r}.")
+        if self.system_mode == "turn" and "{content}" not in self.system_format:
+            raise ValueError(f"system_format of template {self.name!r} needs a '{{content}}' placeholder.")
+        if not (self.assistant_end or self.assistant_end_eos):
+            raise ValueError(f"Template {self.name!r} needs an end of assistant turn (assistant_end or assistant_end_eos).")
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ConversationTemplate":
+        return build_dataclass(cls, dict(values), where="conversation template")
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def render(
+        self,
+        messages: Sequence[Message],
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        add_generation_prompt: bool = False,
+    ) -> list[Segment]:
+        """Messages -> ordered segments (empty text segments are dropped).
+
+        ``image_token`` occurrences in user messages become ``"image"`` segments; in any other
+        message they are an error. Raises ``ValueError`` for malformed conversations (roles not
+        alternating user/assistant, system not first, generation prompt after an answer, ...).
+        """
+        system, turns = _split_roles(messages, self.name)
+        if self.single_turn and not (
+            [m["role"] for m in turns] in (["user", "assistant"], ["user"])
+            and (add_generation_prompt or len(turns) == 2)
+        ):
+            raise ValueError(
+                f"Template {self.name!r} takes exactly one user message followed by one assistant message "
+                f"(or a single user message with add_generation_prompt=True); got roles {[m['role'] for m in turns]}."
+            )
+        if add_generation_prompt and turns[-1]["role"] != "user":
+            raise ValueError("add_generation_prompt=True needs a conversation that ends with a user message.")
+        for m in [*turns, *([{"role": "system", "content": system}] if system else [])]:
+            if m["role"] != "user" and image_token in m["content"]:
+                raise ValueError(f"Found {image_token!r} in a {m['role']} message; images belong in user messages.")
+
+        segs: list[Segment] = []
+        if self.tokenizer_bos:
+            segs.append(Segment("bos"))
+        segs.append(Segment("text", self.begin))
+        if system is None:
+            system = self.default_system
+        fold = None
+        if system is not None and self.system_mode == "turn":
+            segs.append(Segment("text", self.system_format.replace("{content}", system)))
+        elif system is not None and self.system_mode == "fold":
+            fold = system + self.system_fold_separator
+
+        first_user = True
+        for message in turns:
+            content = message["content"]
+            if message["role"] == "user":
+                segs.append(Segment("text", self.user_prefix))
+                if fold is not None and first_user:
+                    segs.append(Segment("text", fold))
+                segs.extend(self._user_content(content, image_token, instruction=first_user))
+                segs.append(Segment("text", self.user_suffix))
+                first_user = False
+            else:
+                segs.append(Segment("text", self.assistant_prefix))
+                segs.append(Segment("text", content, target=True))
+                segs.append(Segment("text", self.assistant_end, target=True))
+                if self.assistant_end_eos:
+                    segs.append(Segment("eos", target=True))
+                segs.append(Segment("text", self.assistant_suffix))
+        if add_generation_prompt:
+            segs.append(Segment("text", self.assistant_prefix))
+        return [s for s in segs if s.kind != "text" or s.text]
+
+    def _user_content(self, content: str, image_token: str, instruction: bool) -> list[Segment]:
+        pieces = content.split(image_token)
+        out: list[Segment] = []
+        for i, piece in enumerate(pieces):
+            if i > 0:
+                out.append(Segment("image"))
+            if not self.drop_user_text:
+                out.append(Segment("text", piece, instruction=instruction))
+        return out
+
+
+def _split_roles(messages: Sequence[Message], template: str) -> tuple[str | None, list[Message]]:
+    """-> (system text or None, user/assistant messages); validates roles and their order."""
+    if not messages:
+        raise ValueError("Empty conversation: expected at least one user message.")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"Message {i} must be a dict with string 'role' and 'content', got {m!r}.")
+        if m["role"] not in ("user", "assistant", "system"):
+            raise ValueError(f"Message {i} has unknown role {m['role']!r}; expected 'user', 'assistant' or 'system'.")
+    system = None
+    turns = list(messages)
+    if turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            where = "first" if i == 0 else f"{i + (system is not None)}th (0-based)"
+            raise ValueError(
+                f"Template {template!r}: the {where} message has role {m['role']!r} but {expected!r} was expected "
+                "(an optional system message first, then user and assistant messages alternating, starting with user)."
+            )
+    if not turns:
+        raise ValueError("Conversation has no user message.")
+    return system, turns
+
+
+# ---- built-in templates --------------------------------------------------------------------------
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+_BUILTIN: Mapping[str, ConversationTemplate] = MappingProxyType(
+    {
+        t.name: t
+        for t in (
+            ConversationTemplate(
+                name="plain",
+                tokenizer_bos=True,
+                system_mode="drop",
+                assistant_end_eos=True,
+                drop_user_text=True,
+                single_turn=True,
+            ),
+            ConversationTemplate(
+                name="vicuna_v1",
+                tokenizer_bos=True,
+                default_system=VICUNA_SYSTEM,
+                system_format="{content} ",
+                user_prefix="USER: ",
+                user_suffix=" ",
+                assistant_prefix="ASSISTANT: ",
+                assistant_end_eos=True,
+            ),
+            ConversationTemplate(
+                name="llama3",
+                begin="<|begin_of_text|>",
+                system_format="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+                user_prefix="<|start_header_id|>user<|end_header_id|>\n\n",
+                user_suffix="<|eot_id|>",
+                assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+                assistant_end="<|eot_id|>",
+                required_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+            ),
+            ConversationTemplate(
+                name="qwen2",
+                default_system="You are a helpful assistant.",
+                system_format="<|im_start|>system\n{content}<|im_end|>\n",
+                user_prefix="<|im_start|>user\n",
+                user_suffix="<|im_end|>\n",
+                assistant_prefix="<|im_start|>assistant\n",
+                assistant_end="<|im_end|>",
+                assistant_suffix="\n",
+                required_tokens=("<|im_start|>", "<|im_end|>"),
+            ),
+            ConversationTemplate(
+                name="gemma2",
+                begin="<bos>",
+                system_mode="fold",
+                user_prefix="<start_of_turn>user\n",
+                user_suffix="<end_of_turn>\n",
+                assistant_prefix="<start_of_turn>model\n",
+                assistant_end="<end_of_turn>",
+                assistant_suffix="\n",
+                required_tokens=("<bos>", "<start_of_turn>", "<end_of_turn>"),
+            ),
+        )
+    }
+)
+
+
+def available_templates() -> list[str]:
+    """Sorted names of the built-in templates."""
+    return sorted(_BUILTIN)
+
+
+def get_template(name: str | ConversationTemplate) -> ConversationTemplate:
+    """A built-in template by name (a :class:`ConversationTemplate` is returned unchanged)."""
+    if isinstance(name, ConversationTemplate):
+        return name
+    if name not in _BUILTIN:
+        near = nearest_names(str(name), _BUILTIN)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise KeyError(
+            f"Unknown conversation template {name!r}.{hint} Known templates: {', '.join(available_templates())} "
+            "(or pass a ConversationTemplate instance)."
+        )
+    return _BUILTIN[name]
+
+
+# ---- tokenisation --------------------------------------------------------------------------------
+
+
+class ImageTruncationError(ValueError):
+    """Truncating a sample to ``max_length`` would cut into (or drop) image tokens."""
+
+
+@dataclass
+class EncodedConversation:
+    """One tokenised conversation (all lists have the same length T).
+
+    Attributes:
+        input_ids: token ids; each image is ``num_visual_tokens`` copies of the image token id.
+        labels: ``input_ids`` at target tokens, ``IGNORE_INDEX`` (-100) elsewhere.
+        instruction_mask: True at the tokens of the first user message's text.
+        truncated: the sample was cut to ``max_length``.
+        num_images: image placeholders in the sample.
+        instruction_text: the first user message's text as the template renders it (images
+            removed, stripped); ``""`` for templates that drop user text (``plain``).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    instruction_mask: list[bool]
+    truncated: bool = False
+    num_images: int = 0
+    instruction_text: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _single_token_id(tokenizer: Any, token: str, what: str) -> int:
+    """Id of ``token`` if the tokenizer keeps it as one (special/added) token; else a clear error."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    encoded = tokenizer.encode(token, add_special_tokens=False)
+    if tid is None or (unk is not None and tid == unk and token != getattr(tokenizer, "unk_token", None)) or encoded != [tid]:
+        raise ValueError(
+            f"{what} {token!r} is not a single token of the tokenizer (it encodes to {encoded}). "
+            f"Add it, e.g. tokenizer.add_special_tokens({{'additional_special_tokens': [{token!r}]}}), "
+            "and resize the model's embeddings."
+        )
+    return tid
+
+
+class TemplateEncoder:
+    """Tokenises conversations with one tokenizer and template (validated once, reusable).
+
+    Args:
+        tokenizer: any Hugging Face tokenizer.
+        template: a template name or instance.
+        image_token: the placeholder in message text, which must also be a single token.
+        num_visual_tokens: image tokens per image placeholder.
+    """
+
+    def __init__(self, tokenizer: Any, template: str | ConversationTemplate, image_token: str = DEFAULT_IMAGE_TOKEN, num_visual_tokens: int = 1) -> None:
+        if num_visual_tokens < 1:
+            raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}.")
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.image_token = image_token
+        self.num_visual_tokens = int(num_visual_tokens)
+        self.image_token_id = _single_token_id(tokenizer, image_token, "Image token")
+        for tok in self.template.required_tokens:
+            _single_token_id(tokenizer, tok, f"Template {self.template.name!r} marker")
+        self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if self.template.assistant_end_eos and self.eos_token_id is None:
+            raise ValueError(f"Template {self.template.name!r} ends answers with EOS, but the tokenizer has no eos_token.")
+
+    def encode(
+        self,
+        messages: Sequence[Message],
+        max_length: int | None = None,
+        add_generation_prompt: bool = False,
+    ) -> EncodedConversation:
+        """Tokenise one conversation; see :func:`encode_conversation`."""
+        segments = _merge_text(self.template.render(messages, self.image_token, add_generation_prompt))
+        texts = [s.text for s in segments if s.kind == "text"]
+        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+
+        ids: list[int] = []
+        labels: list[int] = []
+        instr: list[bool] = []
+        image_spans: list[tuple[int, int]] = []
+        for seg in segments:
+            if seg.kind == "text":
+                piece = list(next(text_ids))
+            elif seg.kind == "image":
+                image_spans.append((len(ids), len(ids) + self.num_visual_tokens))
+                piece = [self.image_token_id] * self.num_visual_tokens
+            elif seg.kind == "bos":
+                piece = [] if self.bos_token_id is None else [self.bos_token_id]
+            else:
+                piece = [self.eos_token_id]
+            ids.extend(piece)
+            labels.extend(piece if seg.target else [IGNORE_INDEX] * len(piece))
+            instr.extend([seg.instruction] * len(piece))
+
+        instruction_text = "".join(s.text for s in segments if s.instruction).strip()
+        truncated = False
+        if max_length is not None and len(ids) > max_length:
+            if add_generation_prompt:
+                raise ValueError(f"Generation prompt is {len(ids)} tokens long, more than max_length={max_length}.")
+            for k, (start, end) in enumerate(image_spans):
+                if end > max_length:
+                    raise ImageTruncationError(
+                        f"Truncating a {len(ids)}-token sample to max_length={max_length} would cut into image "
+                        f"{k} (its {self.num_visual_tokens} image tokens are at positions {start}..{end - 1}). "
+                        "Raise max_length or shorten the conversation."
+                    )
+            ids, labels, instr = ids[:max_length], labels[:max_length], instr[:max_length]
+            truncated = True
+        return EncodedConversation(ids, labels, instr, truncated, len(image_spans), instruction_text)
+
+
+def _merge_text(segments: list[Segment]) -> list[Segment]:
+    """Join consecutive text segments with equal flags (fewer tokenisation boundaries)."""
+    out: list[Segment] = []
+    for seg in segments:
+        prev = out[-1] if out else None
+        if (
+            prev is not None
+            and seg.kind == prev.kind == "text"
+            and (seg.target, seg.instruction) == (prev.target, prev.instruction)
+        ):
+            out[-1] = dataclasses.replace(prev, text=prev.text + seg.text)
+        else:
+            out.append(seg)
+    return out
+
+
+def encode_conversation(
+    tokenizer: Any,
+    template: str | ConversationTemplate,
+    messages: Sequence[Message],
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+    num_visual_tokens: int = 1,
+    max_length: int | None = None,
+    add_generation_prompt: bool = False,
+) -> EncodedConversation:
+    """Tokenise a conversation into ``input_ids``, ``labels`` and ``instruction_mask``.
+
+    Each segment of ``template.render(messages)`` is tokenised separately with
+    ``add_special_tokens=False`` (BOS/EOS only where the template places them) and concatenated;
+    each ``image_token`` in a user message becomes ``num_visual_tokens`` copies of its id.
+    With ``max_length`` the sample is cut at the end and ``truncated`` is set; a cut that would
+    reach image tokens raises :class:`ImageTruncationError` instead. With
+    ``add_generation_prompt=True`` the encoding ends with the assistant header; it is then a
+    token-exact prefix of the same conversation encoded with its answer.
+
+    For many conversations build one :class:`TemplateEncoder` (validates the tokenizer once).
+    """
+    encoder = TemplateEncoder(tokenizer, template, image_token, num_visual_tokens)
+    return encoder.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,379 @@
+"""``VLMProcessor``: conversations + images -> the batch a :class:`~vlmzoo.VLMForConditionalGeneration` eats.
+
+Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
+
+* ``input_ids`` ``(B, T)`` long: each ``<image>`` is expanded to ``num_visual_tokens`` copies of
+  the image token id (as transformers' Llava processor does);
+* ``attention_mask`` ``(B, T)`` long: 1 = real token, 0 = padding;
+* ``labels`` ``(B, T)`` long: -100 except at the template's target tokens (training only, i.e.
+  absent with ``add_generation_prompt=True``);
+* ``instruction_mask`` ``(B, T)`` bool: True at the tokens of the first user message's text;
+* ``pixel_values`` ``(N, 3, H, W)`` float: one entry per ``<image>``, in row-major order (sample 0's
+  images first); absent when the batch has no image;
+* ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text of
+  the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
+  ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
+
+Images are padded to a square with the mean colour (LLaVA-1.5) before a ``CLIPImageProcessor``
+resizes and normalises them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, CLIPImageProcessor, PreTrainedConfig
+
+from .data.templates import (
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    ConversationTemplate,
+    EncodedConversation,
+    TemplateEncoder,
+    _BUILTIN,
+    get_template,
+)
+from .towers.vision import CLIP_MEAN, CLIP_STD
+
+logger = logging.getLogger(__name__)
+
+PROCESSOR_CONFIG_NAME = "vlm_processor_config.json"
+TEXT_TOKENIZER_SUBFOLDER = "text_tokenizer"
+
+Messages = Sequence[Mapping[str, str]]
+
+
+def make_image_processor(
+    image_size: int = 336,
+    image_mean: Sequence[float] = CLIP_MEAN,
+    image_std: Sequence[float] = CLIP_STD,
+) -> CLIPImageProcessor:
+    """A ``CLIPImageProcessor`` producing ``(3, image_size, image_size)`` inputs for a tower."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": int(image_size)},
+        crop_size={"height": int(image_size), "width": int(image_size)},
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+    )
+
+
+def pad_to_square(image: Image.Image, background: Sequence[float]) -> Image.Image:
+    """Centre ``image`` (converted to RGB) on a square canvas of colour ``background`` (0..1 floats)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), tuple(int(c * 255) for c in background))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+class VLMProcessor:
+    """Tokenizer + image processor (+ optional text-encoder tokenizer) behind one conversation template.
+
+    Args:
+        tokenizer: the LLM's tokenizer; must contain ``image_token`` as a single token and (for
+            batching) a pad token.
+        image_processor: resizes/normalises images; default :func:`make_image_processor` (336 px, CLIP stats).
+        text_tokenizer: tokenizer of the instruction text encoder, for strategies that need
+            instruction text features.
+        template: conversation template name or :class:`~vlmzoo.data.ConversationTemplate`.
+        image_token: placeholder in message text and token in the vocabulary.
+        num_visual_tokens: image tokens per image; must equal ``model.strategy.num_visual_tokens``.
+        text_max_length: truncation length of the instruction for the text encoder.
+        pad_to_square: pad images to a square with the mean colour before resizing (LLaVA-1.5).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: Any | None = None,
+        text_tokenizer: Any | None = None,
+        template: str | ConversationTemplate = "vicuna_v1",
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        num_visual_tokens: int = 576,
+        text_max_length: int = 77,
+        pad_to_square: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor if image_processor is not None else make_image_processor()
+        self.text_tokenizer = text_tokenizer
+        self.template = get_template(template)
+        self.image_token = image_token
+        self.num_visual_tokens = int(num_visual_tokens)
+        self.text_max_length = int(text_max_length)
+        self.pad_to_square = bool(pad_to_square)
+        # Validates that the image token and the template's markers are single tokens.
+        self.encoder = TemplateEncoder(tokenizer, self.template, image_token, self.num_visual_tokens)
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def for_model(
+        cls,
+        model_or_config: Any,
+        tokenizer: Any,
+        image_processor: Any | None = None,
+        text_tokenizer: Any | None = None,
+        template: str | ConversationTemplate = "vicuna_v1",
+        num_visual_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> "VLMProcessor":
+        """A processor matching a model (or its ``VLMConfig``).
+
+        From a model: ``num_visual_tokens`` is ``model.strategy.num_visual_tokens`` and the image
+        processor follows ``model.vision_tower`` (size, mean, std). From a config the strategy is
+        not built, so ``num_visual_tokens`` must be given; the image size comes from
+        ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
+        ``config.image_token_id``. Remaining ``kwargs`` go to the constructor.
+        """
+        is_model = hasattr(model_or_config, "config")
+        config = model_or_config.config if is_model else model_or_config
+        strategy = getattr(model_or_config, "strategy", None) if is_model else None
+        tower = getattr(model_or_config, "vision_tower", None) if is_model else None
+        if num_visual_tokens is None:
+            if strategy is None:
+                raise ValueError(
+                    "VLMProcessor.for_model got a config, whose strategy is not built: pass num_visual_tokens=... "
+                    "(or pass the model itself)."
+                )
+            num_visual_tokens = strategy.num_visual_tokens
+        elif strategy is not None and strategy.num_visual_tokens != num_visual_tokens:
+            raise ValueError(f"num_visual_tokens={num_visual_tokens} differs from the model strategy's {strategy.num_visual_tokens}.")
+        if strategy is not None and strategy.needs.instruction_text and text_tokenizer is None:
+            raise ValueError(f"Strategy {config.strategy!r} needs instruction text features: pass text_tokenizer=...")
+
+        image_token = getattr(config, "image_token", DEFAULT_IMAGE_TOKEN)
+        token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if token_id != config.image_token_id:
+            raise ValueError(
+                f"The tokenizer maps the image token {image_token!r} to id {token_id}, but the model's "
+                f"config.image_token_id is {config.image_token_id}."
+            )
+        if image_processor is None:
+            if tower is not None:
+                image_processor = make_image_processor(tower.image_size, tower.image_mean, tower.image_std)
+            else:
+                spec = config.vision_config or {}
+                if "image_size" not in spec:
+                    raise ValueError("config.vision_config has no 'image_size': pass image_processor=...")
+                siglip = str(spec.get("model_type", "")).startswith("siglip")
+                stats = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
+                image_processor = make_image_processor(spec["image_size"], *stats)
+        return cls(
+            tokenizer,
+            image_processor=image_processor,
+            text_tokenizer=text_tokenizer,
+            template=template,
+            image_token=image_token,
+            num_visual_tokens=num_visual_tokens,
+            **kwargs,
+        )
+
+    # ---- pieces ------------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.encoder.image_token_id
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(3, H, W)`` of one processed image."""
+        crop = getattr(self.image_processor, "crop_size", None)
+        size = crop if getattr(self.image_processor, "do_center_crop", False) and crop else self.image_processor.size
+        return 3, int(size["height"]), int(size["width"])
+
+    def encode(
+        self, messages: Messages, max_length: int | None = None, add_generation_prompt: bool = False
+    ) -> EncodedConversation:
+        """Tokenise one conversation with the processor's template (see :class:`TemplateEncoder`)."""
+        return self.encoder.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images -> ``(N, 3, H, W)`` float pixel values (``N`` may be 0)."""
+        if not images:
+            return torch.zeros(0, *self.image_shape)
+        if self.pad_to_square:
+            images = [pad_to_square(im, self.image_processor.image_mean) for im in images]
+        return self.image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+    def tokenize_instructions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction texts -> ``(N, L)`` ids and attention mask from the text-encoder tokenizer."""
+        if self.text_tokenizer is None:
+            raise ValueError("This processor has no text_tokenizer.")
+        out = self.text_tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.text_max_length, return_tensors="pt"
+        )
+        return out["input_ids"], out["attention_mask"]
+
+    def pad(
+        self,
+        features: Sequence[Mapping[str, Any]],
+        padding_side: str = "right",
+        return_labels: bool = True,
+    ) -> BatchFeature:
+        """Collate per-sample features into a batch.
+
+        Each feature has ``input_ids``, ``labels`` and ``instruction_mask`` (lists of length T_i),
+        ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str). Returns the batch keys
+        described in the module docstring, padded to the longest sample on ``padding_side``.
+        """
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+        if not features:
+            raise ValueError("Cannot collate an empty list of samples.")
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its unk or eos token).")
+        width = max(len(f["input_ids"]) for f in features)
+
+        def padded(row: Sequence[Any], value: Any) -> list[Any]:
+            fill = [value] * (width - len(row))
+            return fill + list(row) if padding_side == "left" else list(row) + fill
+
+        data: dict[str, Any] = {
+            "input_ids": torch.tensor([padded(f["input_ids"], pad_id) for f in features], dtype=torch.long),
+            "attention_mask": torch.tensor([padded([1] * len(f["input_ids"]), 0) for f in features], dtype=torch.long),
+        }
+        if return_labels:
+            data["labels"] = torch.tensor([padded(f["labels"], IGNORE_INDEX) for f in features], dtype=torch.long)
+        data["instruction_mask"] = torch.tensor([padded(f["instruction_mask"], False) for f in features], dtype=torch.bool)
+
+        pixels = [f["pixel_values"] for f in features if len(f["pixel_values"])]
+        if pixels:
+            data["pixel_values"] = torch.cat(pixels)
+            if self.text_tokenizer is not None:
+                texts = [f["instruction_text"] for f in features for _ in range(len(f["pixel_values"]))]
+                ids, mask = self.tokenize_instructions(texts)
+                data["instruction_input_ids"], data["instruction_attention_mask"] = ids, mask
+        return BatchFeature(data=data)
+
+    # ---- main entry point --------------------------------------------------------------------------
+    def __call__(
+        self,
+        conversations: Messages | Sequence[Messages],
+        images: Any = None,
+        add_generation_prompt: bool = False,
+        return_tensors: str | None = "pt",
+        padding_side: str | None = None,
+        max_length: int | None = None,
+    ) -> BatchFeature:
+        """Encode one conversation or a batch of them, with their images.
+
+        Args:
+            conversations: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them.
+            images: per sample, a list of PIL images (one per ``<image>``, in order), a single image,
+                or ``None``; for a single conversation, its images directly.
+            add_generation_prompt: end each sample with the assistant header (generation); no labels.
+            return_tensors: only ``"pt"`` is supported.
+            padding_side: default ``"left"`` for generation, ``"right"`` for training.
+            max_length: truncate longer samples (counted in a warning; cutting into image tokens is an error).
+
+        Returns:
+            A ``BatchFeature`` with the keys of the module docstring.
+        """
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"Only return_tensors='pt' is supported, got {return_tensors!r}.")
+        single = bool(conversations) and isinstance(conversations[0], Mapping)
+        batch: list[Messages] = [conversations] if single else list(conversations)  # type: ignore[list-item]
+        if single:
+            images = [images]
+        elif images is None:
+            images = [None] * len(batch)
+        elif len(images) != len(batch):
+            raise ValueError(f"Got {len(batch)} conversations but images for {len(images)} samples.")
+
+        features = []
+        n_truncated = 0
+        for i, (messages, sample_images) in enumerate(zip(batch, images)):
+            if sample_images is None:
+                sample_images = []
+            elif isinstance(sample_images, Image.Image):
+                sample_images = [sample_images]
+            enc = self.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)
+            if enc.num_images != len(sample_images):
+                raise ValueError(
+                    f"Sample {i} has {enc.num_images} {self.image_token!r} placeholder(s) but "
+                    f"{len(sample_images)} image(s) were given."
+                )
+            n_truncated += enc.truncated
+            features.append(
+                {
+                    "input_ids": enc.input_ids,
+                    "labels": enc.labels,
+                    "instruction_mask": enc.instruction_mask,
+                    "instruction_text": enc.instruction_text,
+                    "pixel_values": self.preprocess_images(sample_images),
+                }
+            )
+        if n_truncated:
+            logger.warning("Truncated %d of %d samples to max_length=%d tokens.", n_truncated, len(batch), max_length)
+        side = padding_side or ("left" if add_generation_prompt else "right")
+        return self.pad(features, padding_side=side, return_labels=not add_generation_prompt)
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = True, **kwargs: Any) -> list[str]:
+        """Token ids ``(B, T)`` -> texts (the LLM tokenizer's ``batch_decode``)."""
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True, **kwargs: Any) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        template = self.template.name if _BUILTIN.get(self.template.name) == self.template else self.template.to_dict()
+        return {
+            "processor_class": type(self).__name__,
+            "template": template,
+            "image_token": self.image_token,
+            "num_visual_tokens": self.num_visual_tokens,
+            "text_max_length": self.text_max_length,
+            "pad_to_square": self.pad_to_square,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write tokenizer, image processor, ``text_tokenizer/`` and ``vlm_processor_config.json``.
+
+        Meant to share a directory with the model (no file names collide with the model's).
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        self.tokenizer.save_pretrained(save_directory)
+        self.image_processor.save_pretrained(save_directory)
+        if self.text_tokenizer is not None:
+            self.text_tokenizer.save_pretrained(os.path.join(save_directory, TEXT_TOKENIZER_SUBFOLDER))
+        with open(os.path.join(save_directory, PROCESSOR_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> "VLMProcessor":
+        """Load what :meth:`save_pretrained` wrote (a local directory); ``overrides`` replace config values."""
+        config_path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"No {PROCESSOR_CONFIG_NAME} in {directory!s}; was it saved with VLMProcessor.save_pretrained?")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config.pop("processor_class", None)
+        template = config.pop("template")
+        config["template"] = template if isinstance(template, str) else ConversationTemplate.from_dict(template)
+        config.update(overrides)
+        # The directory's config.json is the VLM's, not the LLM's: let tokenizer_config.json alone
+        # pick the tokenizer class (a blank config stops AutoTokenizer from reading config.json).
+        text_dir = os.path.join(directory, TEXT_TOKENIZER_SUBFOLDER)
+        if "text_tokenizer" not in config and os.path.isdir(text_dir):
+            config["text_tokenizer"] = AutoTokenizer.from_pretrained(text_dir, config=PreTrainedConfig())
+        if "tokenizer" not in config:
+            config["tokenizer"] = AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
+        if "image_processor" not in config:
+            config["image_processor"] = AutoImageProcessor.from_pretrained(directory)
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(template={self.template.name!r}, image_token={self.image_token!r}, "
+            f"num_visual_tokens={self.num_visual_tokens}, image_shape={self.image_shape}, "
+            f"text_tokenizer={'yes' if self.text_tokenizer is not None else 'no'})"
+        )
