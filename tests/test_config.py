@@ -1,0 +1,337 @@
+"""Run configs: ``_base_`` inheritance, deep merge, list patches, dotted overrides, unknown-key
+errors, the command-line parsers of both scripts, and the shipped config files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlmzoo.config import (
+    CONFIGS_DIR,
+    RunConfig,
+    arch_config_path,
+    config_hash,
+    deep_merge,
+    load_config_tree,
+    load_run_config,
+    load_yaml_tree,
+    parse_override,
+    run_config_from_dict,
+)
+from vlmzoo.utils import ConfigKeyError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+STAGES = [
+    {"name": "one", "data": "a.json", "lr": 1.0e-3, "batch_size": 4, "train": ["strategy"]},
+    {"name": "two", "data": "b.json", "lr": 2.0e-5, "batch_size": 2, "train": ["strategy", "llm"], "group_lr": {"strategy": 1.0e-4}},
+]
+
+
+@pytest.fixture
+def chain(tmp_path):
+    """base.yaml <- mid/mid.yaml (+ extra.yaml) <- child.yaml."""
+    write(tmp_path / "base.yaml", {
+        "model": {"strategy": "llava", "strategy_config": {"vision_layer": -2, "connector_depth": 2}, "llm": "base-llm",
+                  "vision_tower": "base-tower"},
+        "data": {"images": "imgs", "max_length": 64},
+        "training": {"logging_steps": 5, "report_to": ["tensorboard"], "stages": STAGES},
+        "seed": 1,
+    })
+    write(tmp_path / "mid" / "extra.yaml", {"data": {"num_workers": 3}, "seed": 2})
+    write(tmp_path / "mid" / "mid.yaml", {
+        "_base_": ["../base.yaml", "extra.yaml"],  # relative to this file; later bases win
+        "model": {"strategy_config": {"vision_layer": -1}},
+        "training": {"report_to": ["wandb"]},
+    })
+    return write(tmp_path / "child.yaml", "\n".join([
+        "_base_: mid/mid.yaml",
+        "model:",
+        "  llm: child-llm",
+        "training:",
+        "  stages:",
+        "    1: {lr: 5e-4, group_lr: {llm: 1e-5}}",  # patch item 1 only; YAML 1.1 would read 5e-4 as a string
+        "eval:",
+        "  max_new_tokens: 8",
+    ]))
+
+
+# ---- files, merging, overrides -------------------------------------------------------------------
+def test_base_inheritance_and_deep_merge(chain):
+    tree = load_yaml_tree(chain)
+    assert "_base_" not in tree
+    # Nested mappings merge key by key through the whole chain.
+    assert tree["model"] == {"strategy": "llava", "strategy_config": {"vision_layer": -1, "connector_depth": 2},
+                             "llm": "child-llm", "vision_tower": "base-tower"}
+    assert tree["data"] == {"images": "imgs", "max_length": 64, "num_workers": 3}
+    assert tree["seed"] == 2  # the second base beats the first
+    assert tree["training"]["report_to"] == ["wandb"]  # lists are replaced, not concatenated
+    assert tree["training"]["logging_steps"] == 5
+    # List patching by integer keys: only item 1, and only the named fields of it.
+    assert tree["training"]["stages"][0] == STAGES[0]
+    assert tree["training"]["stages"][1] == {**STAGES[1], "lr": 5e-4, "group_lr": {"strategy": 1e-4, "llm": 1e-5}}
+    assert isinstance(tree["training"]["stages"][1]["lr"], float)
+
+    cfg = load_run_config(chain, resolve_vars=False)
+    assert cfg.training.stages[1].lr == 5e-4 and cfg.training.stages[0].lr == 1e-3
+    assert cfg.eval.max_new_tokens == 8 and cfg.data.num_workers == 3
+    assert cfg.output.name == f"{chain.parent.name}-child"
+
+
+def test_deep_merge_does_not_modify_inputs_and_rejects_bad_patches():
+    base = {"a": {"b": 1, "c": [1, 2, 3]}, "l": [{"x": 1}, {"x": 2}]}
+    update = {"a": {"c": {-1: 30}}, "l": {0: {"y": 5}}}
+    merged = deep_merge(base, update)
+    assert merged == {"a": {"b": 1, "c": [1, 2, 30]}, "l": [{"x": 1, "y": 5}, {"x": 2}]}
+    assert base == {"a": {"b": 1, "c": [1, 2, 3]}, "l": [{"x": 1}, {"x": 2}]}
+    with pytest.raises(IndexError, match=r"item 5 patched.*2 items"):
+        deep_merge(base, {"l": {5: {"x": 0}}})
+
+
+def test_base_cycle_and_missing_base(tmp_path):
+    write(tmp_path / "a.yaml", {"_base_": "b.yaml"})
+    write(tmp_path / "b.yaml", {"_base_": ["a.yaml"]})
+    with pytest.raises(ValueError, match="cycle"):
+        load_yaml_tree(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", {"_base_": ["nope.yaml"]})
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_yaml_tree(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "text, parts, value",
+    [
+        ("training.stages.0.lr=1e-3", ["training", "stages", "0", "lr"], 1e-3),
+        ("model.strategy_config.vision_layer=-3", ["model", "strategy_config", "vision_layer"], -3),
+        ("training.report_to=[wandb, tensorboard]", ["training", "report_to"], ["wandb", "tensorboard"]),
+        ("eval.data=null", ["eval", "data"], None),
+        ("training.bf16=true", ["training", "bf16"], True),
+        ("output.name=my run", ["output", "name"], "my run"),
+        ("training.stages.1.group_lr={llm: 2.5e-5}", ["training", "stages", "1", "group_lr"], {"llm": 2.5e-5}),
+        ("seed=", ["seed"], ""),
+    ],
+)
+def test_parse_override(text, parts, value):
+    got_parts, got_value = parse_override(text)
+    assert got_parts == parts
+    assert got_value == value and type(got_value) is type(value)
+
+
+def test_dotted_overrides_apply(chain):
+    cfg = load_run_config(chain, [
+        "training.stages.0.lr=3e-3", "training.stages.-1.batch_size=7", "model.strategy_config.connector_depth=3",
+        "training.report_to=[]", "eval.data=null", "training.stages.1.train=[llm]", "output.dir=/tmp/x",
+    ], resolve_vars=False)
+    assert cfg.training.stages[0].lr == 3e-3 and cfg.training.stages[1].batch_size == 7
+    assert cfg.model.strategy_config == {"vision_layer": -1, "connector_depth": 3}
+    assert cfg.training.report_to == [] and cfg.eval.data is None
+    assert cfg.training.stages[1].train == ["llm"] and cfg.output.dir == "/tmp/x"
+    # Overrides without a file build on the defaults; a missing section is created.
+    cfg = load_run_config(None, ["eval.batch_size=3"], resolve_vars=False)
+    assert cfg.eval.batch_size == 3 and cfg.training.stages == [] and cfg.output.name == "run"
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        ("training.stages.5.lr=1", ConfigKeyError, r"'training\.stages\.5' is out of range \(the list has 2 items\)"),
+        ("training.stages.first.lr=1", ConfigKeyError, r"'training\.stages\.first' indexes a list"),
+        ("seed.x=1", ConfigKeyError, r"'seed' is a value, not a section"),
+        ("training.stages.0.lr", ValueError, r"dotted\.key=value"),
+        ("training..lr=1", ValueError, "empty key segment"),
+        ("training.stages.0.lr=fast", TypeError, r"config\.training\.stages\.0\.lr must be a number"),
+        ("training.bf16=1", TypeError, r"config\.training\.bf16 must be true or false"),
+        ("training.stages.0.batch_size=2.5", TypeError, r"batch_size must be an integer"),
+        ("training.stages=5", TypeError, r"config\.training\.stages must be a list"),
+    ],
+)
+def test_bad_overrides(chain, override, error, match):
+    with pytest.raises(error, match=match):
+        load_run_config(chain, [override], resolve_vars=False)
+
+
+@pytest.mark.parametrize(
+    "override, key, where, near",
+    [
+        ("modle.llm=x", "modle", "config", "model"),
+        ("training.logging_step=3", "logging_step", r"config\.training", "logging_steps"),
+        ("training.stages.1.max_step=3", "max_step", r"config\.training\.stages\.1", "max_steps"),
+        ("training.stages.0.grup_lr={llm: 1.0}", "grup_lr", r"config\.training\.stages\.0", "group_lr"),
+        ("eval.batchsize=3", "batchsize", r"config\.eval", "batch_size"),
+        ("tiny_world.cache=/x", "cache", r"config\.tiny_world", "cache_dir"),
+        ("model.strategy_config.vison_layer=-3", "vison_layer", "strategy_config of 'llava'", "vision_layer"),
+    ],
+)
+def test_unknown_keys_name_the_nearest_valid_key(chain, override, key, where, near):
+    with pytest.raises(ConfigKeyError, match=rf"Unknown key '{key}' in {where}\. Did you mean '{near}'"):
+        load_run_config(chain, [override], resolve_vars=False)
+
+
+def test_unknown_key_in_a_file_and_in_a_stage(tmp_path, chain):
+    bad = write(tmp_path / "bad.yaml", {"_base_": ["child.yaml"], "training": {"stages": {0: {"epoch": 2}}}})
+    with pytest.raises(ConfigKeyError, match=r"Unknown key 'epoch' in config\.training\.stages\.0\. Did you mean 'epochs'"):
+        load_run_config(bad, resolve_vars=False)
+    with pytest.raises(ConfigKeyError, match=r"Unknown key 'sed' in config\. Did you mean 'seed'"):
+        run_config_from_dict({"sed": 1})
+
+
+def test_validation_beyond_the_schema(chain):
+    with pytest.raises(ValueError, match="stage names must be unique; repeated: one"):
+        load_run_config(chain, ["training.stages.1.name=one"], resolve_vars=False)
+    with pytest.raises(ValueError, match=r"training\.stages\.0 \('one'\): set epochs > 0 or max_steps > 0"):
+        load_run_config(chain, ["training.stages.0.epochs=0"], resolve_vars=False)
+    with pytest.raises(KeyError, match=r"Unknown strategy 'lava'\. Registered strategies: .*llava"):
+        load_run_config(chain, ["model.strategy=lava"], resolve_vars=False)
+
+
+def test_output_dir_follows_the_config_hash(chain):
+    a = load_run_config(chain, resolve_vars=False)
+    b = load_run_config(chain, resolve_vars=False)
+    c = load_run_config(chain, ["training.stages.0.lr=3e-3"], resolve_vars=False)
+    assert a.output.dir == b.output.dir and a.output.dir != c.output.dir
+    assert Path(a.output.dir).name.startswith(f"{a.output.name}-")
+    # output.dir itself does not enter the hash, output.name does
+    tree = load_config_tree(chain)
+    here, there = {**tree, "output": {"name": "x", "dir": "/here"}}, {**tree, "output": {"name": "x", "dir": "/there"}}
+    assert config_hash(here) == config_hash(there) != config_hash({**tree, "output": {"name": "y", "dir": "/here"}})
+
+
+def test_variables(tmp_path):
+    path = write(tmp_path / "v.yaml", {"training": {"deepspeed": "${configs_dir}/deepspeed/zero2.json"}})
+    assert load_run_config(path).training.deepspeed == str(CONFIGS_DIR / "deepspeed" / "zero2.json")
+    assert load_run_config(path, resolve_vars=False).training.deepspeed == "${configs_dir}/deepspeed/zero2.json"
+    with pytest.raises(ConfigKeyError, match=r"Unknown variable \$\{nope\}"):
+        load_run_config(path, ["eval.data=${nope}/x"])
+
+
+# ---- command lines -------------------------------------------------------------------------------
+def test_arch_lookup_names_what_exists():
+    assert arch_config_path("llava") == CONFIGS_DIR / "llava" / "tiny.yaml"
+    assert arch_config_path("llava", "reference") == CONFIGS_DIR / "llava" / "reference.yaml"
+    with pytest.raises(FileNotFoundError, match=r"No configs for arch 'lava'.*Did you mean 'llava'\?.*Available: .*llava"):
+        arch_config_path("lava")
+    with pytest.raises(FileNotFoundError, match=r"No 'huge' config for arch 'llava'; available: reference, tiny"):
+        arch_config_path("llava", "huge")
+    with pytest.raises(FileNotFoundError, match=r"No configs for arch 'base'"):
+        arch_config_path("base", "reference")
+
+
+def test_train_cli_config_file_and_overrides(chain, capsys):
+    from vlmzoo.training.cli import main
+
+    assert main(["--config", str(chain), "training.stages.0.lr=7e-3", "eval.batch_size=5", "--output-dir", "/tmp/somewhere",
+                 "--print-config"]) == 0
+    # (transformers prints "[INFO] Running in WANDB offline mode" on import when WANDB_MODE=offline)
+    out = capsys.readouterr().out
+    printed = yaml.safe_load("\n".join(line for line in out.splitlines() if not line.startswith("[INFO] ")))
+    cfg = run_config_from_dict(printed)
+    assert cfg.training.stages[0].lr == 7e-3 and cfg.training.stages[1].lr == 5e-4
+    assert cfg.eval.batch_size == 5 and cfg.output.dir == "/tmp/somewhere"
+    assert cfg.model.llm == "child-llm"
+
+    with pytest.raises(FileNotFoundError, match="Did you mean 'llava'"):
+        main(["--arch", "lava", "--print-config"])
+    with pytest.raises(SystemExit):
+        main(["--print-config"])  # neither --arch nor --config
+    with pytest.raises(SystemExit):
+        main(["--arch", "llava", "--config", str(chain)])  # mutually exclusive
+    capsys.readouterr()
+    with pytest.raises(ConfigKeyError, match="Did you mean 'max_steps'"):
+        main(["--config", str(chain), "training.stages.0.max_step=3", "--print-config"])
+
+
+def test_eval_cli_config_file_and_overrides(chain, tmp_path, monkeypatch):
+    import vlmzoo.evaluation as evaluation
+
+    calls = []
+
+    def fake_evaluate_run(cfg, model_dir, out_dir):
+        calls.append((cfg, model_dir, out_dir))
+        return {"per_type": {}, "n": 0, "accuracy": 0.0, "macro_accuracy": 0.0}
+
+    monkeypatch.setattr(evaluation, "evaluate_run", fake_evaluate_run)
+    assert evaluation.main(["--model", str(tmp_path / "m"), "--config", str(chain), "eval.batch_size=3",
+                            "eval.max_samples=10", "--data", "q.json", "--images", "img"]) == 0
+    (cfg, model_dir, out_dir), = calls
+    assert isinstance(cfg, RunConfig)
+    assert cfg.eval.batch_size == 3 and cfg.eval.max_samples == 10 and cfg.eval.max_new_tokens == 8
+    assert cfg.eval.data == "q.json" and cfg.eval.images == "img"
+    assert cfg.eval_train_data() == "b.json"  # the config's last stage
+    assert model_dir == str(tmp_path / "m") and Path(out_dir) == tmp_path / "m" / "eval"
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", "m", "--arch", "llava"])  # the eval script takes --config only
+
+
+# ---- the shipped configs -------------------------------------------------------------------------
+def test_reference_config_loads():
+    cfg = load_run_config(REPO / "configs" / "llava" / "reference.yaml", resolve_vars=False)
+    assert cfg.model.strategy == "llava"
+    assert cfg.model.strategy_config == {"vision_layer": -2, "connector_depth": 2, "connector_act": "gelu"}
+    assert cfg.model.vision_tower == "openai/clip-vit-large-patch14-336" and cfg.model.llm == "lmsys/vicuna-7b-v1.5"
+    assert cfg.model.vision_config["image_size"] == 336 and cfg.model.text_config["hidden_size"] == 4096
+    assert [s.name for s in cfg.training.stages] == ["stage1_pretrain", "stage2_finetune"]
+    s1, s2 = cfg.training.stages
+    assert (s1.lr, s1.batch_size, s1.train, s1.template) == (1e-3, 32, ["strategy"], "plain")
+    assert (s2.lr, s2.batch_size, s2.train, s2.template) == (2e-5, 16, ["strategy", "llm"], "vicuna_v1")
+    assert cfg.training.bf16 and cfg.training.gradient_checkpointing and cfg.model.dtype == "bfloat16"
+    assert cfg.training.deepspeed == "${configs_dir}/deepspeed/zero2.json"
+    assert cfg.output.name == "llava-reference"
+    # ${configs_dir} is the only variable: resolving builds nothing and points at real files.
+    cfg = load_run_config(REPO / "configs" / "llava" / "reference.yaml")
+    assert Path(cfg.training.deepspeed) == CONFIGS_DIR / "deepspeed" / "zero2.json"
+    assert Path(cfg.training.stages[1].deepspeed) == CONFIGS_DIR / "deepspeed" / "zero3.json"
+    for path in (cfg.training.deepspeed, cfg.training.stages[1].deepspeed):
+        assert json.loads(Path(path).read_text())["zero_optimization"]["stage"] in (2, 3)
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from vlmzoo.tinyworld import small_test_config
+
+    cache = tmp_path_factory.mktemp("tiny_world_cache")
+    small = small_test_config()
+    overrides = [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(small.to_dict())}"]
+    cfg = load_run_config(REPO / "configs" / "llava" / "tiny.yaml", overrides)
+    return {"cache": cache, "small": small, "overrides": overrides, "cfg": cfg}
+
+
+def test_tiny_config_resolves_tiny_world_variables(small_world):
+    from vlmzoo.tinyworld import TinyWorldPaths
+
+    cfg, small, cache = small_world["cfg"], small_world["small"], small_world["cache"]
+    root = cache / "tiny_world" / small.config_hash()  # the override's fields made this world
+    assert root.is_dir()
+    paths = TinyWorldPaths.at(root)
+    assert paths.manifest()["config"]["n_train_images"] == small.n_train_images == 64
+    assert cfg.model.vision_tower == str(paths.clip_dir) and cfg.model.llm == str(paths.llm_dir)
+    assert cfg.model.tokenizer == str(paths.tokenizer_dir) and cfg.data.images == str(paths.images_dir)
+    assert [s.data for s in cfg.training.stages] == [str(paths.stage1_json), str(paths.stage2_json)]
+    assert cfg.eval.data == str(paths.eval_json)
+    for path in (cfg.model.vision_tower, cfg.model.llm, cfg.data.images, cfg.eval.data, *[s.data for s in cfg.training.stages]):
+        assert Path(path).exists(), path
+    assert cfg.model.strategy == "llava" and cfg.model.strategy_config["vision_layer"] == -2
+    assert cfg.training.stages[0].group_lr == {"strategy": 2e-3}
+    assert cfg.output.name == "llava-tiny"
+    # The same command line resolves to the same run folder (so a re-run resumes).
+    again = load_run_config(REPO / "configs" / "llava" / "tiny.yaml", small_world["overrides"])
+    assert again.output.dir == cfg.output.dir and again.to_dict() == cfg.to_dict()
+
+
+def test_tiny_config_without_resolving_builds_nothing(tmp_path, small_world):
+    cfg = load_run_config(REPO / "configs" / "llava" / "tiny.yaml", [f"tiny_world.cache_dir={tmp_path}"], resolve_vars=False)
+    assert cfg.model.vision_tower == "${tiny_world.clip_dir}"
+    assert cfg.training.stages[1].data == "${tiny_world.stage2_json}"
+    assert list(tmp_path.iterdir()) == []
+    # An unknown field of the tiny world names the nearest one (the cached world is reused).
+    with pytest.raises(ConfigKeyError, match=r"Unknown key 'clip_dirr' in \$\{tiny_world\.\*\}\. Did you mean 'clip_dir'"):
+        load_run_config(REPO / "configs" / "llava" / "tiny.yaml", [*small_world["overrides"], "model.vision_tower=${tiny_world.clip_dirr}"])

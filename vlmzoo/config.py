@@ -1,0 +1,545 @@
+"""Run configs: YAML files with ``_base_`` inheritance, dotted command-line overrides, typed sections.
+
+A run config file is YAML. ``_base_: [relative/file.yaml, ...]`` lists files it inherits from;
+they are deep-merged in order, then the file itself on top (mappings merge key by key, anything
+else replaces; a mapping with integer keys patches single items of a list, e.g.
+``training: {stages: {0: {lr: 1e-3}}}``). Overrides use the same dotted paths on the command
+line, values parsed as YAML::
+
+    training.stages.0.lr=1e-3   model.strategy_config.vision_layer=-3   eval.data=null
+
+String values may refer to ``${configs_dir}`` (this repository's ``configs/`` folder) and to
+``${tiny_world.FIELD}`` (a field of :class:`vlmzoo.tinyworld.TinyWorldPaths`; the tiny world is
+built and cached on first use). Unknown keys anywhere are errors that name the key, where it is
+and the nearest valid keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import yaml
+
+from .utils import ConfigKeyError, nearest_names, unknown_key_error
+
+BASE_KEY = "_base_"
+CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+# ---- sections ------------------------------------------------------------------------------------
+@dataclass
+class ModelSection:
+    """What to build. Either pretrained components by name or path (``vision_tower``, ``llm``,
+    ``text_encoder``) or explicit configs (``vision_config``, ``text_config``,
+    ``text_encoder_config``) for building on the meta device; reference configs give both.
+
+    Attributes:
+        strategy: registered strategy name; ``strategy_config`` holds its fields.
+        vision_tower / vision_backend: tower hub name or local path, and its backend (``hf``,
+            ``timm``, ``open_clip``).
+        llm: causal LM hub name or local path; ``tokenizer`` defaults to it.
+        text_encoder / text_encoder_backend: instruction encoder, for strategies that need one.
+        image_token: placeholder text; added to the tokenizer if absent.
+        image_token_id: only for meta builds from explicit configs (default: a new vocabulary entry);
+            pretrained builds take the id from the tokenizer.
+        dtype: dtype the pretrained weights are loaded in (``float32``, ``bfloat16``, ``float16``).
+    """
+
+    strategy: str = "llava"
+    strategy_config: dict[str, Any] = field(default_factory=dict)
+    vision_tower: str | None = None
+    vision_backend: str = "hf"
+    llm: str | None = None
+    tokenizer: str | None = None
+    text_encoder: str | None = None
+    text_encoder_backend: str = "hf"
+    vision_config: dict[str, Any] | None = None
+    text_config: dict[str, Any] | None = None
+    text_encoder_config: dict[str, Any] | None = None
+    image_token: str = "<image>"
+    image_token_id: int | None = None
+    llm_attn_implementation: str = "sdpa"
+    freeze_vision_tower: bool = True
+    dtype: str = "float32"
+
+
+@dataclass
+class DataSection:
+    """Defaults shared by every stage and the evaluation.
+
+    Attributes:
+        images: image folder used when a stage or the eval names none.
+        max_length: truncate token sequences to this length (``None`` = no limit).
+        num_workers: data-loader worker processes.
+    """
+
+    images: str | None = None
+    max_length: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class StageConfig:
+    """One training stage: data, template, which module groups train and how.
+
+    Attributes:
+        name: folder name of the stage's checkpoints (unique within a run).
+        data: LLaVA-format JSON file; ``images``: its image folder (default ``data.images``).
+        template: conversation template (``plain`` for alignment, ``vicuna_v1`` for instructions).
+        train: module groups that train; every other group is frozen. Groups: ``vision_tower``,
+            ``text_encoder``, ``llm``, the strategy's ``module_groups()`` names, and ``strategy``
+            (all of the strategy's groups).
+        lr: learning rate of every trained group without an entry in ``group_lr``.
+        group_lr: per-group learning rates (a strategy sub-group's entry beats ``strategy``'s).
+        epochs / max_steps: length of the stage; ``max_steps > 0`` wins.
+        batch_size: per-device batch; ``grad_accum`` micro-batches per optimiser step.
+        warmup: linear warmup, a ratio of the stage's steps if < 1, else a step count.
+        scheduler: transformers scheduler name (``cosine``, ``linear``, ``constant_with_warmup``...).
+        save_steps: checkpoint every this many steps (for resuming); the stage's end is always saved.
+        deepspeed: this stage's DeepSpeed JSON (default ``training.deepspeed``), e.g. ZeRO-3 for the
+            stage that trains the LLM.
+    """
+
+    name: str = "stage"
+    data: str | None = None
+    images: str | None = None
+    template: str = "plain"
+    train: list[str] = field(default_factory=lambda: ["strategy"])
+    lr: float = 1e-3
+    group_lr: dict[str, float] = field(default_factory=dict)
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup: float = 0.03
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    save_steps: int = 500
+    deepspeed: str | None = None
+
+
+@dataclass
+class TrainingSection:
+    """How stages run: precision, distribution, logging, checkpoints.
+
+    Attributes:
+        stages: run in order; each starts from the previous stage's weights.
+        deepspeed: path of a DeepSpeed JSON config (``None`` = plain DDP / single process).
+        report_to: transformers integrations (``wandb``, ``tensorboard``...); ``[]`` = none.
+        wandb_project: sets ``WANDB_PROJECT`` when ``wandb`` is reported to.
+        resume: continue an interrupted run found in the output directory (same config only).
+    """
+
+    stages: list[StageConfig] = field(default_factory=list)
+    bf16: bool = False
+    fp16: bool = False
+    deepspeed: str | None = None
+    report_to: list[str] = field(default_factory=list)
+    wandb_project: str | None = None
+    logging_steps: int = 10
+    save_total_limit: int | None = 1
+    gradient_checkpointing: bool = False
+    optim: str = "adamw_torch"
+    adam_beta2: float = 0.999
+    disable_tqdm: bool = False
+    resume: bool = True
+
+
+@dataclass
+class EvalSection:
+    """Held-out evaluation after training (and ``scripts/eval.py``).
+
+    Attributes:
+        data / images: evaluation JSON and its image folder; ``data: null`` skips evaluation.
+        train_data: training answers for the blind control (default: the last stage's data).
+        template: conversation template of the prompts (default: the one saved with the model).
+        question_type_key: record field holding the question type (records without it: ``"all"``).
+        batch_size / max_new_tokens: greedy generation settings.
+        max_samples: evaluate only the first N records (``None`` = all).
+    """
+
+    data: str | None = None
+    images: str | None = None
+    train_data: str | None = None
+    template: str | None = None
+    question_type_key: str = "question_type"
+    batch_size: int = 64
+    max_new_tokens: int = 16
+    max_samples: int | None = None
+
+
+@dataclass
+class OutputSection:
+    """Attributes:
+    dir: run folder (default ``outputs/<name>-<config hash>``, so the same command resumes).
+    name: run name (default: the config file's ``<arch>-<scale>``).
+    """
+
+    dir: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class TinyWorldSection:
+    """Where the synthetic tiny world is cached and how it is generated (``${tiny_world.*}`` paths)."""
+
+    cache_dir: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, data, stages, evaluation, output, seed."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: OutputSection = field(default_factory=OutputSection)
+    tiny_world: TinyWorldSection = field(default_factory=TinyWorldSection)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def stage_images(self, stage: StageConfig) -> str | None:
+        return stage.images or self.data.images
+
+    def eval_train_data(self) -> str | None:
+        if self.eval.train_data:
+            return self.eval.train_data
+        return self.training.stages[-1].data if self.training.stages else None
+
+
+# ---- YAML with proper floats ---------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-3`` is a string; read it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# ---- loading and merging -------------------------------------------------------------------------
+def load_yaml_tree(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read ``path`` and its ``_base_`` files (relative to it), deep-merged; cycles are errors."""
+    path = Path(path).resolve()
+    if path in _chain:
+        raise ValueError(f"Config inheritance cycle: {' -> '.join(str(p) for p in (*_chain, path))}.")
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file not found: {path}")
+    data = parse_yaml(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must hold a mapping at the top level, got {type(data).__name__}.")
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_chain, path)), where=str(path))
+    return deep_merge(merged, data, where=str(path))
+
+
+def deep_merge(base: Any, update: Any, where: str = "config") -> Any:
+    """``update`` on top of ``base``: mappings merge recursively, a mapping with integer keys
+    patches items of a list, anything else replaces. Neither input is modified."""
+    if isinstance(base, dict) and isinstance(update, dict):
+        out = dict(base)
+        for key, value in update.items():
+            out[key] = deep_merge(base[key], value, f"{where}.{key}") if key in base else copy.deepcopy(value)
+        return out
+    if isinstance(base, list) and isinstance(update, dict) and all(isinstance(k, int) for k in update):
+        out_list = list(base)
+        for idx, value in update.items():
+            if not -len(out_list) <= idx < len(out_list):
+                raise IndexError(f"{where}: item {idx} patched, but the list has {len(out_list)} items.")
+            out_list[idx] = deep_merge(out_list[idx], value, f"{where}.{idx}")
+        return out_list
+    return copy.deepcopy(update)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b.0.c=1e-3"`` -> (``["a", "b", "0", "c"]``, ``0.001``)."""
+    if "=" not in text:
+        raise ValueError(f"Override {text!r} must look like dotted.key=value (e.g. training.stages.0.lr=1e-3).")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ValueError(f"Override {text!r} has an empty key segment.")
+    return parts, parse_yaml(raw) if raw.strip() else ""
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set ``tree[parts[0]][parts[1]]... = value`` in place; integer segments index lists.
+
+    Missing mapping keys are created (the typed build then checks them against the schema)."""
+    node: Any = tree
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            try:
+                idx = int(part)
+            except ValueError:
+                raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {here!r} indexes a list; use an integer.") from None
+            if not -len(node) <= idx < len(node):
+                raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {here!r} is out of range (the list has {len(node)} items).")
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {'.'.join(parts[:depth])!r} is a value, not a section.")
+
+
+# ---- typed build ---------------------------------------------------------------------------------
+def build_section(cls: type, values: Any, where: str) -> Any:
+    """Recursively build dataclass ``cls`` from plain data; unknown keys and wrong types are errors."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise TypeError(f"{where} must be a mapping, got {values!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise unknown_key_error(str(key), fields, where)
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in values.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in non_none:
+            try:
+                return _coerce(arg, value, where)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}.")
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {value!r}.")
+        return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {value!r}.")
+        vtype = args[1] if args else Any
+        return {k: _coerce(vtype, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise TypeError(f"{where} must be an integer, got {value!r}.")
+        return int(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}.")
+        return value
+    return value
+
+
+# ---- interpolation -------------------------------------------------------------------------------
+_VAR = re.compile(r"\$\{([A-Za-z_][\w]*)(?:\.([A-Za-z_]\w*))?\}")
+
+
+def interpolate(tree: Any, resolve: Callable[[str, str | None], str]) -> Any:
+    """Replace ``${name}`` / ``${name.field}`` in every string of ``tree`` by ``resolve(name, field)``."""
+    if isinstance(tree, dict):
+        return {k: interpolate(v, resolve) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [interpolate(v, resolve) for v in tree]
+    if isinstance(tree, str) and "${" in tree:
+        return _VAR.sub(lambda m: str(resolve(m.group(1), m.group(2))), tree)
+    return tree
+
+
+class _Resolver:
+    """Resolves ``${configs_dir}`` and ``${tiny_world.FIELD}`` (building the tiny world once)."""
+
+    def __init__(self, tree: dict[str, Any]) -> None:
+        self._tree = tree
+        self._tiny_world: Any = None
+
+    def __call__(self, name: str, attr: str | None) -> str:
+        if name == "configs_dir" and attr is None:
+            return str(CONFIGS_DIR)
+        if name == "tiny_world" and attr is not None:
+            paths = self._tiny_world_paths()
+            valid = [f.name for f in dataclasses.fields(paths)] if dataclasses.is_dataclass(paths) else dir(paths)
+            if attr not in valid:
+                raise unknown_key_error(attr, [v for v in valid if not v.startswith("_")], "${tiny_world.*}")
+            return str(getattr(paths, attr))
+        raise ConfigKeyError(
+            f"Unknown variable ${{{name}{'.' + attr if attr else ''}}}; known: ${{configs_dir}}, ${{tiny_world.FIELD}}."
+        )
+
+    def _tiny_world_paths(self) -> Any:
+        if self._tiny_world is None:
+            from .tinyworld import build_tiny_world
+
+            section = self._tree.get("tiny_world") or {}
+            self._tiny_world = build_tiny_world(cache_dir=section.get("cache_dir"), config=section.get("config") or None)
+        return self._tiny_world
+
+
+# ---- entry points --------------------------------------------------------------------------------
+_NOT_ARCHS = ("base",)  # folders of configs/ that hold shared bases, not strategies
+
+
+def arch_config_path(arch: str, scale: str = "tiny") -> Path:
+    """``configs/<arch>/<scale>.yaml``; an unknown arch or scale names the ones that exist."""
+    path = CONFIGS_DIR / arch / f"{scale}.yaml"
+    if arch in _NOT_ARCHS or not path.is_file():
+        archs = sorted(p.name for p in CONFIGS_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")) and p.name not in _NOT_ARCHS)
+        if arch not in archs:
+            near = nearest_names(arch, archs)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise FileNotFoundError(f"No configs for arch {arch!r} in {CONFIGS_DIR}.{hint} Available: {', '.join(archs)}.")
+        scales = sorted(p.stem for p in (CONFIGS_DIR / arch).glob("*.yaml"))
+        raise FileNotFoundError(f"No {scale!r} config for arch {arch!r}; available: {', '.join(scales)}.")
+    return path
+
+
+def load_config_tree(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Merged YAML of ``path`` (``None``: all defaults) with the dotted ``overrides`` applied
+    (not yet typed or interpolated)."""
+    tree = load_yaml_tree(path) if path is not None else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    return tree
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (), resolve_vars: bool = True) -> RunConfig:
+    """Load, merge, override, check, interpolate and type a run config (``path=None``: defaults).
+
+    ``output.name`` defaults to ``<parent folder>-<file stem>`` (``llava-tiny``); ``output.dir``
+    to ``outputs/<name>-<hash of the merged config>``.
+    """
+    tree = load_config_tree(path, overrides)
+    build_section(RunConfig, tree, "config")  # schema errors before any tiny world is built
+    tree["output"] = dict(tree.get("output") or {})
+    if not tree["output"].get("name"):
+        tree["output"]["name"] = f"{Path(path).resolve().parent.name}-{Path(path).stem}" if path else "run"
+    if not tree["output"].get("dir"):
+        tree["output"]["dir"] = str(Path("outputs") / f"{tree['output']['name']}-{config_hash(tree)}")
+    if resolve_vars:
+        tree = interpolate(tree, _Resolver(tree))
+    cfg = build_section(RunConfig, tree, "config")
+    validate(cfg)
+    return cfg
+
+
+def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
+    """Type and check an already merged config (e.g. a ``resolved_config.yaml``)."""
+    cfg = build_section(RunConfig, values, "config")
+    validate(cfg)
+    return cfg
+
+
+def config_hash(tree: dict[str, Any], length: int = 8) -> str:
+    """Stable short hash of a config tree, ignoring ``output.dir``."""
+    tree = copy.deepcopy(tree)
+    (tree.get("output") or {}).pop("dir", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks a schema cannot express: the strategy and its fields, unique stage names."""
+    from .registry import get_strategy_class
+
+    strategy_cls = get_strategy_class(cfg.model.strategy)
+    strategy_cls.build_config(dict(cfg.model.strategy_config))  # unknown fields -> ConfigKeyError
+    names = [s.name for s in cfg.training.stages]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"training.stages: stage names must be unique; repeated: {', '.join(dupes)}.")
+    for i, stage in enumerate(cfg.training.stages):
+        if stage.max_steps <= 0 and stage.epochs <= 0:
+            raise ValueError(f"training.stages.{i} ({stage.name!r}): set epochs > 0 or max_steps > 0.")
+
+
+def save_resolved_config(cfg: RunConfig, directory: str | os.PathLike) -> Path:
+    """Write ``resolved_config.yaml`` (every default filled in, every variable resolved)."""
+    path = Path(directory) / "resolved_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain config trees."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b), key=str):
+            out += diff_configs(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [k for i, (x, y) in enumerate(zip(a, b)) for k in diff_configs(x, y, f"{prefix}.{i}")]
+    return [] if a == b else [prefix or "(root)"]
+
+
+# ---- command line --------------------------------------------------------------------------------
+def add_config_arguments(parser, arch: bool = True) -> None:
+    """``--config FILE`` (and ``--arch NAME [--scale S]``) plus trailing ``key=value`` overrides."""
+    group = parser.add_mutually_exclusive_group(required=False)
+    group.add_argument("--config", help="run config YAML file")
+    if arch:
+        group.add_argument("--arch", help="strategy config folder: uses configs/<arch>/<scale>.yaml")
+        parser.add_argument("--scale", default="tiny", help="config file of --arch (default: tiny)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="dotted overrides, values parsed as YAML (e.g. training.stages.0.lr=1e-3)",
+    )
+
+
+def config_from_args(args, extra_overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config the parsed command line names (``extra_overrides`` come last)."""
+    path = args.config
+    if path is None and getattr(args, "arch", None):
+        path = arch_config_path(args.arch, args.scale)
+    return load_run_config(path, [*args.overrides, *extra_overrides])

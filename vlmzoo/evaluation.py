@@ -1,0 +1,362 @@
+"""Evaluation: batched greedy answers, exact-match scoring per question type, POPE stats, a blind control.
+
+* Predictions: each record's conversation up to its last assistant turn is the prompt (the
+  processor's template, generation prompt added, left padding); greedy decoding.
+* Scoring: normalised exact match (:func:`normalize_answer`) against the last assistant turn,
+  overall, macro-averaged and per question type (the record's ``question_type`` field).
+* POPE: over records whose gold answer is yes/no, the prediction is mapped to yes/no as the POPE
+  reference script does (``no``/``not`` among its words -> no) and accuracy, precision, recall,
+  F1 and the yes-ratio are reported, overall and per ``pope_split`` when records name one.
+* Blind control: for each question, the most frequent training answer to the same question text;
+  else the most frequent training answer to questions of the same type; else the most frequent
+  training answer. It measures what is answerable without looking at the image.
+
+Outputs: ``eval_metrics.json`` and ``predictions.jsonl`` (one line per record).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import string
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .data.templates import DEFAULT_IMAGE_TOKEN
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "eval_metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+UNTYPED = "all"
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve".split()
+)}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(f"[{re.escape(string.punctuation.replace(chr(39), ''))}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation to spaces, articles dropped, number words to digits, spaces collapsed."""
+    words = _PUNCT.sub(" ", text.lower().replace("'", "")).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def question_text(content: str) -> str:
+    """A user turn's question without the image placeholder, whitespace collapsed, lower case."""
+    return " ".join(content.replace(DEFAULT_IMAGE_TOKEN, " ").split()).lower()
+
+
+def pope_yes_no(prediction: str) -> str:
+    """POPE's rule: first sentence; ``no`` or ``not`` among its words means no, anything else yes."""
+    first = prediction.split(".")[0].replace(",", "")
+    words = first.lower().split()
+    return "no" if ("no" in words or "not" in words) else "yes"
+
+
+# ---- records -------------------------------------------------------------------------------------
+@dataclass
+class EvalRecord:
+    """One question: the prompt messages, its image(s), the gold answer and bookkeeping fields."""
+
+    id: str
+    messages: list[dict[str, str]]
+    images: list[str]
+    answer: str
+    question_type: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def question(self) -> str:
+        return question_text(self.messages[-1]["content"])
+
+
+def load_eval_records(path: str | os.PathLike, question_type_key: str = "question_type", max_samples: int | None = None) -> list[EvalRecord]:
+    """LLaVA-format records ending in an assistant turn (the gold answer); bad records raise."""
+    from .data import LlavaDataError, iter_json_records, normalize_record
+
+    records = []
+    for index, raw in iter_json_records(path):
+        if max_samples is not None and len(records) >= max_samples:
+            break
+        try:
+            rec = normalize_record(raw, index)
+        except ValueError as exc:
+            raise LlavaDataError(os.fspath(path), str(exc), getattr(exc, "record_id", None), index) from None
+        messages = rec["messages"]
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise LlavaDataError(os.fspath(path), "an eval record must end with the gold answer (a gpt turn).", rec["id"], index)
+        extra = {k: raw[k] for k in ("pope_split",) if raw.get(k) is not None}
+        records.append(EvalRecord(
+            id=rec["id"], messages=messages[:-1], images=rec["images"], answer=messages[-1]["content"],
+            question_type=str(raw.get(question_type_key) or UNTYPED), extra=extra,
+        ))
+    return records
+
+
+# ---- blind control -------------------------------------------------------------------------------
+class BlindControl:
+    """Most frequent training answer per question text, per question type, and overall.
+
+    Training turns get a type from the record (``question_type``: one type, or ``question_types``:
+    one per question turn) when it has one; otherwise from the eval set, when the same question
+    text appears there with a type.
+    """
+
+    def __init__(self, train_path: str | os.PathLike, eval_records: Sequence[EvalRecord], question_type_key: str = "question_type") -> None:
+        from .data import iter_json_records, normalize_record
+
+        eval_types = {r.question: r.question_type for r in eval_records}
+        self.by_text: dict[str, Counter] = defaultdict(Counter)
+        self.by_type: dict[str, Counter] = defaultdict(Counter)
+        self.overall: Counter = Counter()
+        for index, raw in iter_json_records(train_path):
+            try:
+                messages = normalize_record(raw, index)["messages"]
+            except ValueError:
+                continue  # the training loader reports bad records; the control just ignores them
+            types = raw.get(f"{question_type_key}s") or raw.get(question_type_key)
+            pairs = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(len(messages) - 1)
+                     if messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant"]
+            for k, (question, answer) in enumerate(pairs):
+                text = question_text(question)
+                qtype = types[k] if isinstance(types, list) and k < len(types) else types if isinstance(types, str) else eval_types.get(text)
+                self.by_text[text][answer] += 1
+                if qtype:
+                    self.by_type[str(qtype)][answer] += 1
+                self.overall[answer] += 1
+        if not self.overall:
+            raise ValueError(f"Blind control: no question/answer pairs in {train_path}.")
+
+    def answer(self, record: EvalRecord) -> tuple[str, str]:
+        """-> (answer, rule used: ``text``, ``type`` or ``overall``)."""
+        for rule, table in (("text", self.by_text.get(record.question)), ("type", self.by_type.get(record.question_type))):
+            if table:
+                return table.most_common(1)[0][0], rule
+        return self.overall.most_common(1)[0][0], "overall"
+
+
+# ---- generation ----------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir: str | os.PathLike, batch_size: int = 64, max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers for ``records``, in batches with left padding."""
+    from PIL import Image
+
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer = processor.tokenizer
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = []
+        for rec in chunk:
+            loaded = []
+            for rel in rec.images:
+                with Image.open(os.path.join(images_dir, rel)) as im:
+                    loaded.append(im.convert("RGB"))
+            images.append(loaded)
+        batch = processor([_image_first(r) for r in chunk], images=images, add_generation_prompt=True, padding_side="left")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
+        out = model.generate(
+            **batch, max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        answers += [a.strip() for a in processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return answers
+
+
+def _image_first(record: EvalRecord) -> list[dict[str, str]]:
+    """LLaVA-1.5's prompt layout, as in training: a single image goes first in its turn."""
+    from .data.llava_json import _prepare_messages
+
+    return _prepare_messages(record.messages, len(record.images), DEFAULT_IMAGE_TOKEN, move_image_to_front=True)
+
+
+# ---- scoring -------------------------------------------------------------------------------------
+def accuracy_table(records: Sequence[EvalRecord], predictions: Sequence[str]) -> dict[str, Any]:
+    """Overall / macro / per-type normalised exact match."""
+    per_type: dict[str, list[bool]] = defaultdict(list)
+    for rec, pred in zip(records, predictions):
+        per_type[rec.question_type].append(normalize_answer(pred) == normalize_answer(rec.answer))
+    hits = [h for v in per_type.values() for h in v]
+    types = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(per_type.items())}
+    return {
+        "accuracy": sum(hits) / max(len(hits), 1),
+        "macro_accuracy": sum(t["accuracy"] for t in types.values()) / max(len(types), 1),
+        "n": len(hits),
+        "per_type": types,
+    }
+
+
+def pope_stats(records: Sequence[EvalRecord], predictions: Sequence[str]) -> dict[str, dict[str, float]]:
+    """POPE metrics over yes/no questions: ``all`` and one entry per ``pope_split`` present."""
+    groups: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for rec, pred in zip(records, predictions):
+        gold = normalize_answer(rec.answer)
+        if gold in ("yes", "no"):
+            pair = (gold, pope_yes_no(pred))
+            groups["all"].append(pair)
+            if rec.extra.get("pope_split"):
+                groups[rec.extra["pope_split"]].append(pair)
+    return {name: _pope(pairs) for name, pairs in groups.items()}
+
+
+def _pope(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
+    pairs = list(pairs)
+    tp = sum(g == "yes" and p == "yes" for g, p in pairs)
+    fp = sum(g == "no" and p == "yes" for g, p in pairs)
+    tn = sum(g == "no" and p == "no" for g, p in pairs)
+    fn = sum(g == "yes" and p == "no" for g, p in pairs)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall, "f1": f1,
+        "yes_ratio": (tp + fp) / len(pairs), "n": len(pairs),
+    }
+
+
+# ---- whole evaluation ----------------------------------------------------------------------------
+def evaluate_model(
+    model,
+    processor,
+    data: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    *,
+    train_data: str | os.PathLike | None = None,
+    question_type_key: str = "question_type",
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    max_samples: int | None = None,
+    out_dir: str | os.PathLike | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Answer every record of ``data``, score, compare with the blind control; write the files to ``out_dir``.
+
+    ``meta`` entries (e.g. the model's path) are copied into the metrics."""
+    images = os.fspath(images) if images else os.path.dirname(os.path.abspath(data))
+    records = load_eval_records(data, question_type_key, max_samples)
+    start = time.perf_counter()
+    predictions = generate_answers(model, processor, records, images, batch_size, max_new_tokens)
+    runtime = time.perf_counter() - start
+    metrics: dict[str, Any] = {**(meta or {}), "data": os.path.abspath(data), **accuracy_table(records, predictions)}
+    pope = pope_stats(records, predictions)
+    if pope:
+        metrics["pope"] = pope
+    blind_answers: list[tuple[str, str]] = []
+    if train_data:
+        control = BlindControl(train_data, records, question_type_key)
+        blind_answers = [control.answer(r) for r in records]
+        blind = accuracy_table(records, [a for a, _ in blind_answers])
+        blind["source"] = os.path.abspath(train_data)
+        blind["rules_used"] = dict(Counter(rule for _, rule in blind_answers))
+        metrics["blind"] = blind
+    metrics["generation"] = {"runtime_s": round(runtime, 2), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                             "template": processor.template.name}
+    if out_dir is not None:
+        write_eval_outputs(out_dir, metrics, records, predictions, blind_answers)
+    return metrics
+
+
+def write_eval_outputs(out_dir, metrics, records, predictions, blind_answers) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    with open(out / PREDICTIONS_FILE, "w", encoding="utf-8") as f:
+        for i, (rec, pred) in enumerate(zip(records, predictions)):
+            row = {
+                "id": rec.id, "question_type": rec.question_type, "question": rec.question, "answer": rec.answer,
+                "prediction": pred, "correct": normalize_answer(pred) == normalize_answer(rec.answer), **rec.extra,
+            }
+            if blind_answers:
+                row["blind_prediction"], row["blind_rule"] = blind_answers[i]
+            f.write(json.dumps(row) + "\n")
+
+
+def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dtype: torch.dtype | None = None):
+    """A saved model + processor (with another template if asked), on GPU when there is one."""
+    from .modeling import VLMForConditionalGeneration
+    from .processing import VLMProcessor
+    from .training.runner import processor_with_template
+
+    model = VLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype or torch.float32)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    processor = VLMProcessor.from_pretrained(model_dir)
+    if template:
+        processor = processor_with_template(processor, template)
+    return model, processor
+
+
+def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Evaluate a saved model with a run config's ``eval`` section (see :class:`vlmzoo.config.EvalSection`)."""
+    from .build import torch_dtype
+
+    e = cfg.eval
+    if not e.data:
+        raise ValueError("eval.data is not set (the evaluation JSON file).")
+    model, processor = load_for_eval(model_dir, e.template, torch_dtype(cfg.model.dtype))
+    return evaluate_model(
+        model, processor, e.data, e.images or cfg.data.images,
+        train_data=cfg.eval_train_data(), question_type_key=e.question_type_key,
+        batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_samples=e.max_samples, out_dir=out_dir,
+        meta={"model": os.path.abspath(model_dir)},
+    )
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """Accuracy per question type next to the blind control, as a Markdown table."""
+    blind = metrics.get("blind", {}).get("per_type", {})
+    rows = ["| question type | n | accuracy | blind control |", "|---|---:|---:|---:|"]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
+    for qtype, row in metrics["per_type"].items():
+        rows.append(f"| {qtype} | {row['n']} | {pct(row['accuracy'])} | {pct(blind.get(qtype, {}).get('accuracy'))} |")
+    b = metrics.get("blind", {})
+    rows.append(f"| **all** | {metrics['n']} | {pct(metrics['accuracy'])} | {pct(b.get('accuracy'))} |")
+    rows.append(f"| **macro** | | {pct(metrics['macro_accuracy'])} | {pct(b.get('macro_accuracy'))} |")
+    if "pope" in metrics:
+        p = metrics["pope"]["all"]
+        rows.append("")
+        rows.append(f"POPE (yes/no, n={p['n']}): acc {pct(p['accuracy'])}, precision {pct(p['precision'])}, "
+                    f"recall {pct(p['recall'])}, F1 {pct(p['f1'])}, yes-ratio {pct(p['yes_ratio'])}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/eval.py``: evaluate a saved model; flags override the config's ``eval`` section."""
+    import argparse
+
+    from .config import add_config_arguments, config_from_args
+    from .training.cli import setup_logging
+
+    parser = argparse.ArgumentParser(description="Evaluate a saved vlmzoo model on a LLaVA-format question file.")
+    parser.add_argument("--model", required=True, help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
+    parser.add_argument("--data", help="evaluation JSON (default: eval.data of the config)")
+    parser.add_argument("--images", help="its image folder (default: eval.images, data.images, or the JSON's folder)")
+    parser.add_argument("--train-data", help="training JSON for the blind control (default: the config's last stage)")
+    parser.add_argument("--output-dir", help="where eval_metrics.json and predictions.jsonl go (default: <model>/eval)")
+    add_config_arguments(parser, arch=False)
+    args = parser.parse_args(argv)
+    setup_logging()
+    cfg = config_from_args(args)
+    for key in ("data", "images", "train_data"):
+        if getattr(args, key):
+            setattr(cfg.eval, key, getattr(args, key))
+    out_dir = Path(args.output_dir or Path(args.model) / "eval")
+    metrics = evaluate_run(cfg, args.model, out_dir)
+    print(format_table(metrics))
+    print(f"\nEval metrics: {out_dir / METRICS_FILE}\nPredictions: {out_dir / PREDICTIONS_FILE}")
+    return 0

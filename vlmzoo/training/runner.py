@@ -1,0 +1,253 @@
+"""Run every stage of a run config in order, resumably, then evaluate.
+
+Output folder layout (``cfg.output.dir``)::
+
+    resolved_config.yaml          the full config of the run (defaults filled, variables resolved)
+    <stage name>/checkpoint-N/    Trainer checkpoints (weights, optimizer, scheduler, RNG, state)
+    <stage name>/final/           the stage's model + processor (from_pretrained-loadable)
+                                  and stage_complete.json (metrics, parameter counts)
+    eval/eval_metrics.json        evaluation of the last stage's model (+ predictions.jsonl)
+
+A stage starts from the previous stage's ``final`` weights. Running the same config into the same
+folder again resumes: completed stages are skipped, an interrupted stage continues from its last
+checkpoint with optimizer and scheduler state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import RunConfig, StageConfig, diff_configs, save_resolved_config
+from .groups import StagePlan
+from .trainer import VLMTrainer
+
+logger = logging.getLogger(__name__)
+
+FINAL_DIRNAME = "final"
+STAGE_DONE_FILE = "stage_complete.json"
+# Keys that do not change what a run trains; an existing run may be resumed with them changed.
+_RESUMABLE_DIFFS = (
+    "eval", "output", "training.report_to", "training.wandb_project", "training.disable_tqdm",
+    "training.logging_steps", "training.resume", "data.num_workers", "tiny_world.cache_dir",
+)
+
+
+@dataclass
+class StageResult:
+    name: str
+    final_dir: Path
+    skipped: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_model_dir: Path
+    stages: list[StageResult]
+    eval_metrics: dict[str, Any] | None = None
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def stage_final_dir(cfg: RunConfig, stage: StageConfig) -> Path:
+    return Path(cfg.output.dir) / stage.name / FINAL_DIRNAME
+
+
+def stage_is_complete(cfg: RunConfig, stage: StageConfig) -> bool:
+    return (stage_final_dir(cfg, stage) / STAGE_DONE_FILE).is_file()
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Refuse to resume into a folder that holds a run of a different config."""
+    path = Path(cfg.output.dir) / "resolved_config.yaml"
+    if not (cfg.training.resume and path.is_file()):
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    diffs = [d for d in diff_configs(old, cfg.to_dict()) if not d.startswith(_RESUMABLE_DIFFS)]
+    if diffs:
+        raise ValueError(
+            f"{cfg.output.dir} holds a run of a different config (differs at: {', '.join(diffs[:10])}). "
+            "Choose another output.dir, or set training.resume=false to train it from scratch."
+        )
+
+
+def run_training(
+    cfg: RunConfig,
+    *,
+    evaluate: bool = True,
+    callbacks: list[TrainerCallback] | None = None,
+) -> RunResult:
+    """Train every stage of ``cfg`` (skipping completed ones), then evaluate on ``cfg.eval.data``."""
+    if not cfg.training.stages:
+        raise ValueError("training.stages is empty: nothing to train.")
+    out = Path(cfg.output.dir)
+    check_output_dir(cfg)
+    if is_main_process():
+        save_resolved_config(cfg, out)
+    if "wandb" in cfg.training.report_to:
+        if cfg.training.wandb_project:
+            os.environ["WANDB_PROJECT"] = cfg.training.wandb_project
+        os.environ.setdefault("WANDB_DIR", str(out.resolve()))
+        (out / "wandb").mkdir(parents=True, exist_ok=True)
+
+    results: list[StageResult] = []
+    previous: Path | None = None
+    for i, stage in enumerate(cfg.training.stages):
+        final_dir = stage_final_dir(cfg, stage)
+        if cfg.training.resume and stage_is_complete(cfg, stage):
+            logger.info("Stage %d/%d %r is complete (%s); skipping.", i + 1, len(cfg.training.stages), stage.name, final_dir)
+            metrics = json.loads((final_dir / STAGE_DONE_FILE).read_text())
+            results.append(StageResult(stage.name, final_dir, skipped=True, metrics=metrics))
+        else:
+            model, processor = load_stage_start(cfg, previous)
+            metrics = train_stage(cfg, i, model, processor, callbacks=callbacks)
+            results.append(StageResult(stage.name, final_dir, skipped=False, metrics=metrics))
+            del model
+        previous = final_dir
+
+    result = RunResult(output_dir=out, final_model_dir=previous, stages=results)
+    if evaluate and cfg.eval.data and is_main_process():
+        from ..evaluation import evaluate_run
+
+        result.eval_metrics = evaluate_run(cfg, previous, out / "eval")
+    return result
+
+
+def load_stage_start(cfg: RunConfig, previous_final: Path | None):
+    """The model a stage starts from: pretrained components, or the previous stage's final weights."""
+    from ..build import build_model_and_processor, torch_dtype
+    from ..modeling import VLMForConditionalGeneration
+    from ..processing import VLMProcessor
+
+    if previous_final is None:
+        torch.manual_seed(cfg.seed)  # the fresh strategy's initialisation
+        return build_model_and_processor(cfg)
+    model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=torch_dtype(cfg.model.dtype))
+    return model, VLMProcessor.from_pretrained(previous_final)
+
+
+def processor_with_template(processor, template: str):
+    """The same tokenizers and image processing under another conversation template."""
+    from ..processing import VLMProcessor
+
+    if processor.template.name == template:
+        return processor
+    return VLMProcessor(
+        processor.tokenizer,
+        image_processor=processor.image_processor,
+        text_tokenizer=processor.text_tokenizer,
+        template=template,
+        image_token=processor.image_token,
+        num_visual_tokens=processor.num_visual_tokens,
+        text_max_length=processor.text_max_length,
+        pad_to_square=processor.pad_to_square,
+    )
+
+
+def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
+    t = cfg.training
+    return TrainingArguments(
+        output_dir=str(Path(cfg.output.dir) / stage.name),
+        run_name=f"{cfg.output.name}/{stage.name}",
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.grad_accum,
+        num_train_epochs=stage.epochs,
+        max_steps=stage.max_steps,
+        learning_rate=stage.lr,
+        lr_scheduler_type=stage.scheduler,
+        warmup_steps=stage.warmup,
+        weight_decay=stage.weight_decay,
+        max_grad_norm=stage.max_grad_norm,
+        optim=t.optim,
+        adam_beta2=t.adam_beta2,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        deepspeed=stage.deepspeed or t.deepspeed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=list(t.report_to) or "none",
+        disable_tqdm=t.disable_tqdm,
+        seed=cfg.seed,
+        dataloader_num_workers=cfg.data.num_workers,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train_stage(cfg: RunConfig, index: int, model, processor, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Train stage ``index`` on ``model``; save its final model + processor; -> stage metrics."""
+    from ..data import LlavaJsonDataset, VLMDataCollator
+
+    stage = cfg.training.stages[index]
+    where = f"training.stages.{index}"
+    tag = f"[{stage.name}]"
+    if not stage.data:
+        raise ValueError(f"{where}.data is not set (the stage's LLaVA JSON file).")
+    plan = StagePlan.build(model, stage, where=where)
+    plan.apply(model)
+    logger.info("%s stage %d/%d: %s", tag, index + 1, len(cfg.training.stages), ", ".join(plan.trained) + " train")
+    for line in plan.count_lines(model):
+        logger.info("%s %s", tag, line)
+
+    args = training_arguments(cfg, stage)
+    processor = processor_with_template(processor, stage.template)
+    with args.main_process_first(desc=f"{stage.name} dataset"):
+        dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage), max_length=cfg.data.max_length)
+    trainer = VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=VLMDataCollator(processor),
+        processing_class=processor,
+        stage_plan=plan,
+        callbacks=callbacks,
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if (cfg.training.resume and os.path.isdir(args.output_dir)) else None
+    if checkpoint:
+        logger.info("%s resuming from %s", tag, checkpoint)
+    start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    runtime = time.perf_counter() - start
+
+    final_dir = stage_final_dir(cfg, stage)
+    trainer.save_model(str(final_dir))
+    metrics = {
+        "stage": stage.name,
+        "global_step": output.global_step,
+        "train_loss": output.training_loss,
+        "last_logged_loss": _last_logged_loss(trainer),
+        "runtime_s": round(runtime, 2),
+        "resumed_from": checkpoint,
+        "samples": len(dataset),
+        "parameters": plan.counts(model),
+        "trained_groups": plan.trained,
+        "group_lr": plan.lrs,
+    }
+    if trainer.is_world_process_zero():
+        (final_dir / STAGE_DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()
+    logger.info("%s done: %d steps in %.1fs, final model in %s", tag, output.global_step, runtime, final_dir)
+    return metrics
+
+
+def _last_logged_loss(trainer: VLMTrainer) -> float | None:
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses[-1] if losses else None

@@ -1,0 +1,32 @@
+"""``VLMTrainer``: transformers' ``Trainer`` with one optimizer parameter group per module group.
+
+As LLaVA's ``llava_trainer`` gives the new projector its own learning rate, a stage here gives
+every module group (``connector``, ``llm``, ...) the rate its config names; the scheduler scales
+them all together. Everything else (loop, DeepSpeed, DDP, checkpoints with optimizer and
+scheduler state, resuming, logging integrations) is the stock ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from .groups import StagePlan
+
+
+class VLMTrainer(Trainer):
+    """``Trainer`` whose optimizer follows a :class:`StagePlan` (per-group learning rates)."""
+
+    def __init__(self, *args, stage_plan: StagePlan, **kwargs) -> None:
+        self.stage_plan = stage_plan
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.accelerator.unwrap_model(self.model if model is None else model)
+            decay = set(self.get_decay_parameter_names(opt_model))
+            groups = self.stage_plan.param_groups(opt_model, decay, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs.pop("lr", None)  # every group carries its own
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
