@@ -56,9 +56,9 @@ def make_document(i: int, cfg: TinyWorldConfig, prior: np.ndarray, popular: set[
     u = rng.random()
     with_marks = bool(rng.random() < 0.5)
     context = caption(scene, cfg, with_marks=with_marks)
-    if u < 0.15:
+    qas = _questions(scene, cfg, popular, rng, with_marks, 1 + int(rng.integers(4))) if u >= 0.15 else []
+    if not qas:  # a caption alone (also when a rare scene admits no question of the drawn types)
         return Document(f"{context}{EOS}", "caption", ())
-    qas = _questions(scene, cfg, popular, rng, with_marks, 1 + int(rng.integers(4)))
     answers = tuple((q.question_type, q.answer) for q in qas)
     if u < 0.75:
         turns: list[tuple[str, str | None]] = [(f"{context} {qas[0].question}", qas[0].answer)]
