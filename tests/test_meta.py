@@ -27,3 +27,23 @@ def test_reference_llava_on_meta():
     assert llm == 6_738_415_616  # Llama-2-7B / Vicuna-7B
     assert 303_000_000 < tower < 304_500_000  # CLIP ViT-L/14-336 vision tower
     assert _count(model) == llm + tower + connector
+
+
+def test_reference_yaml_builds_on_meta_and_counts(capsys):
+    """configs/llava/reference.yaml builds without weights; the count script reports every group."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "count_params.py"
+    spec = importlib.util.spec_from_file_location("count_params", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--arch", "llava", "--scale", "reference"]) == 0
+    import re
+
+    rows = re.findall(r"^(\w+) +([\d,]+)$", capsys.readouterr().out, flags=re.M)
+    counts = {k: int(v.replace(",", "")) for k, v in rows}
+    assert counts["connector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    # Vicuna-7B plus one appended <image> row in the embedding and the LM head.
+    assert counts["llm"] == 6_738_415_616 + 2 * 4096
+    assert counts["total"] == counts["connector"] + counts["llm"] + counts["vision_tower"]
