@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .configuration import VLMConfig
+from vlmzoo.configuration import VLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def llava_config_to_vlm(raw: dict[str, Any], dtype: torch.dtype | None = None) -
     """
     from transformers import LlavaConfig
 
-    from .towers.vision import HFVisionTower, build_vision_tower
+    from vlmzoo.towers.vision import HFVisionTower, build_vision_tower
 
     model_type = raw.get("model_type")
     if model_type != "llava":
@@ -235,7 +235,7 @@ def llava_config_to_vlm(raw: dict[str, Any], dtype: torch.dtype | None = None) -
 
 
 def _meta_model(config: VLMConfig):
-    from .modeling import VLMForConditionalGeneration
+    from vlmzoo.modeling import VLMForConditionalGeneration
 
     with torch.device("meta"):
         return VLMForConditionalGeneration(config)
@@ -578,7 +578,7 @@ def save_vlm_processor(plan: ConversionPlan, dst: Path) -> None:
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from .processing import VLMProcessor
+    from vlmzoo.processing import VLMProcessor
 
     if not any((plan.src / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise FileNotFoundError(f"{plan.src} has no tokenizer files")
