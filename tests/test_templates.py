@@ -221,3 +221,20 @@ def test_custom_template_instance_round_trips(tok):
     enc = encode_conversation(tok, custom, CONV[:2], num_visual_tokens=N_VIS)
     assert decode(tok, enc.input_ids) == f"user: {IMG}\n{Q1}\nassistant: {A1}</s>"
     assert [decode(tok, r) for r in target_runs(enc.labels)] == [A1 + "</s>"]
+
+
+def test_template_spec_replaces_fields_of_a_builtin():
+    from vlmzoo.data.templates import get_template
+
+    base = get_template("vicuna_v1")
+    spec = get_template({"base": "vicuna_v1", "default_system": None})
+    assert spec.default_system is None and base.default_system
+    assert spec.name == "vicuna_v1+custom"
+    assert {k: v for k, v in spec.to_dict().items() if k not in ("name", "default_system")} == {
+        k: v for k, v in base.to_dict().items() if k not in ("name", "default_system")}
+    segments = spec.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert base.default_system not in "".join(getattr(s, "text", "") for s in segments)
+    with pytest.raises(KeyError, match="base"):
+        get_template({"default_system": None})
+    with pytest.raises(Exception, match="default_sytem"):
+        get_template({"base": "vicuna_v1", "default_sytem": None})

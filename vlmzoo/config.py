@@ -95,7 +95,8 @@ class StageConfig:
     Attributes:
         name: folder name of the stage's checkpoints (unique within a run).
         data: LLaVA-format JSON file; ``images``: its image folder (default ``data.images``).
-        template: conversation template (``plain`` for alignment, ``vicuna_v1`` for instructions).
+        template: conversation template (``plain`` for alignment, ``vicuna_v1`` for instructions), or
+            a built-in one with fields replaced: ``{base: vicuna_v1, default_system: null}``.
         train: module groups that train; every other group is frozen. Groups: ``vision_tower``,
             ``text_encoder``, ``llm``, the strategy's ``module_groups()`` names, and ``strategy``
             (all of the strategy's groups).
@@ -113,7 +114,7 @@ class StageConfig:
     name: str = "stage"
     data: str | None = None
     images: str | None = None
-    template: str = "plain"
+    template: str | dict[str, Any] = "plain"
     train: list[str] = field(default_factory=lambda: ["strategy"])
     lr: float = 1e-3
     group_lr: dict[str, float] = field(default_factory=dict)
@@ -139,6 +140,8 @@ class TrainingSection:
         report_to: transformers integrations (``wandb``, ``tensorboard``...); ``[]`` = none.
         wandb_project: sets ``WANDB_PROJECT`` when ``wandb`` is reported to.
         resume: continue an interrupted run found in the output directory (same config only).
+        group_by_length: batch samples of similar length together (as LLaVA's
+            ``group_by_modality_length``), so little compute goes to padding.
     """
 
     stages: list[StageConfig] = field(default_factory=list)
@@ -154,6 +157,7 @@ class TrainingSection:
     adam_beta2: float = 0.999
     disable_tqdm: bool = False
     resume: bool = True
+    group_by_length: bool = False
 
 
 @dataclass
@@ -163,7 +167,8 @@ class EvalSection:
     Attributes:
         data / images: evaluation JSON and its image folder; ``data: null`` skips evaluation.
         train_data: training answers for the blind control (default: the last stage's data).
-        template: conversation template of the prompts (default: the one saved with the model).
+        template: conversation template of the prompts (default: the one saved with the model); a
+            name or a ``{base: NAME, ...}`` mapping as in :class:`StageConfig`.
         question_type_key: record field holding the question type (records without it: ``"all"``).
         batch_size / max_new_tokens: greedy generation settings.
         max_samples: evaluate only the first N records (``None`` = all).
@@ -172,7 +177,7 @@ class EvalSection:
     data: str | None = None
     images: str | None = None
     train_data: str | None = None
-    template: str | None = None
+    template: str | dict[str, Any] | None = None
     question_type_key: str = "question_type"
     batch_size: int = 64
     max_new_tokens: int = 16

@@ -290,10 +290,18 @@ def available_templates() -> list[str]:
     return sorted(_BUILTIN)
 
 
-def get_template(name: str | ConversationTemplate) -> ConversationTemplate:
-    """A built-in template by name (a :class:`ConversationTemplate` is returned unchanged)."""
+def get_template(name: str | Mapping[str, Any] | ConversationTemplate) -> ConversationTemplate:
+    """A built-in template by name; a mapping ``{"base": NAME, FIELD: VALUE, ...}`` is that built-in
+    template with some fields replaced (e.g. ``{"base": "vicuna_v1", "default_system": None}``, named
+    ``vicuna_v1+custom`` unless it sets ``name``); a :class:`ConversationTemplate` is returned unchanged."""
     if isinstance(name, ConversationTemplate):
         return name
+    if isinstance(name, Mapping):
+        spec = dict(name)
+        if "base" not in spec:
+            raise KeyError(f"A template mapping needs a 'base' template name; got keys {sorted(spec)}.")
+        base = get_template(spec.pop("base"))
+        return ConversationTemplate.from_dict({**base.to_dict(), "name": f"{base.name}+custom", **spec})
     if name not in _BUILTIN:
         near = nearest_names(str(name), _BUILTIN)
         hint = f" Did you mean {near[0]!r}?" if near else ""

@@ -140,11 +140,13 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None):
     return model, VLMProcessor.from_pretrained(previous_final)
 
 
-def processor_with_template(processor, template: str):
-    """The same tokenizers and image processing under another conversation template."""
+def processor_with_template(processor, template: str | dict[str, Any]):
+    """The same tokenizers and image processing under another conversation template (name or spec)."""
+    from ..data.templates import get_template
     from ..processing import VLMProcessor
 
-    if processor.template.name == template:
+    template = get_template(template)
+    if processor.template == template:
         return processor
     return VLMProcessor(
         processor.tokenizer,
@@ -177,7 +179,7 @@ def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
         bf16=t.bf16,
         fp16=t.fp16,
         deepspeed=stage.deepspeed or t.deepspeed,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
@@ -188,6 +190,7 @@ def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
         seed=cfg.seed,
         dataloader_num_workers=cfg.data.num_workers,
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from .groups import StagePlan
 
@@ -20,6 +21,15 @@ class VLMTrainer(Trainer):
     def __init__(self, *args, stage_plan: StagePlan, **kwargs) -> None:
         self.stage_plan = stage_plan
         super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches from the dataset's stored token lengths (no pass over the images)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths
+            )
+        return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         if self.optimizer is None:
