@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -18,13 +17,6 @@ from vlmzoo.processing import VLMProcessor, make_image_processor
 N_VIS = 3
 SIZE = 16
 Q, A = "What is in the picture?", "A cat on a mat."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_progress_bars():
-    datasets.disable_progress_bars()
-    yield
-    datasets.enable_progress_bars()
 
 
 @pytest.fixture(scope="module")

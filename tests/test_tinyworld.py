@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -38,13 +37,6 @@ DATA_FILES = ("stage1_captions.json", "stage2_instruct.json", "eval.json", "scen
 
 def _quiet(_: str) -> None:
     pass
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _quiet_progress_bars():
-    datasets.disable_progress_bars()
-    yield
-    datasets.enable_progress_bars()
 
 
 @pytest.fixture(scope="module")

@@ -45,3 +45,11 @@ def build_dataclass(cls: type[_T], values: dict[str, Any], where: str) -> _T:
         origin = typing.get_origin(hints.get(key))
         kwargs[key] = tuple(value) if origin is tuple and isinstance(value, list) else value
     return cls(**kwargs)
+
+
+def hf_config_spec(hf_config: Any) -> dict[str, Any]:
+    """A transformers sub-model config as a JSON spec ``{"backend": "hf", ...}`` (bookkeeping keys dropped)."""
+    d = hf_config.to_dict()
+    for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+        d.pop(key, None)
+    return {"backend": "hf", **d}

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..strategy import InstructionFeatures
-from ..utils import nearest_names
+from ..utils import hf_config_spec, nearest_names
 
 
 class TextEncoder(nn.Module):
@@ -128,10 +128,7 @@ class HFTextEncoder(TextEncoder):
 
     @staticmethod
     def spec_from_config(hf_config: Any) -> dict[str, Any]:
-        d = hf_config.to_dict()
-        for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
-            d.pop(key, None)
-        return {"backend": "hf", **d}
+        return hf_config_spec(hf_config)
 
 
 # Text-only models that transformers' AutoModel does not map (v5 maps CLIPTextConfig only).

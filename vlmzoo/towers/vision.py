@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..utils import nearest_names
+from ..utils import hf_config_spec, nearest_names
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,10 +79,7 @@ class HFVisionTower(VisionTower):
 
     @staticmethod
     def spec_from_config(hf_config: Any) -> dict[str, Any]:
-        d = hf_config.to_dict()
-        for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
-            d.pop(key, None)
-        return {"backend": "hf", **d}
+        return hf_config_spec(hf_config)
 
 
 _BACKENDS: dict[str, Callable[[dict[str, Any]], VisionTower]] = {"hf": HFVisionTower}
