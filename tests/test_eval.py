@@ -142,6 +142,13 @@ def test_blind_control_rules(tmp_path):
     records = load_eval_records(eval_path)
     control = BlindControl(train_path, records)
     assert [control.answer(r) for r in records] == [(a, rule) for _, _, _, a, rule in evals]
+    assert control.skipped == 0
+
+    # A malformed training record is counted and named in a warning, not silently dropped.
+    bad = write_json(tmp_path / "train_bad.json", [*train, {"id": "broken", "conversations": [{"from": "alien", "value": "x"}]}])
+    control = BlindControl(bad, records)
+    assert control.skipped == 1
+    assert [control.answer(r) for r in records] == [(a, rule) for _, _, _, a, rule in evals]
 
 
 # ---- a saved toy-world model ---------------------------------------------------------------------

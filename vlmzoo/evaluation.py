@@ -118,11 +118,14 @@ class BlindControl:
         self.by_text: dict[str, Counter] = defaultdict(Counter)
         self.by_type: dict[str, Counter] = defaultdict(Counter)
         self.overall: Counter = Counter()
+        self.skipped = 0  # malformed records (the training loader reports them in detail)
         for index, raw in iter_json_records(train_path):
             try:
                 messages = normalize_record(raw, index)["messages"]
-            except ValueError:
-                continue  # the training loader reports bad records; the control just ignores them
+            except ValueError as exc:
+                self.skipped += 1
+                logger.warning("Blind control: ignoring record %d of %s: %s", index, train_path, exc)
+                continue
             types = raw.get(f"{question_type_key}s") or raw.get(question_type_key)
             pairs = [(messages[i]["content"], messages[i + 1]["content"]) for i in range(len(messages) - 1)
                      if messages[i]["role"] == "user" and messages[i + 1]["role"] == "assistant"]
@@ -260,6 +263,7 @@ def evaluate_model(
         blind = accuracy_table(records, [a for a, _ in blind_answers])
         blind["source"] = os.path.abspath(train_data)
         blind["rules_used"] = dict(Counter(rule for _, rule in blind_answers))
+        blind["skipped_train_records"] = control.skipped
         metrics["blind"] = blind
     metrics["generation"] = {"runtime_s": round(runtime, 2), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                              "template": processor.template.name}
