@@ -4,6 +4,7 @@ so that ``from_pretrained`` can initialise modules missing from a checkpoint cor
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -51,3 +52,69 @@ class MLPConnector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with optional grouped key/value heads (GQA).
+
+    ``x (N, Q, query_dim)`` attends to ``context (N, S, kv_dim)`` -> ``(N, Q, query_dim)``.
+    Projections: q ``query_dim -> num_heads * head_dim``, k and v ``kv_dim -> num_kv_heads * head_dim``,
+    out ``num_heads * head_dim -> query_dim``; each query head group shares one key/value head.
+
+    Args:
+        head_dim: defaults to ``query_dim // num_heads``.
+        kv_dim: defaults to ``query_dim``.
+        num_kv_heads: defaults to ``num_heads`` (plain multi-head attention); must divide it.
+        bias: bias on all four projections.
+        dropout: dropout on the attention probabilities (training only).
+    """
+
+    def __init__(self, query_dim: int, num_heads: int, head_dim: int | None = None, kv_dim: int | None = None,
+                 num_kv_heads: int | None = None, bias: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        head_dim = head_dim or query_dim // num_heads
+        num_kv_heads = num_kv_heads or num_heads
+        if head_dim < 1 or num_heads % num_kv_heads:
+            raise ValueError(
+                f"MultiHeadAttention needs head_dim >= 1 and num_kv_heads dividing num_heads; got {num_heads} heads "
+                f"of {head_dim} channels and {num_kv_heads} key/value heads."
+            )
+        kv_dim = kv_dim or query_dim
+        self.num_heads, self.num_kv_heads, self.head_dim, self.dropout = num_heads, num_kv_heads, head_dim, dropout
+        self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, query_dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``context_mask (N, S)``: 1/True = attend, 0/False = padding (ignored)."""
+        n, q_len, _ = x.shape
+        s_len = context.shape[1]
+        q = self.q_proj(x).view(n, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(context).view(n, s_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(context).view(n, s_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.num_kv_heads != self.num_heads:
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(n, q_len, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """``x -> (SiLU(x W1) * x W2) W3`` with bias-free ``W1, W2: dim -> hidden``, ``W3: hidden -> dim``.
+
+    ``(..., dim)`` -> ``(..., dim)``. With ``residual=True`` the input is added (ImageBind-LLM's and
+    TG-LLaVA's "Bind Network" block: ``x + (x W2 * SiLU(x W1)) W3``).
+    """
+
+    def __init__(self, dim: int, hidden: int, residual: bool = False, bias: bool = False) -> None:
+        super().__init__()
+        self.residual = residual
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(dim, hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.w3(F.silu(self.w1(x)) * self.w2(x))
+        return x + out if self.residual else out

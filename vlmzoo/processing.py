@@ -130,7 +130,8 @@ class VLMProcessor:
         processor follows ``model.vision_tower`` (size, mean, std). From a config the strategy is
         not built, so ``num_visual_tokens`` must be given; the image size comes from
         ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
-        ``config.image_token_id``. Remaining ``kwargs`` go to the constructor.
+        ``config.image_token_id``. ``text_max_length`` defaults to the model's text encoder limit
+        (at most 77). Remaining ``kwargs`` go to the constructor.
         """
         is_model = hasattr(model_or_config, "config")
         config = model_or_config.config if is_model else model_or_config
@@ -155,6 +156,10 @@ class VLMProcessor:
                 f"The tokenizer maps the image token {image_token!r} to id {token_id}, but the model's "
                 f"config.image_token_id is {config.image_token_id}."
             )
+        encoder = getattr(model_or_config, "text_encoder", None) if is_model else None
+        if encoder is not None and "text_max_length" not in kwargs:
+            # Truncate to what the encoder accepts (SigLIP: 64) as well as to CLIP's 77.
+            kwargs["text_max_length"] = min(77, encoder.max_length)
         if image_processor is None:
             if tower is not None:
                 image_processor = make_image_processor(tower.image_size, tower.image_mean, tower.image_std)

@@ -1,0 +1,245 @@
+"""TG-LLaVA: text-guided feature mask (TG-FOM) and text-guided detail perceiver (TG-DP).
+
+Built from /work/shared/specs/methods.md, section 1. Shapes at the reference scale (CLIP-L/336:
+P = 576 patches of D_v = 1024; CLIP text tower D_t = 768; Vicuna-7B d_llm = 4096)::
+
+    F_v   = tower layer -2 patches                          (N, P, D_v)
+    TG-FOM: M = fom(pooled text (N, D_t))                   (N, P, D_v), exactly 0 at init
+    base  = connector(F_v + M)                              (N, P, d_llm)      as in `llava`
+    TG-DP: hr = tower layer -2 of the 2x2 crops of the x2 upsampled image (N, 4P, D_v)
+           dp(hr, text tokens (N, L, D_t), mask (N, L))     (N, K, d_llm)
+    visual_embeds = CAT(base, dp)                           (N, P + K, d_llm) = 576 + 64
+
+The instruction text is the core's (frozen) text encoder output for the sample's instruction
+(see vlmzoo/processing.py for which turn): ``pooled`` feeds TG-FOM, ``tokens`` (padding masked)
+feed TG-DP. The base connector is named ``connector`` as in `llava`, so a `llava` checkpoint's
+weights load into it and only ``fom.*`` / ``dp.*`` start fresh. Module groups (training stages):
+``connector``, ``fom``, ``dp`` (each present only when switched on).
+
+Parameter counts at the reference scale: TG-DP 59,328,512 (spec: about 59M). TG-FOM 31,821,824 with
+the spec's 2 layers x FFN 4096: the spec's 48.6M also counts the text-branch FFN that each BLIP-2
+Q-Former layer carries (2 x 8,395,776 more = 48,613,376) but which queries-only inputs never use;
+we do not build those unused weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmzoo import (
+    CoreDims,
+    GuidanceInputs,
+    GuidanceStrategy,
+    StrategyConfig,
+    StrategyNeeds,
+    StrategyOutput,
+    register_strategy,
+)
+from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, SwiGLU, ZeroLinear
+
+
+@dataclass
+class TGLlavaConfig(StrategyConfig):
+    """Every size of TG-LLaVA; the defaults are the reference (paper) values.
+
+    Args:
+        vision_layer: tower hidden state for the base tokens and the high-res crops (-2).
+        connector_depth / connector_act: the base connector (``mlp2x_gelu``, shared with `llava`).
+        use_fom / use_dp: the ablation switches.
+        fom_layers: Q-Former layers (2); ``fom_cross_attention_freq``: a layer cross-attends to the
+            text iff ``index % freq == 0`` (2: layer 0 only, as BLIP-2's Q-Former).
+        fom_heads: attention heads at width D_v (16); ``fom_ffn_size``: FFN width (0 = 4 x D_v = 4096).
+        fom_dropout: dropout of the Q-Former (BERT's 0.1) on embeddings, attention probs and outputs.
+        fom_norm_eps: LayerNorm eps (BERT's 1e-12).
+        dp_num_latents: TG-DP output tokens K (64; the paper's ablation: 32/64/128/256).
+        dp_upscale: upsampling factor of the image before cropping (2 -> 4 crops).
+        dp_heads / dp_kv_heads / dp_head_dim: perceiver attention (16 heads x 96, 4 key/value heads).
+        dp_ffn_size: Bind Network hidden width (0 = 4 x D_v = 4096).
+        dp_norm_eps: RMSNorm eps.
+        dp_connector_depth / dp_connector_act: TG-DP's own connector C^h (``mlp2x_gelu``).
+    """
+
+    vision_layer: int = -2
+    connector_depth: int = 2
+    connector_act: str = "gelu"
+    use_fom: bool = True
+    use_dp: bool = True
+    fom_layers: int = 2
+    fom_cross_attention_freq: int = 2
+    fom_heads: int = 16
+    fom_ffn_size: int = 0
+    fom_dropout: float = 0.1
+    fom_norm_eps: float = 1e-12
+    dp_num_latents: int = 64
+    dp_upscale: int = 2
+    dp_heads: int = 16
+    dp_kv_heads: int = 4
+    dp_head_dim: int = 96
+    dp_ffn_size: int = 0
+    dp_norm_eps: float = 1e-6
+    dp_connector_depth: int = 2
+    dp_connector_act: str = "gelu"
+
+
+class QFormerLayer(nn.Module):
+    """Post-LN BERT/Q-Former layer on queries ``(N, Q, D)``: self-attn -> [cross-attn] -> FFN.
+
+    Each sub-block is ``x = LayerNorm(x + Dropout(sublayer(x)))``; cross-attention reads
+    ``context (N, S, D)``.
+    """
+
+    def __init__(self, dim: int, heads: int, ffn: int, cross: bool, dropout: float, eps: float) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.self_norm = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = MultiHeadAttention(dim, heads, dropout=dropout) if cross else None
+        self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross else None
+        self.ffn_in = nn.Linear(dim, ffn)
+        self.ffn_act = nn.GELU()
+        self.ffn_out = nn.Linear(ffn, dim)
+        self.ffn_norm = nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = self.self_norm(x + self.drop(self.self_attn(x, x)))
+        if self.cross_attn is not None:
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, context)))
+        return self.ffn_norm(x + self.drop(self.ffn_out(self.ffn_act(self.ffn_in(x)))))
+
+
+class TextGuidedFOM(nn.Module):
+    """TG-FOM: pooled text ``(N, D_t)`` -> additive feature mask ``M (N, P, D_v)``.
+
+    ``pooled -> Linear(D_t, D_v)`` is one key/value token; P learnable queries (N(0, 0.02)) pass
+    LayerNorm + dropout, then the Q-Former layers; ``mask_head`` is a zero-initialised
+    ``Linear(D_v, D_v)``, so M = 0 until it trains.
+    """
+
+    def __init__(self, cfg: TGLlavaConfig, num_queries: int, dim: int, text_dim: int) -> None:
+        super().__init__()
+        ffn = cfg.fom_ffn_size or 4 * dim
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.queries = LearnedTokens(num_queries, dim)
+        self.query_norm = nn.LayerNorm(dim, eps=cfg.fom_norm_eps)
+        self.query_drop = nn.Dropout(cfg.fom_dropout)
+        self.layers = nn.ModuleList(
+            QFormerLayer(dim, cfg.fom_heads, ffn, i % cfg.fom_cross_attention_freq == 0, cfg.fom_dropout,
+                         cfg.fom_norm_eps)
+            for i in range(cfg.fom_layers)
+        )
+        self.mask_head = ZeroLinear(dim, dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        text = self.text_proj(pooled).unsqueeze(1)  # (N, 1, D_v)
+        x = self.query_drop(self.query_norm(self.queries(pooled.shape[0])))  # (N, P, D_v)
+        for layer in self.layers:
+            x = layer(x, text)
+        return self.mask_head(x)  # (N, P, D_v)
+
+
+class PerceiverLayer(nn.Module):
+    """One TG-DP perceiver layer on latents ``(N, K, D)`` with ``context (N, S, D)``.
+
+    ``h = RMSNorm(latents)``; keys/values = ``CAT(RMSNorm(context), h)``; bias-free GQA attention;
+    ``x = latents + attn``; then ``x = x + BN(RMSNorm(x))`` with the Bind Network
+    ``BN(y) = y + SwiGLU(y)`` (its own skip, as in the reference code).
+    """
+
+    def __init__(self, dim: int, cfg: TGLlavaConfig) -> None:
+        super().__init__()
+        eps = cfg.dp_norm_eps
+        self.latent_norm = nn.RMSNorm(dim, eps=eps)
+        self.context_norm = nn.RMSNorm(dim, eps=eps)
+        self.attn = MultiHeadAttention(dim, cfg.dp_heads, head_dim=cfg.dp_head_dim, num_kv_heads=cfg.dp_kv_heads,
+                                       bias=False)
+        self.ffn_norm = nn.RMSNorm(dim, eps=eps)
+        self.bind = SwiGLU(dim, cfg.dp_ffn_size or 4 * dim, residual=True)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.latent_norm(latents)
+        kv = torch.cat([self.context_norm(context), h], dim=1)  # (N, S + K, D)
+        mask = None
+        if context_mask is not None:
+            mask = torch.cat([context_mask.bool(), context_mask.new_ones(h.shape[:2], dtype=torch.bool)], dim=1)
+        x = latents + self.attn(h, kv, mask)
+        return x + self.bind(self.ffn_norm(x))
+
+
+class TextGuidedDP(nn.Module):
+    """TG-DP: high-res crop features ``(N, S, D_v)`` (S = upscale^2 x P) and text tokens
+    ``(N, L, D_t)`` with mask ``(N, L)`` -> K visual tokens ``(N, K, d_llm)``.
+
+    ``V = MLP(hr + pos_embed)`` (Linear-GELU-Linear at D_v); ``T = Linear(D_t, D_v)(tokens)``;
+    K latents (N(0, 0.02)) -> perceiver layer on T -> perceiver layer on V -> RMSNorm ->
+    ``connector`` (TG-DP's own C^h).
+    """
+
+    def __init__(self, cfg: TGLlavaConfig, num_hr_tokens: int, dim: int, text_dim: int, llm_dim: int) -> None:
+        super().__init__()
+        self.pos_embed = LearnedTokens(num_hr_tokens, dim)
+        self.vision_mlp = MLPConnector(dim, dim, depth=2, act="gelu")
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.latents = LearnedTokens(cfg.dp_num_latents, dim)
+        self.text_layer = PerceiverLayer(dim, cfg)
+        self.vision_layer = PerceiverLayer(dim, cfg)
+        self.final_norm = nn.RMSNorm(dim, eps=cfg.dp_norm_eps)
+        self.connector = MLPConnector(dim, llm_dim, depth=cfg.dp_connector_depth, act=cfg.dp_connector_act)
+
+    def forward(self, high_res: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        n = high_res.shape[0]
+        vision = self.vision_mlp(high_res + self.pos_embed(n))  # (N, S, D_v)
+        text = self.text_proj(text_tokens)  # (N, L, D_v)
+        x = self.latents(n)  # (N, K, D_v)
+        x = self.text_layer(x, text, text_mask)
+        x = self.vision_layer(x, vision, None)
+        return self.connector(self.final_norm(x))  # (N, K, d_llm)
+
+
+@register_strategy("tg_llava")
+class TGLlavaStrategy(GuidanceStrategy):
+    """``(N, P, D_v)`` [+ crops ``(N, upscale^2 P, D_v)`` + instruction] -> ``(N, P [+ K], d_llm)``."""
+
+    config_class = TGLlavaConfig
+
+    def __init__(self, config: TGLlavaConfig, dims: CoreDims) -> None:
+        super().__init__(config, dims)
+        d_v, d_llm, p = dims.vision_hidden_size, dims.llm_hidden_size, dims.vision_num_patches
+        if (config.use_fom or config.use_dp) and dims.text_encoder_hidden_size is None:
+            raise ValueError("tg_llava with use_fom or use_dp needs an instruction text encoder (text_encoder_config).")
+        if config.use_dp and config.dp_upscale < 2:
+            raise ValueError(f"tg_llava dp_upscale must be >= 2 when use_dp is on, got {config.dp_upscale}.")
+        self.connector = MLPConnector(d_v, d_llm, depth=config.connector_depth, act=config.connector_act)
+        self.fom = TextGuidedFOM(config, p, d_v, dims.text_encoder_hidden_size) if config.use_fom else None
+        self.dp = None
+        if config.use_dp:
+            self.dp = TextGuidedDP(config, config.dp_upscale**2 * p, d_v, dims.text_encoder_hidden_size, d_llm)
+
+    @property
+    def needs(self) -> StrategyNeeds:
+        c = self.config
+        text = (("pooled",) if c.use_fom else ()) + (("tokens",) if c.use_dp else ())
+        return StrategyNeeds(
+            vision_layers=(c.vision_layer,),
+            high_res_factor=c.dp_upscale if c.use_dp else 1,
+            high_res_layers=(c.vision_layer,),
+            instruction_text=text,
+        )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.dims.vision_num_patches + (self.config.dp_num_latents if self.config.use_dp else 0)
+
+    def forward(self, inputs: GuidanceInputs) -> StrategyOutput:
+        layer = self.config.vision_layer
+        features = inputs.vision.layers[layer]  # (N, P, D_v)
+        text = inputs.text
+        if self.fom is not None:
+            features = features + self.fom(text.pooled.to(features.dtype))  # F* = F_v + M
+        tokens = self.connector(features)  # (N, P, d_llm)
+        if self.dp is not None:
+            detail = self.dp(inputs.vision.high_res[layer], text.tokens.to(features.dtype), text.mask)
+            tokens = torch.cat([tokens, detail], dim=1)  # (N, P + K, d_llm)
+        return StrategyOutput(visual_embeds=tokens)

@@ -1,0 +1,310 @@
+"""The `tg_llava` strategy (TG-FOM + TG-DP) on tiny configs, and its reference-scale size on meta."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tiny import IMAGE_TOKEN_ID, NUM_PATCHES, TINY_LLMS, VOCAB, left_pad, prompt_ids, tiny_model
+from vlmzoo import StrategyNeeds, VLMForConditionalGeneration
+
+# A tiny CLIP text tower (as in test_towers.py): D_t = 32, vocabulary 100, 16 positions.
+CLIP_TEXT = {"backend": "hf", "model_type": "clip_text_model", "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100, "max_position_embeddings": 16,
+             "bos_token_id": 98, "eos_token_id": 99, "pad_token_id": 0}
+LATENTS = 4
+TINY_TG = dict(fom_heads=4, fom_ffn_size=64, dp_num_latents=LATENTS, dp_heads=4, dp_kv_heads=2, dp_head_dim=8,
+               dp_ffn_size=64)
+D_LLM = TINY_LLMS["llama"]["hidden_size"]
+
+
+def tg_model(seed: int = 0, **strategy_config):
+    return tiny_model("tg_llava", seed=seed, text_encoder_config=dict(CLIP_TEXT),
+                      strategy_config={**TINY_TG, **strategy_config})
+
+
+def _batch(model, pixels):
+    """Two left-padded prompts, one image each, and each image's instruction (right-padded CLIP ids)."""
+    n = model.strategy.num_visual_tokens
+    ids, mask = left_pad([prompt_ids(n, [1, 5], [6]), prompt_ids(n, [1, 7], [8, 9, 10])])
+    text_ids = torch.tensor([[98, 5, 7, 9, 99, 0], [98, 5, 99, 0, 0, 0]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels[:2],
+                instruction_input_ids=text_ids, instruction_attention_mask=(text_ids != 0).long())
+
+
+def _perturb_zero_init(model, seed: int = 5):
+    """Give the zero-initialised FOM head non-zero weights, so the FOM branch changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    head = model.strategy.fom.mask_head
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.5)
+        head.bias.copy_(torch.randn(head.bias.shape, generator=g) * 0.5)
+
+
+def _forward(model, batch):
+    with torch.no_grad():
+        return model(**batch)
+
+
+@pytest.mark.parametrize("use_fom", [True, False])
+def test_fresh_tg_llava_without_dp_equals_llava(pixels, use_fom):
+    """Zero-init FOM: with DP off, the same tower + connector + LLM give llava's tokens and logits exactly."""
+    llava = tiny_model("llava", seed=0)
+    tg = tg_model(seed=1, use_dp=False, use_fom=use_fom)
+    result = tg.load_state_dict(llava.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    new = {k.split(".")[0] + "." + k.split(".")[1] for k in result.missing_keys}
+    assert new <= {"text_encoder.model", "strategy.fom"} and ("strategy.fom" in new) == use_fom
+    batch = _batch(tg, pixels)
+    a, b = _forward(llava, {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}), _forward(tg, batch)
+    assert tg.strategy.num_visual_tokens == NUM_PATCHES
+    torch.testing.assert_close(b.image_hidden_states, a.image_hidden_states, rtol=0, atol=0)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    if use_fom:  # the FOM branch is wired in: a non-zero head changes the visual tokens
+        _perturb_zero_init(tg)
+        assert not torch.allclose(_forward(tg, batch).image_hidden_states, a.image_hidden_states)
+
+
+def test_fresh_tg_llava_base_tokens_equal_llava_with_dp(pixels):
+    """With DP on, the first P visual tokens are still llava's; the DP tokens follow them."""
+    llava = tiny_model("llava", seed=0)
+    tg = tg_model(seed=1)
+    tg.load_state_dict(llava.state_dict(), strict=False)
+    batch = _batch(tg, pixels)
+    base = _batch(llava, pixels)
+    a = _forward(llava, {k: base[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    b = _forward(tg, batch)
+    torch.testing.assert_close(b.image_hidden_states[:, :NUM_PATCHES], a.image_hidden_states, rtol=0, atol=0)
+    assert b.image_hidden_states.shape == (2, NUM_PATCHES + LATENTS, D_LLM)
+
+
+@pytest.mark.parametrize(("use_fom", "use_dp", "latents"),
+                         [(f, d, k) for f, d in itertools.product([True, False], repeat=2) for k in (2, 4)])
+def test_token_count_and_needs_for_every_switch(pixels, use_fom, use_dp, latents):
+    model = tg_model(use_fom=use_fom, use_dp=use_dp, dp_num_latents=latents)
+    expected = NUM_PATCHES + (latents if use_dp else 0)
+    assert model.strategy.num_visual_tokens == expected
+    needs = model.strategy.needs
+    assert needs.vision_layers == (-2,) and needs.high_res_factor == (2 if use_dp else 1)
+    assert set(needs.instruction_text) == ({"pooled"} if use_fom else set()) | ({"tokens"} if use_dp else set())
+    assert set(model.strategy.module_groups()) == {"connector"} | ({"fom"} if use_fom else set()) | (
+        {"dp"} if use_dp else set())
+    out = _forward(model, _batch(model, pixels))
+    assert out.image_hidden_states.shape == (2, expected, D_LLM)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_dp_reads_the_instruction_and_ignores_its_padding(pixels):
+    """DP tokens depend on the instruction tokens, but not on what sits in padded positions."""
+    model = tg_model(use_fom=False)
+    batch = _batch(model, pixels)
+    ref = _forward(model, batch).image_hidden_states
+    padded = dict(batch, instruction_input_ids=torch.cat([batch["instruction_input_ids"], torch.zeros(2, 3, dtype=torch.long)], 1),
+                  instruction_attention_mask=torch.cat([batch["instruction_attention_mask"], torch.zeros(2, 3, dtype=torch.long)], 1))
+    torch.testing.assert_close(_forward(model, padded).image_hidden_states, ref, rtol=1e-5, atol=1e-5)
+    other = dict(batch, instruction_input_ids=batch["instruction_input_ids"].flip(0),
+                 instruction_attention_mask=batch["instruction_attention_mask"].flip(0))
+    changed = _forward(model, other).image_hidden_states
+    torch.testing.assert_close(changed[:, :NUM_PATCHES], ref[:, :NUM_PATCHES])  # no FOM: base tokens unchanged
+    assert not torch.allclose(changed[:, NUM_PATCHES:], ref[:, NUM_PATCHES:])
+
+
+def test_gradients_reach_fom_and_dp_not_the_towers(pixels):
+    model = tg_model().train()
+    batch = _batch(model, pixels)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100).masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        if step == 0:
+            # Zero-init head: only it gets a gradient inside FOM on the first step; DP trains at once.
+            assert model.strategy.fom.mask_head.weight.grad.abs().sum() > 0
+            assert model.strategy.fom.text_proj.weight.grad.abs().sum() == 0
+            for name, p in model.strategy.dp.named_parameters():
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+            opt.step()
+    for name, p in model.strategy.fom.named_parameters():
+        # Cross-attention to ONE text token: softmax over one key is constant, so its query/key
+        # projections never get a gradient (as in the reference design).
+        if ".cross_attn.q_proj." in name or ".cross_attn.k_proj." in name:
+            assert p.grad.abs().max() < 1e-6, name
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    for tower in (model.vision_tower, model.text_encoder):
+        assert all(p.grad is None and not p.requires_grad for p in tower.parameters())
+
+
+def test_save_load_round_trip_identical_logits(tmp_path, pixels):
+    model = tg_model()
+    _perturb_zero_init(model)
+    batch = _batch(model, pixels)
+    model.save_pretrained(tmp_path)
+    reloaded = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.config.strategy == "tg_llava" and reloaded.text_encoder is not None
+    assert reloaded.strategy.fom.mask_head.weight.abs().sum() > 0  # loaded, not re-initialised
+    torch.testing.assert_close(_forward(reloaded, batch).logits, _forward(model, batch).logits, rtol=0, atol=0)
+
+
+def test_start_from_llava_checkpoint(tmp_path, pixels):
+    """A llava checkpoint loads into tg_llava: shared weights kept, FOM/DP (and text tower) new, FOM head zero."""
+    llava = tiny_model("llava", seed=0)
+    llava.save_pretrained(tmp_path)
+    config = tg_model().config
+    tg, info = VLMForConditionalGeneration.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    tg.eval()
+    missing = set(info["missing_keys"])
+    assert missing and all(k.startswith(("strategy.fom.", "strategy.dp.", "text_encoder.")) for k in missing)
+    assert "strategy.connector.layers.0.weight" not in missing
+    assert tg.strategy.fom.mask_head.weight.abs().sum() == 0
+    assert tg.strategy.dp.latents.weight.std() > 0.01  # N(0, 0.02), not left empty or zero
+    base = _batch(llava, pixels)
+    a = _forward(llava, {k: base[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    b = _forward(tg, _batch(tg, pixels))
+    torch.testing.assert_close(b.image_hidden_states[:, :NUM_PATCHES], a.image_hidden_states, rtol=0, atol=0)
+
+
+def test_generate_cache_equals_no_cache(pixels):
+    model = tg_model()
+    _perturb_zero_init(model)
+    batch = _batch(model, pixels)
+    kw = dict(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with_cache = model.generate(**kw, use_cache=True)
+    without = model.generate(**kw, use_cache=False)
+    assert with_cache.shape == (2, batch["input_ids"].shape[1] + 6)
+    assert torch.equal(with_cache, without)
+    assert int(with_cache.max()) < VOCAB
+
+
+def test_needs_a_text_encoder():
+    with pytest.raises(ValueError, match="needs an instruction text encoder"):
+        tiny_model("tg_llava", strategy_config=TINY_TG)
+    # Both switches off: plain llava, no text encoder needed.
+    assert tiny_model("tg_llava", strategy_config={"use_fom": False, "use_dp": False}).strategy.num_visual_tokens == NUM_PATCHES
+
+
+def _fom_params(d_v=1024, d_t=768, p=576, ffn=4096, layers=2, cross_layers=1):
+    attn = 4 * (d_v * d_v + d_v) + 2 * d_v  # q, k, v, out + LayerNorm
+    ffn_block = d_v * ffn + ffn + ffn * d_v + d_v + 2 * d_v
+    return (d_t * d_v + d_v) + p * d_v + 2 * d_v + layers * (attn + ffn_block) + cross_layers * attn + (d_v * d_v + d_v)
+
+
+def _dp_params(d_v=1024, d_t=768, p=576, d_llm=4096, k=64, heads=16, kv_heads=4, head_dim=96, ffn=4096):
+    layer = 3 * d_v + d_v * heads * head_dim * 2 + 2 * d_v * kv_heads * head_dim + 3 * d_v * ffn
+    connector = d_v * d_llm + d_llm + d_llm * d_llm + d_llm
+    return 4 * p * d_v + 2 * (d_v * d_v + d_v) + (d_t * d_v + d_v) + k * d_v + 2 * layer + d_v + connector
+
+
+def test_reference_scale_counts_on_meta(capsys):
+    """configs/tg_llava/reference.yaml on meta: per-module counts (spec: FOM ~48.6M, DP ~59M; see the
+    module docstring of architectures/tg_llava.py for the FOM difference)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "count_params.py"
+    spec = importlib.util.spec_from_file_location("count_params", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--arch", "tg_llava", "--scale", "reference"]) == 0
+    out = capsys.readouterr().out
+    counts = {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}
+    assert counts["connector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert counts["fom"] == _fom_params() == 31_821_824
+    assert counts["dp"] == _dp_params() == 59_328_512
+    # The spec's 48.6M for FOM = ours + the unused text-branch FFN of both BLIP-2 Q-Former layers.
+    assert abs(counts["fom"] + 2 * (1024 * 4096 * 2 + 4096 + 1024 + 2048) - 48.6e6) < 0.05e6
+    assert 123_000_000 < counts["text_encoder"] < 124_000_000  # CLIP-L text tower
+    assert "visual tokens per image: 640" in out
+
+
+
+
+def test_reference_configs_recipe_and_siglip_variant():
+    """Both reference configs: the paper's two-stage recipe; the SigLIP variant builds on meta (729 + 64 tokens)."""
+    from pathlib import Path
+
+    from vlmzoo.build import build_on_meta
+    from vlmzoo.config import load_run_config
+
+    configs = Path(__file__).resolve().parent.parent / "configs" / "tg_llava"
+    for name in ("reference", "reference_siglip"):
+        cfg = load_run_config(configs / f"{name}.yaml", resolve_vars=False)
+        s1, s2 = cfg.training.stages
+        assert (s1.train, s1.lr, s2.train, s2.lr) == (["strategy"], 1e-3, ["strategy", "llm"], 2e-5)
+        assert cfg.model.text_encoder == cfg.model.vision_tower
+    model = build_on_meta(load_run_config(configs / "reference_siglip.yaml", resolve_vars=False))
+    assert model.vision_tower.num_patches == 729 and not model.vision_tower.has_cls
+    assert model.text_encoder.hidden_size == 1152
+    assert model.strategy.num_visual_tokens == 729 + 64
+    assert model.strategy.dp.pos_embed.weight.shape == (4 * 729, 1152)
+
+
+# config -> (FOM on, DP latents or 0): tiny.yaml is the paper's final row, the others its ablations.
+TINY_CONFIGS = {"tiny": (True, 8), "tiny_fom_only": (True, 0), "tiny_dp_only": (False, 8), "tiny_dp4": (True, 4),
+                "tiny_dp16": (True, 16), "tiny_dp32": (True, 32)}
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    import json
+
+    from vlmzoo.tinyworld import small_test_config
+
+    cache = tmp_path_factory.mktemp("tg_world")
+    return [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}"]
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_tiny_configs_train_two_stages_and_evaluate(small_world, tmp_path, name):
+    """configs/tg_llava/<name>.yaml on a seconds-scale tiny world: both stages train (the FOM head
+    leaves zero), the saved model reloads with its text tower and the right token count, eval runs."""
+    from pathlib import Path
+
+    from vlmzoo.config import load_run_config
+    from vlmzoo.training import run_training
+
+    fom, latents = TINY_CONFIGS[name]
+    repo = Path(__file__).resolve().parent.parent
+    overrides = [*small_world, f"output.dir={tmp_path / 'run'}", "eval.batch_size=16"]
+    for i in (0, 1):
+        overrides += [f"training.stages.{i}.max_steps=2", f"training.stages.{i}.batch_size=4",
+                      f"training.stages.{i}.save_steps=2"]
+    cfg = load_run_config(repo / "configs" / "tg_llava" / f"{name}.yaml", overrides)
+    assert cfg.model.text_encoder == cfg.model.vision_tower  # the tower's own CLIP checkpoint
+    result = run_training(cfg)
+    model = VLMForConditionalGeneration.from_pretrained(result.final_model_dir)
+    assert model.config.strategy == "tg_llava" and model.text_encoder is not None
+    assert model.strategy.num_visual_tokens == model.strategy.dims.vision_num_patches + latents
+    assert (model.strategy.fom is not None) == fom and (model.strategy.dp is not None) == (latents > 0)
+    if fom:
+        assert model.strategy.fom.mask_head.weight.abs().sum() > 0
+    assert result.eval_metrics["n"] > 0 and set(result.eval_metrics["per_type"]) >= {"colour", "fine"}
+
+
+def test_processor_truncates_instructions_to_the_text_encoder_limit():
+    """for_model: instructions are cut to min(77, the text encoder's positions), so the encoder never
+    sees more tokens than it accepts (SigLIP: 64; this tiny CLIP text tower: 16)."""
+    from types import SimpleNamespace
+
+    from test_templates import build_word_tokenizer
+    from vlmzoo.processing import VLMProcessor
+
+    tok = build_word_tokenizer()
+    config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"),
+                             strategy="tg_llava", vision_config={})
+    tower = SimpleNamespace(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    strategy = SimpleNamespace(num_visual_tokens=3, needs=StrategyNeeds(instruction_text=("pooled",)))
+    model = SimpleNamespace(config=config, vision_tower=tower, strategy=strategy,
+                            text_encoder=SimpleNamespace(max_length=16))
+    text_tok = build_word_tokenizer(auto_bos=True)
+    p = VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2")
+    assert p.text_max_length == 16
+    ids, mask = p.tokenize_instructions([" ".join(["one"] * 40)])
+    assert ids.shape[1] == 16 and int(mask.sum()) == 16
+    model.text_encoder = SimpleNamespace(max_length=512)
+    assert VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2").text_max_length == 77
+    assert VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2",
+                                  text_max_length=8).text_max_length == 8
