@@ -78,6 +78,30 @@ def test_forward_returns_all_hidden_states(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", VISION_SPECS)
+def test_truncated_forward_equals_the_full_one_and_skips_later_blocks(name: str) -> None:
+    tower = _build(name)
+    pixels = _pixels()
+    with torch.no_grad():
+        full = tower(pixels)
+        for k in range(1, tower.num_layers + 2):
+            part = tower(pixels, num_states=k)
+            assert len(part) == k
+            for a, b in zip(part, full[:k]):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+    ran: list[int] = []
+    blocks = [m for m in tower.modules() if type(m).__name__ in ("CLIPEncoderLayer", "SiglipEncoderLayer", "Block",
+                                                                "ResidualAttentionBlock")]
+    assert len(blocks) == tower.num_layers
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_a, i=i: ran.append(i))
+    with torch.no_grad():
+        tower(pixels, num_states=2)  # the embedding output and the first block's output
+    assert ran == [0]
+    with pytest.raises(ValueError, match="num_states must be in 1..3"):
+        tower(pixels, num_states=4)
+
+
+@pytest.mark.parametrize("name", VISION_SPECS)
 def test_builds_on_meta_device_and_spec_is_json(name: str) -> None:
     with torch.device("meta"):
         tower = build_vision_tower(VISION_SPECS[name])
@@ -121,7 +145,9 @@ def test_hf_clip_matches_transformers_clip_vision_model() -> None:
     with torch.no_grad():
         states = tower(pixels)
         out = reference(pixel_values=pixels, output_hidden_states=True)
-    torch.testing.assert_close(states[-2], out.hidden_states[-2])
+    assert len(states) == len(out.hidden_states)
+    for ours, theirs in zip(states, out.hidden_states):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
     # The last state is the pre-post_layernorm output of the last block.
     torch.testing.assert_close(states[-1], out.last_hidden_state)
     inner = getattr(reference, "vision_model", reference)

@@ -111,10 +111,16 @@ class OpenClipVisionTower(VisionTower):
         self.image_mean = tuple(spec.get("image_mean", CLIP_MEAN))  # type: ignore[assignment]
         self.image_std = tuple(spec.get("image_std", CLIP_STD))  # type: ignore[assignment]
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(N, 3, H, W)`` -> ``num_layers + 1`` tensors ``(N, 1 + P, D)`` (no ``ln_post``)."""
+    def forward(self, pixel_values: torch.Tensor, num_states: int | None = None) -> tuple[torch.Tensor, ...]:
+        """``(N, 3, H, W)`` -> the first ``num_states`` (default ``num_layers + 1``) hidden states
+        ``(N, 1 + P, D)`` (no ``ln_post``)."""
+        num_states = self._num_states(num_states)
         x = self.visual._embeds(pixel_values)
-        _, intermediates = self.visual.transformer.forward_intermediates(x)
+        if num_states == 1:
+            return (x,)
+        _, intermediates = self.visual.transformer.forward_intermediates(
+            x, indices=list(range(num_states - 1)), stop_early=True
+        )
         return (x, *intermediates)
 
 

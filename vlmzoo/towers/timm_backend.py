@@ -22,6 +22,7 @@ Importing this module registers the backend with :mod:`vlmzoo.towers.vision`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import timm
 import torch
 from torch import nn
 
-from .vision import VisionTower, register_vision_backend
+from .vision import VisionTower, collect_block_states, register_vision_backend
 
 # Weight files looked for in a local directory, in order of preference.
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth", "pytorch_model.pth")
@@ -65,28 +66,11 @@ class TimmVisionTower(VisionTower):
         self.image_mean = tuple(float(v) for v in cfg.get("mean", self.image_mean))  # type: ignore[assignment]
         self.image_std = tuple(float(v) for v in cfg.get("std", self.image_std))  # type: ignore[assignment]
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(N, 3, H, W)`` -> ``num_layers + 1`` tensors ``(N, has_cls + P, D)`` (pre final norm)."""
-        states: list[torch.Tensor] = []
-
-        def block_input(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            states.append(args[0])
-
-        def block_output(_module: nn.Module, _args: tuple[Any, ...], output: torch.Tensor) -> None:
-            states.append(output)
-
-        blocks = self.model.blocks
-        handles = [blocks[0].register_forward_pre_hook(block_input)]
-        handles += [block.register_forward_hook(block_output) for block in blocks]
-        try:
-            self.model.forward_features(pixel_values)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(states) != self.num_layers + 1:
-            raise RuntimeError(
-                f"Expected {self.num_layers + 1} hidden states from {type(self.model).__name__}, got {len(states)}."
-            )
+    def forward(self, pixel_values: torch.Tensor, num_states: int | None = None) -> tuple[torch.Tensor, ...]:
+        """``(N, 3, H, W)`` -> the first ``num_states`` (default ``num_layers + 1``) block inputs/outputs
+        ``(N, has_cls + P, D)`` (pre final norm)."""
+        run = functools.partial(self.model.forward_features, pixel_values)
+        states = collect_block_states(run, self.model.blocks, self._num_states(num_states))
         return tuple(self._keep_cls_and_patches(s) for s in states)
 
     def _keep_cls_and_patches(self, x: torch.Tensor) -> torch.Tensor:

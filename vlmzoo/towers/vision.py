@@ -10,7 +10,8 @@ weights by hub name or local path and returns the tower together with its spec.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VisionTower(nn.Module):
-    """Base class. ``forward(pixel_values)`` returns every hidden state.
+    """Base class. ``forward(pixel_values, num_states)`` returns the first ``num_states`` hidden states.
 
     Attributes (set by subclasses):
         hidden_size: channels D_v.
@@ -45,9 +46,49 @@ class VisionTower(nn.Module):
         super().__init__()
         self.spec = dict(spec)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(N, 3, H, W)`` -> ``num_layers + 1`` tensors ``(N, has_cls + P, D_v)``."""
+    def forward(self, pixel_values: torch.Tensor, num_states: int | None = None) -> tuple[torch.Tensor, ...]:
+        """``(N, 3, H, W)`` -> the first ``num_states`` (default all ``num_layers + 1``) hidden states,
+        each ``(N, has_cls + P, D_v)``. Blocks past the last requested state do not run."""
         raise NotImplementedError
+
+    def _num_states(self, num_states: int | None) -> int:
+        total = self.num_layers + 1
+        if num_states is None:
+            return total
+        if not 1 <= num_states <= total:
+            raise ValueError(f"num_states must be in 1..{total} for a tower of {self.num_layers} layers, got {num_states}.")
+        return num_states
+
+
+class _StopTower(Exception):
+    """Raised by a block hook once the last requested hidden state is recorded."""
+
+
+def collect_block_states(run: Callable[[], Any], blocks: Sequence[nn.Module], num_states: int) -> list[torch.Tensor]:
+    """Call ``run()`` (a tower forward) recording the input of ``blocks[0]`` and each block's output
+    (``num_layers + 1`` hidden states); the forward stops once ``num_states`` are recorded."""
+    states: list[torch.Tensor] = []
+
+    def record(x: Any) -> None:
+        states.append(x[0] if isinstance(x, tuple) else x)
+        if len(states) >= num_states:
+            raise _StopTower
+
+    def block_input(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        record(args[0] if args else kwargs["hidden_states"])
+
+    handles = [blocks[0].register_forward_pre_hook(block_input, with_kwargs=True)]
+    handles += [block.register_forward_hook(lambda _m, _a, out: record(out)) for block in blocks]
+    try:
+        run()
+    except _StopTower:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(states) != num_states:
+        raise RuntimeError(f"Expected {num_states} hidden states from the tower's blocks, got {len(states)}.")
+    return states
 
 
 class HFVisionTower(VisionTower):
@@ -73,9 +114,10 @@ class HFVisionTower(VisionTower):
         if cfg.model_type.startswith("siglip"):
             self.image_mean = self.image_std = (0.5, 0.5, 0.5)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        return tuple(out.hidden_states)
+    def forward(self, pixel_values: torch.Tensor, num_states: int | None = None) -> tuple[torch.Tensor, ...]:
+        blocks = getattr(self.model, "vision_model", self.model).encoder.layers
+        run = functools.partial(self.model, pixel_values=pixel_values)
+        return tuple(collect_block_states(run, blocks, self._num_states(num_states)))
 
     @staticmethod
     def spec_from_config(hf_config: Any) -> dict[str, Any]:
