@@ -140,7 +140,8 @@ def test_multi_turn_labels_token_by_token(tok, name):
     assert decode(tok, masked) == "\n" + Q1
     positions = [i for i, m in enumerate(enc.instruction_mask) if m]
     assert positions == list(range(positions[0], positions[-1] + 1))
-    assert enc.instruction_text == Q1
+    # The text encoder's instruction is the question being answered: the last user turn.
+    assert enc.instruction_text == Q2
     assert not enc.truncated
 
 

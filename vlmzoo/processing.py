@@ -10,8 +10,8 @@ Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
 * ``instruction_mask`` ``(B, T)`` bool: True at the tokens of the first user message's text;
 * ``pixel_values`` ``(N, 3, H, W)`` float: one entry per ``<image>``, in row-major order (sample 0's
   images first); absent when the batch has no image;
-* ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text of
-  the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
+* ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text (the
+  last user message, i.e. the question being answered) of the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
   ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
 
 Images are padded to a square with the mean colour (LLaVA-1.5) before a ``CLIPImageProcessor``

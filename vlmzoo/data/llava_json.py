@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 OnError = Literal["raise", "skip"]
 ImageCheck = Literal["none", "exists", "decode"]
 
-_CACHE_VERSION = "1"  # bump when the record layout or the encoding changes
+_CACHE_VERSION = "2"  # bump when the record layout or the encoding changes
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
 
 RECORD_FEATURES = Features(

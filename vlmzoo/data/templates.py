@@ -329,8 +329,10 @@ class EncodedConversation:
         instruction_mask: True at the tokens of the first user message's text.
         truncated: the sample was cut to ``max_length``.
         num_images: image placeholders in the sample.
-        instruction_text: the first user message's text as the template renders it (images
-            removed, stripped); ``""`` for templates that drop user text (``plain``).
+        instruction_text: the *last* user message's text (image placeholders removed, stripped):
+            the question being answered, which text encoders of instruction-guided strategies read
+            (TG-LLaVA's reference uses the last human turn; in a generation prompt it is the turn
+            being answered). ``""`` for templates that drop user text (``plain``).
     """
 
     input_ids: list[int]
@@ -383,6 +385,13 @@ class TemplateEncoder:
         if self.template.assistant_end_eos and self.eos_token_id is None:
             raise ValueError(f"Template {self.template.name!r} ends answers with EOS, but the tokenizer has no eos_token.")
 
+    def _query_text(self, messages: Sequence[Message]) -> str:
+        """The last user message's text, image placeholders removed (``""`` if the template drops it)."""
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if not users or self.template.drop_user_text:
+            return ""
+        return "".join(users[-1].split(self.image_token)).strip()
+
     def encode(
         self,
         messages: Sequence[Message],
@@ -412,7 +421,7 @@ class TemplateEncoder:
             labels.extend(piece if seg.target else [IGNORE_INDEX] * len(piece))
             instr.extend([seg.instruction] * len(piece))
 
-        instruction_text = "".join(s.text for s in segments if s.instruction).strip()
+        instruction_text = self._query_text(messages)
         truncated = False
         if max_length is not None and len(ids) > max_length:
             if add_generation_prompt:
