@@ -61,6 +61,18 @@ def test_loss_finite_and_decreases(pixels):
     assert model.strategy.connector.layers[0].weight.grad is not None
 
 
+def test_text_only_batch_gives_the_strategy_exact_zero_gradients():
+    model = tiny_model("llava", seed=3).train()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 2], [1, 9, 10, 11, 12, 2]])
+    out = model(input_ids=ids, labels=ids)
+    plain = model.language_model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(out.loss, plain)
+    out.loss.backward()
+    grads = [p.grad for p in model.strategy.parameters()]
+    assert grads and all(g is not None and torch.count_nonzero(g) == 0 for g in grads)
+    assert any(torch.count_nonzero(p.grad) for p in model.language_model.parameters())
+
+
 def test_save_load_round_trip_identical_logits(tmp_path, pixels):
     model = tiny_model()
     ids, mask, pv = _batch(model, pixels)
@@ -180,3 +192,18 @@ def test_from_components_keeps_pretrained_parts(tmp_path, pixels):
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     ids, mask, pv = _batch(model, pixels)
     assert torch.isfinite(model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits).all()
+
+
+def test_high_res_crops_cut_a_given_image_or_the_upsampled_one():
+    from vlmzoo.modeling import high_res_crops
+
+    small = torch.randn(2, 3, 4, 4)
+    big = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
+    crops = high_res_crops(small, 2, big)  # (2 * 4, 3, 4, 4): TL, TR, BL, BR of each image
+    assert crops.shape == (8, 3, 4, 4)
+    torch.testing.assert_close(crops[1], big[0, :, :4, 4:])  # image 0, top right
+    torch.testing.assert_close(crops[6], big[1, :, 4:, :4])  # image 1, bottom left
+    up = torch.nn.functional.interpolate(small, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(high_res_crops(small, 2)[3], up[0, :, 4:, 4:])
+    with pytest.raises(ValueError, match=r"pixel_values_hr has shape \(2, 3, 6, 6\); expected \(2, 3, 8, 8\)"):
+        high_res_crops(small, 2, torch.zeros(2, 3, 6, 6))

@@ -358,6 +358,38 @@ def test_count_lines_logged_per_group(world, tmp_path, caplog):
     assert done["vision_tower"]["trainable"] == 0 and done["llm"]["trainable"] == done["llm"]["total"] > 0
 
 
+def test_feature_cache_serves_every_stage_and_leaves_training_unchanged(world, tmp_path, reference_run, caplog):
+    from safetensors.torch import load_file
+
+    from vlmzoo.training import run_training
+
+    d = toy_config_dict(world, tmp_path / "run", **REF_STAGE)
+    d["training"]["cache_vision_features"] = True
+    with caplog.at_level(logging.INFO, logger="vlmzoo.training"):
+        result = run_training(run_config_from_dict(d), evaluate=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlmzoo.training.runner"]
+    carried = [int(m) for line in lines for m in re.findall(r"^\[instruct\] frozen vision tower.* (\d+) images from earlier", line)]
+    assert len(carried) == 1 and carried[0] > 0, lines  # stage 2 starts with stage 1's images
+    ours = load_file(result.final_model_dir / "model.safetensors")
+    ref = load_file(reference_run["result"].final_model_dir / "model.safetensors")
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_a_stage_that_trains_the_tower_does_not_use_the_cache(world, tmp_path, caplog):
+    from vlmzoo.training import run_training
+
+    d = toy_config_dict(world, tmp_path / "run", max_steps=1, save_steps=10)
+    d["training"]["cache_vision_features"] = True
+    d["training"]["stages"][1]["train"] = ["strategy", "vision_tower"]
+    with caplog.at_level(logging.INFO, logger="vlmzoo.training"):
+        run_training(run_config_from_dict(d), evaluate=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlmzoo.training.runner"]
+    assert any(line.startswith("[align] frozen vision tower") for line in lines)
+    assert not any(line.startswith("[instruct] frozen vision tower") for line in lines)
+
+
 # ---- resuming ------------------------------------------------------------------------------------
 def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path, reference_run):
     from vlmzoo import VLMForConditionalGeneration

@@ -109,6 +109,10 @@ class StageConfig:
         save_steps: checkpoint every this many steps (for resuming); the stage's end is always saved.
         deepspeed: this stage's DeepSpeed JSON (default ``training.deepspeed``), e.g. ZeRO-3 for the
             stage that trains the LLM.
+        strategy_config: strategy fields that differ in this stage from ``model.strategy_config``
+            (e.g. IGVA's stage 1 ``{use_allocator: false}``). A stage whose starting model was built
+            with other strategy fields rebuilds it with this stage's and loads the previous stage's
+            weights by name; the log lists the weights that start fresh and those dropped.
     """
 
     name: str = "stage"
@@ -128,6 +132,7 @@ class StageConfig:
     max_grad_norm: float = 1.0
     save_steps: int = 500
     deepspeed: str | None = None
+    strategy_config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +147,8 @@ class TrainingSection:
         resume: continue an interrupted run found in the output directory (same config only).
         group_by_length: batch samples of similar length together (as LLaVA's
             ``group_by_modality_length``), so little compute goes to padding.
+        cache_vision_features: keep a frozen tower's features of every image in memory so later
+            epochs do not encode it again (:mod:`vlmzoo.feature_cache`); for small-scale runs only.
     """
 
     stages: list[StageConfig] = field(default_factory=list)
@@ -158,6 +165,7 @@ class TrainingSection:
     disable_tqdm: bool = False
     resume: bool = True
     group_by_length: bool = False
+    cache_vision_features: bool = False
 
 
 @dataclass
@@ -223,6 +231,10 @@ class RunConfig:
 
     def stage_images(self, stage: StageConfig) -> str | None:
         return stage.images or self.data.images
+
+    def stage_strategy_config(self, stage: StageConfig) -> dict[str, Any]:
+        """The strategy fields a stage trains with: ``model.strategy_config`` updated by the stage's own."""
+        return {**self.model.strategy_config, **stage.strategy_config}
 
     def eval_train_data(self) -> str | None:
         if self.eval.train_data:
@@ -506,6 +518,11 @@ def validate(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.training.stages):
         if stage.max_steps <= 0 and stage.epochs <= 0:
             raise ValueError(f"training.stages.{i} ({stage.name!r}): set epochs > 0 or max_steps > 0.")
+        if stage.strategy_config:
+            try:
+                strategy_cls.build_config(cfg.stage_strategy_config(stage))
+            except ConfigKeyError as exc:
+                raise ConfigKeyError(f"training.stages.{i}.strategy_config: {exc}") from None
 
 
 def save_resolved_config(cfg: RunConfig, directory: str | os.PathLike) -> Path:

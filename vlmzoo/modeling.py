@@ -13,6 +13,7 @@ Decode steps (``pixel_values`` absent, cache present) run the plain LLM on its c
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration import VLMConfig
+from .feature_cache import VisionFeatureCache
 from .registry import get_strategy_class
 from .strategy import CoreDims, GuidanceInputs, GuidanceStrategy, StrategyNeeds, VisionFeatures
 from .towers.vision import VisionTower, build_vision_tower
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONTEXT_KWARG = "vlm_adapter_context"
 # Inputs only the prefill pass consumes; generate() drops them on decode steps.
-PREFILL_ONLY_INPUTS = ("pixel_values", "instruction_input_ids", "instruction_attention_mask", "instruction_mask")
+PREFILL_ONLY_INPUTS = ("pixel_values", "pixel_values_hr", "instruction_input_ids", "instruction_attention_mask", "instruction_mask")
 
 
 @dataclass
@@ -105,6 +107,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         self._check_strategy_fits()
         self._adapter_hooks: list[Any] = []
         self._install_adapter_hooks()
+        # Optional memo of the frozen tower's features (vlmzoo.feature_cache); set by the trainer.
+        self.vision_feature_cache: VisionFeatureCache | None = None
         self._freeze_towers()
         self.post_init()
 
@@ -204,26 +208,51 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         return self.language_model.get_output_embeddings()
 
     # ---- vision and text ------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor, needs: StrategyNeeds | None = None) -> VisionFeatures:
-        """``(N, 3, H, W)`` -> the features ``needs`` asks for (see :class:`VisionFeatures`)."""
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        needs: StrategyNeeds | None = None,
+        pixel_values_hr: torch.Tensor | None = None,
+    ) -> VisionFeatures:
+        """``(N, 3, H, W)`` -> the features ``needs`` asks for (see :class:`VisionFeatures`).
+
+        With a high-res factor f, the crops are cut from ``pixel_values_hr`` ``(N, 3, f*H, f*W)``
+        when given (an image resized to f times the tower's size), else from ``pixel_values``
+        upsampled x f (TG-LLaVA's reference); all crops go through the tower in one batched pass.
+        Tower passes stop at the deepest layer asked for. With ``vision_feature_cache`` set and
+        the tower frozen, images seen before are not encoded again.
+        """
         needs = needs or self.strategy.needs
-        tower = self.vision_tower
-        pixel_values = pixel_values.to(dtype=self.vision_dtype)
         track_grad = torch.is_grad_enabled() and not self.config.freeze_vision_tower
+        if self.vision_feature_cache is not None and not track_grad:
+            compute = functools.partial(self._encode_images, needs=needs, track_grad=False)
+            return self.vision_feature_cache.encode(compute, needs, pixel_values, pixel_values_hr)
+        return self._encode_images(pixel_values, pixel_values_hr, needs=needs, track_grad=track_grad)
+
+    def _encode_images(
+        self, pixel_values: torch.Tensor, pixel_values_hr: torch.Tensor | None, *, needs: StrategyNeeds, track_grad: bool
+    ) -> VisionFeatures:
+        tower = self.vision_tower
+        n_states = tower.num_layers + 1
+        factor = needs.high_res_factor
+        layers = [layer % n_states for layer in needs.vision_layers]
+        hr_layers = [layer % n_states for layer in needs.high_res_layers] if factor > 1 else []
+        pixel_values = pixel_values.to(dtype=self.vision_dtype)
+        n = pixel_values.shape[0]
+        features = VisionFeatures(layers={}, cls={})
         with torch.set_grad_enabled(track_grad):
-            states = tower(pixel_values)
-            features = VisionFeatures(layers={}, cls={})
-            for layer in needs.vision_layers:
-                features.layers[layer] = _patch_tokens(states[layer], tower.has_cls, needs.drop_cls)
+            states = tower(pixel_values, num_states=max(layers) + 1)
+            for requested, layer in zip(needs.vision_layers, layers):
+                features.layers[requested] = _patch_tokens(states[layer], tower.has_cls, needs.drop_cls)
                 if tower.has_cls:
-                    features.cls[layer] = states[layer][:, 0]
-            if needs.high_res_factor > 1:
-                factor = needs.high_res_factor
-                crop_states = tower(_high_res_crops(pixel_values, factor))
-                n = pixel_values.shape[0]
-                for layer in needs.high_res_layers:
-                    patches = _patch_tokens(crop_states[layer], tower.has_cls, drop_cls=True)
-                    features.high_res[layer] = patches.reshape(n, factor * factor * patches.shape[1], -1)
+                    features.cls[requested] = states[layer][:, 0]
+            if factor > 1:
+                # A pass of its own: the base features stay bit-identical to a strategy without crops.
+                source = None if pixel_values_hr is None else pixel_values_hr.to(dtype=self.vision_dtype)
+                crop_states = tower(high_res_crops(pixel_values, factor, source), num_states=max(hr_layers) + 1)
+                for requested, layer in zip(needs.high_res_layers, hr_layers):
+                    patches = _patch_tokens(crop_states[layer], tower.has_cls, drop_cls=True)  # (N * f^2, P, D_v)
+                    features.high_res[requested] = patches.reshape(n, factor * factor * patches.shape[1], -1)
         return features
 
     @property
@@ -245,6 +274,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         instruction_input_ids: torch.LongTensor | None = None,
         instruction_attention_mask: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
+        pixel_values_hr: torch.FloatTensor | None = None,
         output_strategy_extras: bool = False,
         **kwargs: Any,
     ) -> VLMCausalLMOutputWithPast:
@@ -257,6 +287,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             instruction_input_ids / instruction_attention_mask: ``(N, L)`` the instruction of each
                 image's sample, in the text encoder's vocabulary (strategies that need text features).
             instruction_mask: ``(B, T)`` True at the instruction's tokens (strategies that need the span).
+            pixel_values_hr: ``(N, 3, f*H, f*W)`` the images at f times the tower's size, for strategies
+                with a high-res factor f (else their crops come from ``pixel_values`` upsampled).
             output_strategy_extras: return the strategy's extra tensors (e.g. layer weights).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -271,7 +303,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values need input_ids to locate the image placeholder tokens.")
             strategy_out = self._run_strategy(
                 input_ids, pixel_values, attention_mask, instruction_input_ids, instruction_attention_mask,
-                instruction_mask,
+                instruction_mask, pixel_values_hr,
             )
             image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
             visual = strategy_out.visual_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -295,6 +327,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         loss = outputs.loss
         if loss is not None and strategy_out is not None and strategy_out.aux_loss is not None:
             loss = loss + strategy_out.aux_loss
+        if loss is not None and strategy_out is None and self.training:
+            loss = loss + self._zero_strategy_term()
         return VLMCausalLMOutputWithPast(
             loss=loss,
             logits=outputs.logits,
@@ -305,6 +339,19 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             strategy_extras=strategy_out.extras if (strategy_out is not None and output_strategy_extras) else None,
         )
 
+    def _zero_strategy_term(self) -> torch.Tensor:
+        """0 x the sum of the strategy's trainable parameters, for a batch of text-only samples.
+
+        The strategy does not run without images, so its parameters would get no gradient; under
+        DDP or ZeRO every rank must reduce the same parameters. TG-LLaVA's and LLaVA's reference
+        feed a zero image whose features are then dropped; this gives the same exact-zero gradient
+        without running the towers.
+        """
+        params = [p for p in self.strategy.parameters() if p.requires_grad]
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.stack([p.sum() for p in params]).sum() * 0.0
+
     def _run_strategy(
         self,
         input_ids: torch.Tensor,
@@ -313,6 +360,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         instruction_input_ids: torch.Tensor | None,
         instruction_attention_mask: torch.Tensor | None,
         instruction_mask: torch.Tensor | None,
+        pixel_values_hr: torch.Tensor | None = None,
     ):
         needs = self.strategy.needs
         image_token_mask = input_ids == self.config.image_token_id
@@ -331,7 +379,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs = GuidanceInputs(
-            vision=self.encode_images(pixel_values, needs),
+            vision=self.encode_images(pixel_values, needs, pixel_values_hr),
             image_batch_index=image_batch_index,
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -387,11 +435,20 @@ def _patch_tokens(states: torch.Tensor, has_cls: bool, drop_cls: bool) -> torch.
     return states[:, 1:] if (has_cls and drop_cls) else states
 
 
-def _high_res_crops(pixel_values: torch.Tensor, factor: int) -> torch.Tensor:
-    """``(N, 3, H, W)`` -> ``(N * factor**2, 3, H, W)``: bilinear x``factor`` upsampling, then a
-    ``factor x factor`` grid of crops in row-major order (TL, TR, BL, BR for factor 2)."""
+def high_res_crops(pixel_values: torch.Tensor, factor: int, high_res: torch.Tensor | None = None) -> torch.Tensor:
+    """``(N, 3, H, W)`` -> ``(N * factor**2, 3, H, W)``: a ``factor x factor`` grid of crops in
+    row-major order (TL, TR, BL, BR for factor 2) of ``high_res`` ``(N, 3, factor*H, factor*W)``, or,
+    without it, of ``pixel_values`` upsampled x ``factor`` (bilinear)."""
     n, c, h, w = pixel_values.shape
-    big = F.interpolate(pixel_values, scale_factor=factor, mode="bilinear", align_corners=False)
+    if high_res is None:
+        big = F.interpolate(pixel_values, scale_factor=factor, mode="bilinear", align_corners=False)
+    elif tuple(high_res.shape) != (n, c, factor * h, factor * w):
+        raise ValueError(
+            f"pixel_values_hr has shape {tuple(high_res.shape)}; expected {(n, c, factor * h, factor * w)} "
+            f"(the images of pixel_values at {factor}x the tower's size)."
+        )
+    else:
+        big = high_res
     crops = big.reshape(n, c, factor, h, factor, w).permute(0, 2, 4, 1, 3, 5)
     return crops.reshape(n * factor * factor, c, h, w)
 

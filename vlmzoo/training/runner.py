@@ -15,6 +15,7 @@ checkpoint with optimizer and scheduler state.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import RunConfig, StageConfig, diff_configs, save_resolved_config
+from ..registry import get_strategy_class
 from .groups import StagePlan
 from .trainer import VLMTrainer
 
@@ -106,6 +108,11 @@ def run_training(
 
     results: list[StageResult] = []
     previous: Path | None = None
+    feature_cache = None
+    if cfg.training.cache_vision_features:
+        from ..feature_cache import VisionFeatureCache
+
+        feature_cache = VisionFeatureCache()
     for i, stage in enumerate(cfg.training.stages):
         final_dir = stage_final_dir(cfg, stage)
         if cfg.training.resume and stage_is_complete(cfg, stage):
@@ -113,8 +120,8 @@ def run_training(
             metrics = json.loads((final_dir / STAGE_DONE_FILE).read_text())
             results.append(StageResult(stage.name, final_dir, skipped=True, metrics=metrics))
         else:
-            model, processor = load_stage_start(cfg, previous)
-            metrics = train_stage(cfg, i, model, processor, callbacks=callbacks)
+            model, processor = load_stage_start(cfg, previous, stage)
+            metrics = train_stage(cfg, i, model, processor, callbacks=callbacks, feature_cache=feature_cache)
             results.append(StageResult(stage.name, final_dir, skipped=False, metrics=metrics))
             del model
         previous = final_dir
@@ -127,17 +134,69 @@ def run_training(
     return result
 
 
-def load_stage_start(cfg: RunConfig, previous_final: Path | None):
-    """The model a stage starts from: pretrained components, or the previous stage's final weights."""
+def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageConfig | None = None):
+    """The model a stage starts from: pretrained components, or the previous stage's final weights.
+
+    The strategy is built with the stage's fields (:meth:`RunConfig.stage_strategy_config`). When
+    they differ from those the previous stage's model was saved with, that model is rebuilt with the
+    stage's fields and its weights loaded by name (see :func:`rebuild_with_strategy_config`).
+    """
     from ..build import build_model_and_processor, torch_dtype
+    from ..configuration import VLMConfig
     from ..modeling import VLMForConditionalGeneration
     from ..processing import VLMProcessor
 
+    fields = cfg.stage_strategy_config(stage) if stage is not None else dict(cfg.model.strategy_config)
     if previous_final is None:
         torch.manual_seed(cfg.seed)  # the fresh strategy's initialisation
-        return build_model_and_processor(cfg)
-    model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=torch_dtype(cfg.model.dtype))
-    return model, VLMProcessor.from_pretrained(previous_final)
+        model_section = dataclasses.replace(cfg.model, strategy_config=fields)
+        return build_model_and_processor(dataclasses.replace(cfg, model=model_section))
+    dtype = torch_dtype(cfg.model.dtype)
+    config = VLMConfig.from_pretrained(previous_final)
+    wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
+    if wanted == config.strategy_config:
+        model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
+        return model, VLMProcessor.from_pretrained(previous_final)
+    torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
+    return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+
+
+def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
+    """Load the model saved in ``model_dir`` into the same architecture built with other strategy
+    fields; log which weights load, which start fresh (initialised as a new model's) and which are
+    dropped. -> ``(model, processor)``, the processor matched to the new visual-token count."""
+    from ..modeling import VLMForConditionalGeneration
+    from ..processing import VLMProcessor
+
+    changed = sorted(k for k in strategy_config if strategy_config[k] != config.strategy_config.get(k))
+    logger.info("Strategy %r rebuilt with %s (saved model: %s).", config.strategy,
+                ", ".join(f"{k}={strategy_config[k]!r}" for k in changed),
+                ", ".join(f"{k}={config.strategy_config.get(k)!r}" for k in changed))
+    config.strategy_config = strategy_config
+    model, info = VLMForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=dtype,
+                                                              output_loading_info=True)
+    n_loaded = len(model.state_dict()) - len(info["missing_keys"])
+    logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
+    for label, keys in (("New (fresh init)", info["missing_keys"]), ("Dropped (unused)", info["unexpected_keys"])):
+        for prefix, count in summarize_keys(keys).items():
+            logger.info("%s: %s.* (%d tensors)", label, prefix, count)
+    processor = VLMProcessor.from_pretrained(model_dir)
+    if processor.num_visual_tokens != model.strategy.num_visual_tokens:
+        processor = VLMProcessor.for_model(
+            model, processor.tokenizer, image_processor=processor.image_processor,
+            text_tokenizer=processor.text_tokenizer, template=processor.template,
+            text_max_length=processor.text_max_length, pad_to_square=processor.pad_to_square,
+        )
+    return model, processor
+
+
+def summarize_keys(keys: list[str], depth: int = 2) -> dict[str, int]:
+    """Parameter names grouped by their first ``depth`` components: ``{"strategy.allocator": 36}``."""
+    out: dict[str, int] = {}
+    for key in keys:
+        prefix = ".".join(key.split(".")[:depth])
+        out[prefix] = out.get(prefix, 0) + 1
+    return out
 
 
 def processor_with_template(processor, template: str | dict[str, Any]):
@@ -195,7 +254,14 @@ def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
     )
 
 
-def train_stage(cfg: RunConfig, index: int, model, processor, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+def train_stage(
+    cfg: RunConfig,
+    index: int,
+    model,
+    processor,
+    callbacks: list[TrainerCallback] | None = None,
+    feature_cache=None,
+) -> dict[str, Any]:
     """Train stage ``index`` on ``model``; save its final model + processor; -> stage metrics."""
     from ..data import LlavaJsonDataset, VLMDataCollator
 
@@ -210,6 +276,13 @@ def train_stage(cfg: RunConfig, index: int, model, processor, callbacks: list[Tr
     for line in plan.count_lines(model):
         logger.info("%s %s", tag, line)
 
+    if feature_cache is not None:
+        if "vision_tower" in plan.trained:  # its features change from step to step
+            feature_cache.clear()
+        else:
+            model.vision_feature_cache = feature_cache
+            logger.info("%s frozen vision tower: features cached per image (training.cache_vision_features; "
+                        "%d images from earlier stages)", tag, len(feature_cache))
     args = training_arguments(cfg, stage)
     processor = processor_with_template(processor, stage.template)
     with args.main_process_first(desc=f"{stage.name} dataset"):
@@ -230,6 +303,11 @@ def train_stage(cfg: RunConfig, index: int, model, processor, callbacks: list[Tr
     output = trainer.train(resume_from_checkpoint=checkpoint)
     runtime = time.perf_counter() - start
 
+    cache = model.vision_feature_cache
+    if cache is not None:
+        logger.info("%s vision feature cache: %d images, %.0f MiB, %d hits / %d misses so far in this run",
+                    tag, len(cache), cache.bytes / 2**20, cache.hits, cache.misses)
+        model.vision_feature_cache = None
     final_dir = stage_final_dir(cfg, stage)
     trainer.save_model(str(final_dir))
     metrics = {

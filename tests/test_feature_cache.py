@@ -1,0 +1,71 @@
+"""The frozen-tower feature cache: same features as encoding, and no tower pass for seen images."""
+
+from __future__ import annotations
+
+import torch
+
+from tiny import tiny_model
+from vlmzoo import StrategyNeeds
+from vlmzoo.feature_cache import VisionFeatureCache
+
+
+def _count_tower_images(model) -> list[int]:
+    seen: list[int] = []
+    model.vision_tower.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_cached_features_equal_encoded_ones_and_skip_the_tower(pixels) -> None:
+    model = tiny_model("llava", seed=1)
+    needs = model.strategy.needs
+    with torch.no_grad():
+        plain = model.encode_images(pixels, needs)
+        model.vision_feature_cache = VisionFeatureCache()
+        seen = _count_tower_images(model)
+        first = model.encode_images(pixels[:2], needs)
+        mixed = model.encode_images(pixels, needs)  # 2 seen, the rest new
+        again = model.encode_images(pixels.flip(0), needs)
+    assert seen == [2, pixels.shape[0] - 2]  # the last call never ran the tower
+    cache = model.vision_feature_cache
+    assert (cache.hits, cache.misses) == (2 + pixels.shape[0], pixels.shape[0])
+    for layer in needs.vision_layers:
+        torch.testing.assert_close(first.layers[layer], plain.layers[layer][:2])
+        torch.testing.assert_close(mixed.layers[layer], plain.layers[layer])
+        torch.testing.assert_close(again.layers[layer], plain.layers[layer].flip(0))
+        torch.testing.assert_close(mixed.cls[layer], plain.cls[layer])
+
+
+def test_a_changed_image_is_a_miss_and_high_res_is_cached_too(pixels) -> None:
+    model = tiny_model("llava", seed=3)
+    needs = StrategyNeeds(vision_layers=(-2, 1), high_res_factor=2, high_res_layers=(-2,))
+    with torch.no_grad():
+        plain = model.encode_images(pixels, needs)
+        model.vision_feature_cache = VisionFeatureCache()
+        model.encode_images(pixels, needs)
+        changed = pixels.clone()
+        changed[0, 0, 0, 0] += 1.0
+        out = model.encode_images(changed, needs)
+    assert model.vision_feature_cache.misses == pixels.shape[0] + 1
+    torch.testing.assert_close(out.high_res[-2][1:], plain.high_res[-2][1:])
+    assert not torch.equal(out.high_res[-2][0], plain.high_res[-2][0])
+    torch.testing.assert_close(out.layers[1][1:], plain.layers[1][1:])
+
+
+def test_cache_is_bypassed_when_the_tower_trains(pixels) -> None:
+    model = tiny_model("llava", seed=4)
+    model.config.freeze_vision_tower = False
+    model.vision_tower.requires_grad_(True)
+    model.vision_feature_cache = VisionFeatureCache()
+    feats = model.encode_images(pixels)
+    assert feats.layers[-2].requires_grad
+    assert len(model.vision_feature_cache) == 0
+
+
+def test_cache_stops_growing_at_its_byte_limit(pixels) -> None:
+    model = tiny_model("llava", seed=5)
+    model.vision_feature_cache = VisionFeatureCache(max_bytes=1)
+    with torch.no_grad():
+        a = model.encode_images(pixels)
+        b = model.encode_images(pixels)
+    assert len(model.vision_feature_cache) == 0 and model.vision_feature_cache.misses == 2 * pixels.shape[0]
+    torch.testing.assert_close(a.layers[-2], b.layers[-2])
