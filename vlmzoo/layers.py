@@ -65,12 +65,16 @@ class MultiHeadAttention(nn.Module):
         head_dim: defaults to ``query_dim // num_heads``.
         kv_dim: defaults to ``query_dim``.
         num_kv_heads: defaults to ``num_heads`` (plain multi-head attention); must divide it.
-        bias: bias on all four projections.
+        bias: bias on the q, k and v projections (and on the output one unless ``out_bias`` says).
+        out_bias: bias on the output projection (default: ``bias``; Qwen2 has q/k/v bias only).
         dropout: dropout on the attention probabilities (training only).
+        scale: logit scale (default ``head_dim ** -0.5``; Gemma-2 uses ``query_pre_attn_scalar ** -0.5``).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2's soft-capping).
     """
 
     def __init__(self, query_dim: int, num_heads: int, head_dim: int | None = None, kv_dim: int | None = None,
-                 num_kv_heads: int | None = None, bias: bool = True, dropout: float = 0.0) -> None:
+                 num_kv_heads: int | None = None, bias: bool = True, dropout: float = 0.0,
+                 out_bias: bool | None = None, scale: float | None = None, softcap: float | None = None) -> None:
         super().__init__()
         head_dim = head_dim or query_dim // num_heads
         num_kv_heads = num_kv_heads or num_heads
@@ -81,10 +85,11 @@ class MultiHeadAttention(nn.Module):
             )
         kv_dim = kv_dim or query_dim
         self.num_heads, self.num_kv_heads, self.head_dim, self.dropout = num_heads, num_kv_heads, head_dim, dropout
+        self.scale, self.softcap = scale, softcap
         self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, query_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, query_dim, bias=bias if out_bias is None else out_bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``context_mask (N, S)``: 1/True = attend, 0/False = padding (ignored)."""
@@ -93,11 +98,23 @@ class MultiHeadAttention(nn.Module):
         q = self.q_proj(x).view(n, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(context).view(n, s_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(context).view(n, s_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        grouped = self.num_kv_heads != self.num_heads
+        if self.softcap is None:  # SDPA shares each key/value head with its query group itself
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale, enable_gqa=grouped
+            )
+        else:  # soft-capped logits: SDPA cannot express them
+            if grouped:
+                k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+                v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            logits = (q @ k.transpose(-1, -2)) * (self.scale or self.head_dim**-0.5)  # (N, H, Q, S)
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+            if mask is not None:
+                logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+            probs = F.dropout(logits.softmax(-1, dtype=torch.float32).to(q.dtype), p=dropout, training=self.training)
+            out = probs @ v
         return self.o_proj(out.transpose(1, 2).reshape(n, q_len, self.num_heads * self.head_dim))
 
 

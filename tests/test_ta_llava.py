@@ -1,0 +1,364 @@
+"""TA-LLaVA (architectures/ta_llava.py): prefix + in-LLM adapters, KV-cache safety, masks, counts.
+
+Tiny models have 6 LLM layers and period 2 unless a test says otherwise, so both adapters run
+more than once: text pooling after layers 0, 2, 4 and vision pooling after layers 1, 3.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import IMAGE_TOKEN_ID, TINY_LLMS, left_pad, tiny_clip_vision_spec
+from vlmzoo import VLMConfig, VLMForConditionalGeneration
+
+REPO = Path(__file__).resolve().parent.parent
+PREFIX = 4
+
+
+def ta_config(llm: str = "llama", layers: int = 6, **strategy) -> VLMConfig:
+    strategy = {"num_prefix_tokens": PREFIX, "period": 2, **strategy}
+    return VLMConfig(
+        text_config={**TINY_LLMS[llm], "num_hidden_layers": layers}, vision_config=tiny_clip_vision_spec(),
+        image_token_id=IMAGE_TOKEN_ID, strategy="ta_llava", strategy_config=strategy,
+    )
+
+
+def ta_model(llm: str = "llama", seed: int = 0, layers: int = 6, **strategy) -> VLMForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VLMForConditionalGeneration(ta_config(llm, layers, **strategy)).eval()
+
+
+def sample(instruction: list[int], response: list[int] = ()) -> tuple[list[int], list[bool]]:
+    """BOS, user marker, prefix placeholders, instruction, assistant marker, response -> ids, instruction flags."""
+    ids = [1, 4] + [IMAGE_TOKEN_ID] * PREFIX + instruction + [3] + list(response)
+    flags = [False] * (2 + PREFIX) + [True] * len(instruction) + [False] * (1 + len(response))
+    return ids, flags
+
+
+def batch(samples: list[tuple[list[int], list[bool]]], pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Left-padded batch, one image per sample."""
+    ids, mask = left_pad([s[0] for s in samples])
+    width = ids.shape[1]
+    flags = torch.tensor([[False] * (width - len(f)) + f for _, f in samples])
+    return dict(input_ids=ids, attention_mask=mask, instruction_mask=flags, pixel_values=pixels[: len(samples)])
+
+
+PROMPTS = [sample([5, 6, 7, 8, 9]), sample([10, 11]), sample([12, 13, 14])]
+
+
+def greedy(model, inputs, n: int = 6, **kwargs) -> torch.Tensor:
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0, **kwargs)
+
+
+# ---- KV-cache safety ------------------------------------------------------------------------------
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_cached_generation_equals_uncached_single_and_left_padded_batch(llm, pixels):
+    model = ta_model(llm, seed=12)
+    full = batch(PROMPTS, pixels)
+    cached = greedy(model, full)
+    assert torch.equal(cached, greedy(model, full, use_cache=False))
+    for i, prompt in enumerate(PROMPTS):  # each sample alone: no padding, same tokens
+        single = batch([prompt], pixels[i : i + 1])
+        alone = greedy(model, single)
+        assert torch.equal(alone, greedy(model, single, use_cache=False))
+        assert torch.equal(alone[0, -6:], cached[i, -6:]), f"sample {i} differs alone vs in the padded batch"
+
+
+def test_adapters_run_once_on_prefill_only(pixels):
+    model = ta_model()
+    calls: list[int] = []
+    adapt = model.strategy.adapt
+    model.strategy.adapt = lambda layer, h, ctx: calls.append(h.shape[1]) or adapt(layer, h, ctx)
+    inputs = batch(PROMPTS, pixels)
+    greedy(model, inputs, n=4)
+    assert calls == [inputs["input_ids"].shape[1]] * len(model.strategy.adapter_layers)
+
+
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_first_generated_token_logits_equal_full_forward(llm, pixels):
+    model = ta_model(llm, seed=4)
+    inputs = batch(PROMPTS, pixels)
+    out = greedy(model, inputs, n=1, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        full = model(**inputs).logits[:, -1]
+    torch.testing.assert_close(out.logits[0], full, atol=1e-5, rtol=1e-5)
+
+
+# ---- what the prefix reads -----------------------------------------------------------------------
+def _prefix_states(model, inputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        states = model(**inputs, output_hidden_states=True).hidden_states
+    prefix = inputs["input_ids"] == IMAGE_TOKEN_ID
+    return [h[prefix] for h in states]
+
+
+def test_response_and_padding_never_reach_the_prefix(pixels):
+    model = ta_model(seed=5)
+    base = batch([sample([5, 6, 7], [20, 21, 22]), sample([8, 9], [23, 24])], pixels)
+    cut = base["input_ids"].shape[1] - 2  # a response token of both samples
+    changed = dict(base, input_ids=base["input_ids"].clone())
+    changed["input_ids"][:, cut] = 30
+    padded = dict(base, input_ids=base["input_ids"].masked_fill(base["attention_mask"] == 0, 17))
+    with torch.no_grad():
+        a = model(**base, output_hidden_states=True).hidden_states
+        b = model(**changed, output_hidden_states=True).hidden_states
+    for ha, hb in zip(a, b):  # every position before the changed token, prefix included
+        torch.testing.assert_close(ha[:, :cut], hb[:, :cut], atol=0, rtol=0)
+    for pa, pb in zip(_prefix_states(model, base), _prefix_states(model, padded)):
+        torch.testing.assert_close(pa, pb)
+    # ... while an instruction token does reach it (the text adapter reads the span).
+    instr = dict(base, input_ids=base["input_ids"].clone())
+    instr["input_ids"][base["instruction_mask"]] = 40
+    assert not torch.allclose(_prefix_states(model, base)[-1], _prefix_states(model, instr)[-1])
+
+
+def test_adapt_updates_only_prefix_positions(pixels):
+    model = ta_model(seed=6)
+    inputs = batch(PROMPTS, pixels)
+    with torch.no_grad():
+        out = model.strategy(_guidance_inputs(model, inputs))
+        h = torch.randn(*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+        for layer in model.strategy.adapter_layers:
+            new = model.strategy.adapt(layer, h, out.llm_context)
+            prefix = inputs["input_ids"] == IMAGE_TOKEN_ID
+            assert torch.equal(new[~prefix], h[~prefix])
+            assert not torch.allclose(new[prefix], h[prefix])
+
+
+def _guidance_inputs(model, inputs):
+    from vlmzoo.strategy import GuidanceInputs
+
+    image_mask = inputs["input_ids"] == IMAGE_TOKEN_ID
+    return GuidanceInputs(
+        vision=model.encode_images(inputs["pixel_values"]),
+        image_batch_index=torch.arange(inputs["pixel_values"].shape[0]),
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_token_mask=image_mask,
+        instruction_mask=inputs["instruction_mask"],
+    )
+
+
+def test_samples_without_instruction_skip_text_pooling(pixels):
+    """LLaVA's `plain` captions have no instruction: no NaN, and the text adapter leaves Y alone."""
+    model = ta_model(seed=7).train()
+    inputs = batch([sample([], [20, 21]), sample([5, 6], [22])], pixels)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    out = model(**inputs, labels=labels)
+    out.loss.backward()
+    grads = [p.grad for p in model.strategy.parameters() if p.grad is not None]
+    assert out.loss.isfinite() and all(g.isfinite().all() for g in grads)
+    model.eval()
+    with torch.no_grad():
+        ctx = model.strategy(_guidance_inputs(model, inputs)).llm_context
+        h = torch.randn(*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+        new = model.strategy.adapt(0, h, ctx)  # layer 0: text pooling
+        assert torch.equal(new[0], h[0]) and not torch.equal(new[1], h[1])
+        nobody = dict(inputs, instruction_mask=torch.zeros_like(inputs["instruction_mask"]))
+        ctx = model.strategy(_guidance_inputs(model, nobody)).llm_context
+        assert torch.equal(model.strategy.adapt(0, h, ctx), h)
+
+
+# ---- where the adapters run ----------------------------------------------------------------------
+@pytest.mark.parametrize(("order", "text", "vision"), [("text_first", [0, 4, 8], [1, 5]),
+                                                        ("vision_first", [1, 5], [0, 4, 8])])
+def test_insertion_layers_follow_i_mod_k(pixels, order, text, vision):
+    """10 layers, k = 4: after layers i < 9 with i % 4 == 0 and i % 4 == 1, never after the last."""
+    model = ta_model(layers=10, period=4, order=order)
+    ran: list[tuple[int, str]] = []
+    layer_of_call: list[int] = []
+    adapt = model.strategy.adapt
+    model.strategy.adapt = lambda layer, h, ctx: layer_of_call.append(layer) or adapt(layer, h, ctx)
+    for name in ("text_adapter", "vision_adapter"):
+        getattr(model.strategy, name).register_forward_hook(lambda *_, n=name: ran.append((layer_of_call[-1], n)))
+    with torch.no_grad():
+        model(**batch(PROMPTS, pixels))
+    expected = sorted([(i, "text_adapter") for i in text] + [(i, "vision_adapter") for i in vision])
+    assert ran == expected
+    assert model.strategy.adapter_layers == tuple(sorted(text + vision))
+
+
+# ---- host-shaped adapters, config, save/load --------------------------------------------------------
+@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+def test_adapters_are_shaped_like_a_host_decoder_layer(llm):
+    model = ta_model(llm)
+    host = model.language_model.model.layers[0]
+    for adapter in (model.strategy.text_adapter, model.strategy.vision_adapter):
+        assert sum(p.numel() for p in adapter.parameters()) == sum(p.numel() for p in host.parameters())
+        assert type(adapter.mlp) is type(host.mlp) and type(adapter.attn_norm) is type(host.input_layernorm)
+        assert (adapter.post_attn_norm is not None) == (llm == "gemma2")  # Gemma-2's sandwich norms
+        assert adapter.attn.scale == host.self_attn.scaling
+        assert (adapter.attn.q_proj.bias is not None) == (host.self_attn.q_proj.bias is not None)
+        assert (adapter.attn.o_proj.bias is not None) == (host.self_attn.o_proj.bias is not None)
+        # Norms start at their class's own init (Gemma-2: zeros, as it computes x * (1 + w)), also
+        # after to_empty + reset_parameters, the path from_components takes.
+        expected = torch.zeros if llm == "gemma2" else torch.ones
+        adapter.mlp_norm.weight.data.fill_(7.0)
+        adapter.reset_parameters()
+        assert torch.equal(adapter.mlp_norm.weight, expected(adapter.mlp_norm.weight.shape))
+    if llm == "gemma2":
+        assert model.strategy.text_adapter.attn.softcap == model.config.text_config.attn_logit_softcapping
+
+
+def test_save_load_round_trip_keeps_depth_and_logits(tmp_path, pixels):
+    model = ta_model("gemma2", seed=8)
+    before = model.config.text_config.to_dict()
+    inputs = batch(PROMPTS, pixels)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    model.save_pretrained(tmp_path)
+    again = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    after = again.config.text_config.to_dict()
+    assert {k: v for k, v in after.items() if k != "dtype"} == {k: v for k, v in before.items() if k != "dtype"}
+    assert again.config.text_config.num_hidden_layers == 6 and len(again.language_model.model.layers) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, ref, atol=0, rtol=0)
+
+
+# ---- training --------------------------------------------------------------------------------------
+def _phase(path: str, index: int):
+    from vlmzoo.config import load_run_config
+
+    return load_run_config(REPO / "configs" / "ta_llava" / path).training.stages[index]
+
+
+def test_phase1_gradients_reach_adapters_prefix_projector_only(pixels):
+    from vlmzoo.training.groups import StagePlan
+
+    model = ta_model(seed=9).train()
+    phase1 = _phase("reference.yaml", 0)
+    assert phase1.train == ["strategy"] and phase1.lr == 1e-3
+    StagePlan.build(model, phase1).apply(model)
+    inputs = batch([sample([5, 6, 7], [20, 21]), sample([8, 9], [22, 23, 24])], pixels)
+    labels = torch.where(inputs["instruction_mask"] | (inputs["attention_mask"] == 0), -100, inputs["input_ids"])
+    model(**inputs, labels=labels).loss.backward()
+    for name in ("projector", "prefix", "text_adapter", "vision_adapter"):
+        grads = [p.grad for p in getattr(model.strategy, name).parameters()]
+        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
+    assert all(p.grad is None for p in model.language_model.parameters())
+    assert all(p.grad is None for p in model.vision_tower.parameters())
+
+
+def test_reference_curriculum_has_three_phases():
+    for path in ("reference.yaml", "reference_vicuna.yaml"):
+        phases = [_phase(path, i) for i in range(3)]
+        assert [p.lr for p in phases] == [1e-3, 5e-5, 2e-5]
+        assert [p.train for p in phases] == [["strategy"], ["strategy"], ["strategy", "llm"]]
+        assert phases[0].epochs == 2 and all(p.weight_decay == 0 for p in phases)
+
+
+@pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
+def test_gradient_checkpointing_gives_the_same_loss_and_grads(pixels, enable):
+    inputs = batch([sample([5, 6, 7], [20, 21]), sample([8, 9], [22, 23, 24])], pixels)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    results = []
+    for checkpointing in (False, True):
+        model = ta_model("gemma2", seed=10).train()
+        if checkpointing:
+            with pytest.warns(FutureWarning) if enable == "gradient_checkpointing_enable" else _nothing():
+                getattr(model, enable)()
+            assert model.language_model.model.layers[0].gradient_checkpointing
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any(n.startswith("strategy.text_adapter") for n in grads_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-6, rtol=1e-5)
+
+
+def _nothing():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def test_tiny_config_trains_both_stages_and_evaluates(tmp_path):
+    """configs/ta_llava/tiny.yaml on a seconds-scale tiny world (a 2-layer LLM: text pooling after
+    layer 0 only): both stages train, the saved model reloads with its prefix, evaluation runs."""
+    import json
+
+    from vlmzoo.config import load_run_config
+    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo.training import run_training
+
+    overrides = [f"tiny_world.cache_dir={tmp_path / 'world'}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}",
+                 f"output.dir={tmp_path / 'run'}", "eval.batch_size=16", "training.disable_tqdm=true"]
+    for i in (0, 1):
+        overrides += [f"training.stages.{i}.max_steps=2", f"training.stages.{i}.batch_size=4",
+                      f"training.stages.{i}.save_steps=2"]
+    result = run_training(load_run_config(REPO / "configs" / "ta_llava" / "tiny.yaml", overrides))
+    model = VLMForConditionalGeneration.from_pretrained(result.final_model_dir)
+    assert model.config.strategy == "ta_llava" and model.strategy.num_visual_tokens == 8
+    assert model.strategy.adapter_layers == (0,) and result.eval_metrics["n"] > 0
+
+
+# ---- reference scale on meta: parameters and prefill FLOPs ------------------------------------------
+def _meta(arch: str, scale: str, *overrides: str):
+    from vlmzoo.build import build_on_meta
+    from vlmzoo.config import arch_config_path, load_run_config
+
+    return build_on_meta(load_run_config(arch_config_path(arch, scale), list(overrides)))
+
+
+@pytest.mark.parametrize(("scale", "spec", "layers"), [
+    ("reference", 78e6, (0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24)),  # Gemma-2-2b: 26 layers
+    ("reference_vicuna", 202e6, tuple(sorted([*range(0, 31, 4), *range(1, 31, 4)]))),  # Llama-7B: 32
+])
+def test_reference_adapter_parameter_counts(scale, spec, layers):
+    model = _meta("ta_llava", scale)
+    for adapter in (model.strategy.text_adapter, model.strategy.vision_adapter):
+        assert abs(sum(p.numel() for p in adapter.parameters()) / spec - 1) < 0.03
+    assert model.strategy.adapter_layers == layers and model.strategy.num_visual_tokens == 32
+
+
+def test_reference_prefill_flops():
+    from vlmzoo.flops import prefill_flops
+
+    llava = prefill_flops(_meta("llava", "reference"), 40)  # 576 + 40 tokens, Vicuna-7B
+    assert abs(llava["total"] / 8.7e12 - 1) < 0.05
+    assert abs(llava["vision_tower"] / 0.38e12 - 1) < 0.05 and abs(llava["strategy"] / 0.024e12 - 1) < 0.05
+    assert abs(llava["language_model"] / 8.3e12 - 1) < 0.05
+    assert llava["total"] == llava["vision_tower"] + llava["strategy"] + llava["language_model"]
+    gemma = prefill_flops(_meta("ta_llava", "reference"), 40)  # 32 + 40 tokens, Gemma-2-2b
+    assert 0.25e12 < gemma["language_model"] < 0.4e12  # spec: about 0.3 (+ LM head 0.085)
+    assert 0.08e12 < gemma["strategy"] < 0.12e12  # spec: about 0.1 for the adapters
+    vicuna = prefill_flops(_meta("ta_llava", "reference_vicuna"), 40)
+    assert vicuna["vision_tower"] == llava["vision_tower"] and vicuna["total"] < llava["total"] / 4
+
+
+def test_count_params_prints_flops(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts" / "count_params.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--arch", "ta_llava", "--scale", "reference", "--flops", "40"]) == 0
+    out = capsys.readouterr().out
+    params = {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}
+    assert set(params) >= {"projector", "prefix", "text_adapter", "vision_adapter", "llm", "total"}
+    flops = {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+) +[\d.]+$", out, flags=re.M)}
+    assert flops["total"] == flops["vision_tower"] + flops["strategy"] + flops["language_model"]
+
+
+def test_soft_capped_attention_path_matches_sdpa():
+    """vlmzoo.layers.MultiHeadAttention's eager (soft-capped) path equals its SDPA path when the cap
+    is far away, with and without a custom scale."""
+    from vlmzoo.layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(32, 4, num_kv_heads=2)
+    x, context, mask = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.rand(2, 7) > 0.3
+    for scale in (None, 0.1):
+        attn.scale, attn.softcap = scale, None
+        ref = attn(x, context, mask)
+        attn.softcap = 1e9
+        torch.testing.assert_close(attn(x, context, mask), ref, atol=1e-5, rtol=1e-5)
+    attn.softcap = 0.01  # a tight cap flattens the softmax: every key weighs about the same
+    mean_v = attn.v_proj(context).mean(1).view(2, 2, 8).repeat_interleave(2, dim=1).reshape(2, 1, 32)  # per head
+    uniform = attn.o_proj(mean_v.expand(-1, 5, -1))
+    torch.testing.assert_close(attn(x, context), uniform, atol=1e-2, rtol=1e-2)
+
