@@ -355,10 +355,10 @@ def test_open_clip_tokenizer_matches_encoder() -> None:
 
 
 def test_unknown_text_backend_is_named() -> None:
-    with pytest.raises(ValueError, match=r"'open-clip'.*did you mean 'open_clip'.*Known backends: hf, open_clip"):
+    with pytest.raises(ValueError, match=r"'open-clip'.*did you mean 'open_clip'.*Known backends: hf, open_clip, sentence_transformers"):
         build_text_encoder({"backend": "open-clip"})
-    with pytest.raises(ValueError, match=r"'sentence_transformers'.*Known backends: hf, open_clip"):
-        load_pretrained_text_encoder("x", backend="sentence_transformers")
+    with pytest.raises(ValueError, match=r"'sentence-transformers'.*did you mean 'sentence_transformers'"):
+        load_pretrained_text_encoder("x", backend="sentence-transformers")
 
 
 def test_register_text_backend(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,9 +107,9 @@ def build_on_meta(cfg: RunConfig) -> VLMForConditionalGeneration:
         text_config["vocab_size"] += 1
     text_encoder_spec = dict(m.text_encoder_config) if m.text_encoder_config else None
     if text_encoder_spec is None and m.text_encoder:
-        from .towers.text import HFTextEncoder
+        from .towers.text import text_encoder_spec_from_pretrained
 
-        text_encoder_spec = HFTextEncoder.spec_from_config(_text_encoder_hf_config(m.text_encoder))
+        text_encoder_spec = text_encoder_spec_from_pretrained(m.text_encoder, m.text_encoder_backend)
     config = vlm_config_for(m, vision_spec, text_config, text_encoder_spec, image_token_id)
     with torch.device("meta"):
         return VLMForConditionalGeneration(config)
@@ -130,7 +130,3 @@ def _vision_spec_from_pretrained(m: ModelSection) -> dict:
     config = _require(m, "vision_tower", AutoConfig.from_pretrained)
     return HFVisionTower.spec_from_config(getattr(config, "vision_config", None) or config)
 
-
-def _text_encoder_hf_config(name_or_path: str):
-    config = AutoConfig.from_pretrained(name_or_path)
-    return getattr(config, "text_config", None) or config

@@ -1,4 +1,4 @@
-"""Instruction-text encoders: one interface over transformers and open_clip text towers.
+"""Instruction-text encoders: one interface over transformers, open_clip and sentence-transformers encoders.
 
 Some strategies condition the visual features on the instruction (TG-LLaVA, IGVA, ...). They
 read it through a :class:`TextEncoder`, described, like a vision tower, by a JSON-serialisable
@@ -7,7 +7,10 @@ read it through a :class:`TextEncoder`, described, like a vision tower, by a JSO
 * ``{"backend": "hf", "model_type": "clip_text_model" | "siglip_text_model", **config}`` — a
   transformers text model (:class:`HFTextEncoder`);
 * ``{"backend": "open_clip", "model_name": "ViT-B-32", "model_cfg": {...}}`` — the text tower
-  of an open_clip model (:mod:`vlmzoo.towers.open_clip_backend`).
+  of an open_clip model (:mod:`vlmzoo.towers.open_clip_backend`);
+* ``{"backend": "sentence_transformers", "model_type": "bert" | "mpnet" | ..., **config,
+  "pooling": "mean", "normalize": true, "max_seq_length": 256}`` — a sentence-transformers
+  model folder read with plain transformers (:mod:`vlmzoo.towers.sentence_backend`).
 
 Every encoder maps ``input_ids, attention_mask`` (``(N, L)``, right-padded) to
 :class:`~vlmzoo.strategy.InstructionFeatures` with ``pooled (N, D_t)``, ``tokens (N, L, D_t)``
@@ -23,9 +26,11 @@ Tokenizers (see :func:`text_tokenizer_for`):
 * ``open_clip``: ``open_clip.get_tokenizer(model_name)`` (pads with 0 to ``context_length``);
   shorter right-padded batches are accepted and re-padded internally.
 
-New backends register with :func:`register_text_backend`. Optional ones are imported lazily on
-first use (:data:`_OPTIONAL_TEXT_BACKENDS`), which is where a ``sentence_transformers`` backend
-module will be listed.
+* ``sentence_transformers``: the model folder's own tokenizer (``AutoTokenizer``), its
+  ``model_max_length`` set to the folder's ``max_seq_length``.
+
+New backends register with :func:`register_text_backend` (builder, optional loader and
+tokenizer). Optional ones are imported lazily on first use (:data:`_OPTIONAL_TEXT_BACKENDS`).
 """
 
 from __future__ import annotations
@@ -180,30 +185,67 @@ def load_hf_text_encoder(name_or_path: str, **kwargs: Any) -> HFTextEncoder:
 
 TextBuilder = Callable[[dict[str, Any]], TextEncoder]
 TextLoader = Callable[..., TextEncoder]
+TextTokenizerLoader = Callable[[dict[str, Any], "str | None"], Any]
 
 _TEXT_BACKENDS: dict[str, TextBuilder] = {"hf": HFTextEncoder}
 _TEXT_LOADERS: dict[str, TextLoader] = {"hf": load_hf_text_encoder}
+_TEXT_TOKENIZERS: dict[str, TextTokenizerLoader] = {}
+_TEXT_SPEC_READERS: dict[str, Callable[[str], dict[str, Any]]] = {}
 
 
 def _import_open_clip_backend() -> None:
     from . import open_clip_backend  # noqa: F401  (registers "open_clip" for vision and text)
 
 
-# Backends whose module is imported (and registers itself) on first use. A sentence-transformers
-# encoder belongs here as "sentence_transformers": its module calls register_text_backend.
+def _import_sentence_backend() -> None:
+    from . import sentence_backend  # noqa: F401  (registers "sentence_transformers")
+
+
+# Backends whose module is imported (and registers itself) on first use.
 _OPTIONAL_TEXT_BACKENDS: dict[str, Callable[[], None]] = {
     "open_clip": _import_open_clip_backend,
+    "sentence_transformers": _import_sentence_backend,
 }
 
 
-def register_text_backend(name: str, builder: TextBuilder, loader: TextLoader | None = None) -> None:
-    """Add a text-encoder backend: ``builder(spec)`` (random init), optionally ``loader(name_or_path, **kw)``."""
+def register_text_backend(
+    name: str,
+    builder: TextBuilder,
+    loader: TextLoader | None = None,
+    tokenizer: TextTokenizerLoader | None = None,
+    spec_reader: Callable[[str], dict[str, Any]] | None = None,
+) -> None:
+    """Add a text-encoder backend: ``builder(spec)`` (random init), optionally
+    ``loader(name_or_path, **kw)`` (pretrained), ``tokenizer(spec, name_or_path)`` (its tokenizer)
+    and ``spec_reader(name_or_path)`` (the spec of a pretrained encoder without its weights)."""
     if name in _TEXT_BACKENDS:
         registered = ", ".join(sorted(_TEXT_BACKENDS))
         raise ValueError(f"Text backend {name!r} is already registered. Registered: {registered}.")
     _TEXT_BACKENDS[name] = builder
     if loader is not None:
         _TEXT_LOADERS[name] = loader
+    if tokenizer is not None:
+        _TEXT_TOKENIZERS[name] = tokenizer
+    if spec_reader is not None:
+        _TEXT_SPEC_READERS[name] = spec_reader
+
+
+def _hf_text_spec(name_or_path: str) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    return HFTextEncoder.spec_from_config(getattr(config, "text_config", None) or config)
+
+
+_TEXT_SPEC_READERS["hf"] = _hf_text_spec
+
+
+def text_encoder_spec_from_pretrained(name_or_path: str, backend: str = "hf") -> dict[str, Any]:
+    """The spec of a pretrained encoder read from its config files only (for meta-device builds)."""
+    _ensure_text_backend(backend)
+    if backend not in _TEXT_SPEC_READERS:
+        raise ValueError(f"Text backend {backend!r} cannot read a spec from {name_or_path!r}: give model.text_encoder_config.")
+    return _TEXT_SPEC_READERS[backend](name_or_path)
 
 
 def known_text_backends() -> list[str]:
@@ -263,6 +305,10 @@ def text_tokenizer_for(spec: dict[str, Any], name_or_path: str | None = None) ->
         return open_clip.get_tokenizer(
             name_or_path or spec["model_name"], context_length=text_cfg.get("context_length")
         )
+    if backend in _OPTIONAL_TEXT_BACKENDS:
+        _ensure_text_backend(backend)
+    if backend in _TEXT_TOKENIZERS:
+        return _TEXT_TOKENIZERS[backend](spec, name_or_path)
     raise ValueError(f"No tokenizer known for text backend {backend!r}.")
 
 
@@ -271,6 +317,7 @@ __all__ = [
     "HFTextEncoder",
     "build_text_encoder",
     "load_pretrained_text_encoder",
+    "text_encoder_spec_from_pretrained",
     "register_text_backend",
     "known_text_backends",
     "text_tokenizer_for",
