@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlmzoo.build import build_on_meta
 from vlmzoo.config import (
     CONFIGS_DIR,
     RunConfig,
@@ -137,7 +138,7 @@ def test_dotted_overrides_apply(chain):
     assert cfg.training.report_to == [] and cfg.eval.data is None
     assert cfg.training.stages[1].train == ["llm"] and cfg.output.dir == "/tmp/x"
     # Overrides without a file build on the defaults; a missing section is created.
-    cfg = load_run_config(None, ["eval.batch_size=3"], resolve_vars=False)
+    cfg = load_run_config(None, ["model.strategy=llava", "eval.batch_size=3"], resolve_vars=False)
     assert cfg.eval.batch_size == 3 and cfg.training.stages == [] and cfg.output.name == "run"
 
 
@@ -192,6 +193,9 @@ def test_validation_beyond_the_schema(chain):
         load_run_config(chain, ["training.stages.0.epochs=0"], resolve_vars=False)
     with pytest.raises(KeyError, match=r"Unknown strategy 'lava'\. Registered strategies: .*llava"):
         load_run_config(chain, ["model.strategy=lava"], resolve_vars=False)
+    no_strategy = load_run_config(chain, ["model.strategy=null"], resolve_vars=False)  # fine for scripts/eval.py
+    with pytest.raises(ValueError, match=r"model\.strategy is not set .*Registered strategies: .*llava"):
+        build_on_meta(no_strategy)
 
 
 def test_output_dir_follows_the_config_hash(chain):
@@ -207,7 +211,8 @@ def test_output_dir_follows_the_config_hash(chain):
 
 
 def test_variables(tmp_path):
-    path = write(tmp_path / "v.yaml", {"training": {"deepspeed": "${configs_dir}/deepspeed/zero2.json"}})
+    path = write(tmp_path / "v.yaml", {"model": {"strategy": "llava"},
+                                       "training": {"deepspeed": "${configs_dir}/deepspeed/zero2.json"}})
     assert load_run_config(path).training.deepspeed == str(CONFIGS_DIR / "deepspeed" / "zero2.json")
     assert load_run_config(path, resolve_vars=False).training.deepspeed == "${configs_dir}/deepspeed/zero2.json"
     with pytest.raises(ConfigKeyError, match=r"Unknown variable \$\{nope\}"):

@@ -94,6 +94,15 @@ def test_unknown_name_raises_and_lists_names():
         vlmzoo.get_strategy_class("nope")
 
 
+def test_the_core_has_no_default_strategy():
+    from vlmzoo import VLMConfig
+
+    bare = VLMConfig()  # transformers builds one to diff configs against (its LLM default is 7B: never built)
+    assert bare.strategy is None and bare.strategy_config is None
+    with pytest.raises(UnknownStrategyError, match=r"No strategy given\. Registered strategies: .*llava"):
+        VLMForConditionalGeneration(bare)
+
+
 def test_register_requires_strategy_subclass():
     with pytest.raises(TypeError, match="must decorate a GuidanceStrategy subclass"):
         register_strategy("not_a_strategy")(object)

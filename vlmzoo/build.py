@@ -64,6 +64,7 @@ def build_model_and_processor(cfg: RunConfig, template: str = "vicuna_v1"):
     from .towers.vision import load_pretrained_vision_tower
 
     m = cfg.model
+    _require_strategy(m)
     missing = [k for k in ("vision_tower", "llm") if not getattr(m, k)]
     if missing:
         raise ValueError(
@@ -99,6 +100,7 @@ def build_on_meta(cfg: RunConfig) -> VLMForConditionalGeneration:
     :func:`build_model_and_processor` adds one to a tokenizer without it.
     """
     m = cfg.model
+    _require_strategy(m)
     vision_spec = dict(m.vision_config) if m.vision_config else _vision_spec_from_pretrained(m)
     text_config = dict(m.text_config) if m.text_config else _require(m, "llm", AutoConfig.from_pretrained).to_dict()
     image_token_id = m.image_token_id
@@ -113,6 +115,16 @@ def build_on_meta(cfg: RunConfig) -> VLMForConditionalGeneration:
     config = vlm_config_for(m, vision_spec, text_config, text_encoder_spec, image_token_id)
     with torch.device("meta"):
         return VLMForConditionalGeneration(config)
+
+
+def _require_strategy(m: ModelSection) -> None:
+    if m.strategy is None:
+        from .registry import available_strategies
+
+        raise ValueError(
+            "model.strategy is not set (give --arch NAME or model.strategy=NAME). "
+            f"Registered strategies: {', '.join(available_strategies())}."
+        )
 
 
 def _require(m: ModelSection, key: str, loader):

@@ -44,7 +44,8 @@ class ModelSection:
     ``text_encoder_config``) for building on the meta device; reference configs give both.
 
     Attributes:
-        strategy: registered strategy name; ``strategy_config`` holds its fields.
+        strategy: registered strategy name (required; ``--arch NAME`` picks ``configs/NAME/``);
+            ``strategy_config`` holds its fields.
         vision_tower / vision_backend: tower hub name or local path, and its backend (``hf``,
             ``timm``, ``open_clip``).
         llm: causal LM hub name or local path; ``tokenizer`` defaults to it.
@@ -55,7 +56,7 @@ class ModelSection:
         dtype: dtype the pretrained weights are loaded in (``float32``, ``bfloat16``, ``float16``).
     """
 
-    strategy: str = "llava"
+    strategy: str | None = None
     strategy_config: dict[str, Any] = field(default_factory=dict)
     vision_tower: str | None = None
     vision_backend: str = "hf"
@@ -507,10 +508,16 @@ def config_hash(tree: dict[str, Any], length: int = 8) -> str:
 
 def validate(cfg: RunConfig) -> None:
     """Checks a schema cannot express: the strategy and its fields, unique stage names."""
-    from .registry import get_strategy_class
+    from .registry import UnknownStrategyError, get_strategy_class
 
-    strategy_cls = get_strategy_class(cfg.model.strategy)
-    strategy_cls.build_config(dict(cfg.model.strategy_config))  # unknown fields -> ConfigKeyError
+    if cfg.model.strategy is None:  # allowed where no model is built (scripts/eval.py reads the saved one)
+        strategy_cls = None
+    else:
+        try:
+            strategy_cls = get_strategy_class(cfg.model.strategy)
+        except UnknownStrategyError as exc:
+            raise ConfigKeyError(f"model.strategy: {exc.args[0]}") from None
+        strategy_cls.build_config(dict(cfg.model.strategy_config))  # unknown fields -> ConfigKeyError
     names = [s.name for s in cfg.training.stages]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -518,7 +525,7 @@ def validate(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.training.stages):
         if stage.max_steps <= 0 and stage.epochs <= 0:
             raise ValueError(f"training.stages.{i} ({stage.name!r}): set epochs > 0 or max_steps > 0.")
-        if stage.strategy_config:
+        if stage.strategy_config and strategy_cls is not None:
             try:
                 strategy_cls.build_config(cfg.stage_strategy_config(stage))
             except ConfigKeyError as exc:

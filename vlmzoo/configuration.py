@@ -20,7 +20,8 @@ class VLMConfig(PreTrainedConfig):
         text_config: the LLM's config (any decoder-only ``AutoModelForCausalLM`` model type).
         text_encoder_config: instruction-text encoder spec (see :mod:`vlmzoo.towers.text`),
             needed only by strategies that ask for instruction text features.
-        strategy: registered strategy name.
+        strategy: registered strategy name (required to build a model; a bare ``VLMConfig()``,
+            which transformers makes to diff configs against, has none).
         strategy_config: the strategy's own config fields (validated by its dataclass).
         image_token_id: id of the image placeholder token in the LLM vocabulary.
         image_token: the placeholder's text form.
@@ -34,7 +35,7 @@ class VLMConfig(PreTrainedConfig):
     vision_config: dict | None = None
     text_config: dict | PreTrainedConfig | None = None
     text_encoder_config: dict | None = None
-    strategy: str = "llava"
+    strategy: str | None = None
     strategy_config: dict | None = None
     image_token_id: int = 32000
     image_token: str = "<image>"
@@ -47,7 +48,8 @@ class VLMConfig(PreTrainedConfig):
         if self.vision_config is None:
             self.vision_config = _default_clip_l336()
         # Validate the strategy name and its config now, not at the first forward.
-        self.strategy_config = self.get_strategy_config().to_dict()
+        if self.strategy is not None:
+            self.strategy_config = self.get_strategy_config().to_dict()
 
     def get_strategy_config(self) -> StrategyConfig:
         return get_strategy_class(self.strategy).build_config(self.strategy_config)

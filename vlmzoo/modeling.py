@@ -93,11 +93,11 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: VLMConfig) -> None:
         super().__init__(config)
         _check_attn_implementation(config.llm_attn_implementation)
+        strategy_cls = get_strategy_class(config.strategy)  # an unknown name fails before any weight is made
         self.vision_tower: VisionTower = build_vision_tower(config.vision_config)
         self.language_model = AutoModelForCausalLM.from_config(
             config.text_config, attn_implementation=_llm_attn_implementation(config)
         )
-        strategy_cls = get_strategy_class(config.strategy)
         self.text_encoder = None
         if config.text_encoder_config is not None:
             from .towers.text import build_text_encoder

@@ -63,7 +63,10 @@ class StrategyRegistry:
 
         return decorator
 
-    def get(self, name: str) -> type[GuidanceStrategy]:
+    def get(self, name: str | None) -> type[GuidanceStrategy]:
+        if name is None:
+            self._load_entry_points()
+            raise UnknownStrategyError(f"No strategy given. Registered strategies: {self._names_str()}.")
         if name not in self._classes:
             self._load_entry_points()
         if name not in self._classes:
@@ -117,6 +120,6 @@ def available_strategies() -> list[str]:
     return STRATEGIES.names()
 
 
-def get_strategy_class(name: str) -> type[GuidanceStrategy]:
+def get_strategy_class(name: str | None) -> type[GuidanceStrategy]:
     """Look a strategy class up by name; raises :class:`UnknownStrategyError` listing the known names."""
     return STRATEGIES.get(name)
