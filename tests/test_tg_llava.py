@@ -166,6 +166,38 @@ def test_start_from_llava_checkpoint(tmp_path, pixels):
     torch.testing.assert_close(b.image_hidden_states[:, :NUM_PATCHES], a.image_hidden_states, rtol=0, atol=0)
 
 
+def test_init_from_a_llava_folder_reports_loaded_kept_and_dropped(tmp_path, pixels, caplog):
+    """The runner's model.init_from path: weights by name over a built tg_llava, with a report."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from vlmzoo.training.runner import load_weights_by_name
+
+    llava = tiny_model("llava", seed=0)
+    llava.save_pretrained(tmp_path / "llava")
+    tg = tg_model()
+    with caplog.at_level(logging.INFO, logger="vlmzoo.training"):
+        report = load_weights_by_name(tg, tmp_path / "llava")
+    assert set(report["loaded"]) == set(llava.state_dict()) and not report["dropped"]
+    assert report["kept"] and all(k.startswith(("strategy.fom.", "strategy.dp.", "text_encoder.")) for k in report["kept"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Kept as built (not in the checkpoint): strategy.fom.* (") for m in messages), messages
+    tg.eval()
+    base = _batch(llava, pixels)
+    a = _forward(llava, {k: base[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    b = _forward(tg, _batch(tg, pixels))
+    torch.testing.assert_close(b.image_hidden_states[:, :NUM_PATCHES], a.image_hidden_states, rtol=0, atol=0)
+
+    (tmp_path / "bad").mkdir()
+    save_file({"strategy.connector.layers.0.weight": torch.zeros(3, 3)}, str(tmp_path / "bad" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"model\.safetensors has strategy\.connector\.layers\.0\.weight of shape \(3, 3\)"):
+        load_weights_by_name(tg, tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors .* in .*empty"):
+        (tmp_path / "empty").mkdir()
+        load_weights_by_name(tg, tmp_path / "empty")
+
+
 def test_generate_cache_equals_no_cache(pixels):
     model = tg_model()
     _perturb_zero_init(model)

@@ -390,6 +390,23 @@ def test_a_stage_that_trains_the_tower_does_not_use_the_cache(world, tmp_path, c
     assert not any(line.startswith("[instruct] frozen vision tower") for line in lines)
 
 
+def test_init_from_starts_the_first_stage_from_a_saved_model(world, tmp_path, reference_run):
+    from safetensors.torch import load_file
+
+    from vlmzoo.training.runner import load_stage_start
+
+    saved = reference_run["result"].final_model_dir
+    d = toy_config_dict(world, tmp_path / "run")
+    d["model"]["init_from"] = str(saved)
+    cfg = run_config_from_dict(d)
+    model, _ = load_stage_start(cfg, None, cfg.training.stages[0])
+    ref = load_file(saved / "model.safetensors")
+    ours = model.state_dict()
+    assert ref.keys() == ours.keys()
+    for key, value in ref.items():
+        assert torch.equal(ours[key], value), key
+
+
 # ---- resuming ------------------------------------------------------------------------------------
 def test_resume_after_interruption_matches_uninterrupted_run(world, tmp_path, reference_run):
     from vlmzoo import VLMForConditionalGeneration

@@ -54,6 +54,10 @@ class ModelSection:
         image_token_id: only for meta builds from explicit configs (default: a new vocabulary entry);
             pretrained builds take the id from the tokenizer.
         dtype: dtype the pretrained weights are loaded in (``float32``, ``bfloat16``, ``float16``).
+        init_from: a saved vlmzoo model folder (e.g. a trained ``llava``) whose weights are loaded
+            by name over the freshly built model before the first stage: another strategy starts
+            from its shared weights (tower, LLM, connector) and keeps its own new modules as built.
+            The log lists loaded, kept and dropped weights; a shape mismatch is an error naming the key.
     """
 
     strategy: str | None = None
@@ -72,6 +76,7 @@ class ModelSection:
     llm_attn_implementation: str = "sdpa"
     freeze_vision_tower: bool = True
     dtype: str = "float32"
+    init_from: str | None = None
 
 
 @dataclass

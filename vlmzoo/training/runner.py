@@ -150,7 +150,10 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     if previous_final is None:
         torch.manual_seed(cfg.seed)  # the fresh strategy's initialisation
         model_section = dataclasses.replace(cfg.model, strategy_config=fields)
-        return build_model_and_processor(dataclasses.replace(cfg, model=model_section))
+        model, processor = build_model_and_processor(dataclasses.replace(cfg, model=model_section))
+        if cfg.model.init_from:
+            load_weights_by_name(model, cfg.model.init_from)
+        return model, processor
     dtype = torch_dtype(cfg.model.dtype)
     config = VLMConfig.from_pretrained(previous_final)
     wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
@@ -188,6 +191,47 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
             text_max_length=processor.text_max_length, pad_to_square=processor.pad_to_square,
         )
     return model, processor
+
+
+def load_weights_by_name(model, model_dir: str | os.PathLike) -> dict[str, list[str]]:
+    """Copy the weights saved in ``model_dir`` (``model.safetensors`` or its shards) into ``model``
+    wherever a parameter or buffer of the same name exists; log and return which were ``loaded``,
+    which ``kept`` their built values (absent from the checkpoint) and which were ``dropped``
+    (absent from the model). A shape mismatch raises, naming the key and both shapes."""
+    from safetensors import safe_open
+
+    directory = Path(model_dir)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"model.init_from: no model.safetensors (or its index) in {directory}.")
+    own = model.state_dict()
+    report: dict[str, list[str]] = {"loaded": [], "kept": [], "dropped": []}
+    with torch.no_grad():
+        for name in files:
+            with safe_open(str(directory / name), framework="pt") as f:
+                for key in f.keys():
+                    if key not in own:
+                        report["dropped"].append(key)
+                        continue
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(own[key].shape):
+                        raise ValueError(
+                            f"model.init_from: {directory / name} has {key} of shape {tuple(tensor.shape)}, "
+                            f"the model built from this config has {tuple(own[key].shape)}."
+                        )
+                    own[key].copy_(tensor)
+                    report["loaded"].append(key)
+    loaded = set(report["loaded"])
+    report["kept"] = [k for k in own if k not in loaded]
+    logger.info("model.init_from %s: loaded %d weight tensors.", directory, len(report["loaded"]))
+    for label, key in (("Kept as built (not in the checkpoint)", "kept"), ("Dropped (not in this model)", "dropped")):
+        for prefix, count in summarize_keys(report[key]).items():
+            logger.info("%s: %s.* (%d tensors)", label, prefix, count)
+    return report
 
 
 def summarize_keys(keys: list[str], depth: int = 2) -> dict[str, int]:
