@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--template", help="conversation template other than the saved processor's")
     args = parser.parse_args(argv)
     model_dirs = [*args.model, *([args.compare] if args.compare else [])]
+    for path in (args.image, *model_dirs):
+        if not os.path.exists(path):
+            parser.error(f"{path} does not exist")
     try:
         out, results = visualize(model_dirs, args.image, args.question, args.out, args.max_new_tokens, args.rows,
                                  args.template)
