@@ -31,6 +31,8 @@ from vlmzoo import (
     StrategyConfig,
     StrategyNeeds,
     StrategyOutput,
+    TokenGrid,
+    patch_grid,
     register_strategy,
 )
 from vlmzoo.layers import MLPConnector
@@ -95,6 +97,23 @@ class DenseConnectorStrategy(GuidanceStrategy):
             return p
         return p + len(self.config.sti_layers) * (p // self.config.sti_pool)
 
+    @property
+    def visual_token_grids(self) -> tuple[TokenGrid, ...]:
+        """``dci``: the P patch tokens, one sqrt(P) x sqrt(P) grid. ``sti``: that grid, then one grid
+        per pooled layer whose pooling windows are rectangles of patches (see :func:`pooled_grid`);
+        a layer whose windows straddle patch rows is left out."""
+        p = self.dims.vision_num_patches
+        base = patch_grid(p)
+        if self.config.mode == "dci" or not base:
+            return base
+        grids, start, k = list(base), p, self.config.sti_pool
+        for layer in self.config.sti_layers:
+            grid = pooled_grid(base[0].rows, k, start, label=f"layer {layer} pooled x{k}")
+            if grid is not None:
+                grids.append(grid)
+            start += p // k
+        return tuple(grids)
+
     def forward(self, inputs: GuidanceInputs) -> StrategyOutput:
         layers = inputs.vision.layers
         base = layers[self.config.vision_layer]  # (N, P, D_v)
@@ -106,3 +125,17 @@ class DenseConnectorStrategy(GuidanceStrategy):
             pooled = [F.avg_pool1d(layers[i].transpose(1, 2), k, k).transpose(1, 2) for i in self.config.sti_layers]
             features = torch.cat([base, *pooled], dim=1)  # (N, P + S, D_v)
         return StrategyOutput(visual_embeds=self.connector(features))
+
+
+def pooled_grid(side: int, pool: int, start: int, label: str = "") -> TokenGrid | None:
+    """The grid of ``AvgPool1d(pool)`` windows over a ``side x side`` raster of patches, or ``None``.
+
+    Windows are rectangles when ``pool`` divides ``side`` (1 x pool strips: a side x side/pool grid)
+    or when ``pool`` is a whole number of rows that divides the raster (bands: a side*side/pool x 1
+    grid); otherwise a window wraps from one row into the next and has no rectangular place.
+    """
+    if side % pool == 0:
+        return TokenGrid(start, side, side // pool, label)
+    if pool % side == 0 and (side * side) % pool == 0:
+        return TokenGrid(start, side * side // pool, 1, label)
+    return None

@@ -43,6 +43,8 @@ from vlmzoo import (
     StrategyConfig,
     StrategyNeeds,
     StrategyOutput,
+    TokenGrid,
+    patch_grid,
     register_strategy,
 )
 from vlmzoo.layers import MLPConnector, MultiHeadAttention, ZeroLinear
@@ -174,6 +176,11 @@ class IGVAStrategy(GuidanceStrategy):
     @property
     def num_visual_tokens(self) -> int:
         return self.dims.vision_num_patches
+
+    @property
+    def visual_token_grids(self) -> tuple[TokenGrid, ...]:
+        """Token i is patch i of the fused features: one sqrt(P) x sqrt(P) grid."""
+        return patch_grid(self.dims.vision_num_patches)
 
     # ---- pieces ---------------------------------------------------------------------------------
     def group_features(self, inputs: GuidanceInputs) -> tuple[torch.Tensor, torch.Tensor]:

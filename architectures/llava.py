@@ -15,6 +15,8 @@ from vlmzoo import (
     StrategyConfig,
     StrategyNeeds,
     StrategyOutput,
+    TokenGrid,
+    patch_grid,
     register_strategy,
 )
 from vlmzoo.layers import MLPConnector
@@ -52,6 +54,11 @@ class LlavaStrategy(GuidanceStrategy):
     @property
     def num_visual_tokens(self) -> int:
         return self.dims.vision_num_patches
+
+    @property
+    def visual_token_grids(self) -> tuple[TokenGrid, ...]:
+        """Token i is tower patch i: one sqrt(P) x sqrt(P) grid (24 x 24 at the reference scale)."""
+        return patch_grid(self.dims.vision_num_patches)
 
     def forward(self, inputs: GuidanceInputs) -> StrategyOutput:
         features = inputs.vision.layers[self.config.vision_layer]  # (N, P, D_v)

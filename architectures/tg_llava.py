@@ -36,6 +36,8 @@ from vlmzoo import (
     StrategyConfig,
     StrategyNeeds,
     StrategyOutput,
+    TokenGrid,
+    patch_grid,
     register_strategy,
 )
 from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, SwiGLU, ZeroLinear
@@ -231,6 +233,12 @@ class TGLlavaStrategy(GuidanceStrategy):
     @property
     def num_visual_tokens(self) -> int:
         return self.dims.vision_num_patches + (self.config.dp_num_latents if self.config.use_dp else 0)
+
+    @property
+    def visual_token_grids(self) -> tuple[TokenGrid, ...]:
+        """The P base tokens (one per patch) only; the K TG-DP latents that follow them attend
+        over the whole high-res image and have no position."""
+        return patch_grid(self.dims.vision_num_patches, label="base patches")
 
     def forward(self, inputs: GuidanceInputs) -> StrategyOutput:
         layer = self.config.vision_layer

@@ -20,7 +20,9 @@ from .strategy import (
     StrategyConfig,
     StrategyNeeds,
     StrategyOutput,
+    TokenGrid,
     VisionFeatures,
+    patch_grid,
 )
 from .configuration import VLMConfig  # noqa: E402  (after the registry: it validates strategy names)
 from .modeling import VLMCausalLMOutputWithPast, VLMForConditionalGeneration
@@ -34,6 +36,7 @@ __all__ = [
     "StrategyConfig",
     "StrategyNeeds",
     "StrategyOutput",
+    "TokenGrid",
     "UnknownStrategyError",
     "VLMCausalLMOutputWithPast",
     "VLMConfig",
@@ -41,6 +44,7 @@ __all__ = [
     "VisionFeatures",
     "available_strategies",
     "get_strategy_class",
+    "patch_grid",
     "register_strategy",
 ]
 

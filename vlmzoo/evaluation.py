@@ -154,8 +154,6 @@ def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir
     from PIL import Image
 
     model.eval()
-    device = next(model.parameters()).device
-    tokenizer = processor.tokenizer
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -166,23 +164,41 @@ def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir
                 with Image.open(os.path.join(images_dir, rel)) as im:
                     loaded.append(im.convert("RGB"))
             images.append(loaded)
-        batch = processor([_image_first(r) for r in chunk], images=images, add_generation_prompt=True, padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        answers += [a.strip() for a in processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+        batch = generation_batch(model, processor, [_image_first(r) for r in chunk], images)
+        new_tokens = greedy_generate(model, processor, batch, max_new_tokens)
+        answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
     return answers
 
 
-def _image_first(record: EvalRecord) -> list[dict[str, str]]:
+def generation_batch(model, processor, conversations: Sequence[list[dict[str, str]]], images: Sequence[list[Any]]) -> dict[str, torch.Tensor]:
+    """Prompts (generation prompt added, left padding) on the model's device, pixels in its vision dtype."""
+    batch = processor(list(conversations), images=list(images), add_generation_prompt=True, padding_side="left")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
+    return batch
+
+
+def greedy_generate(model, processor, batch: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding (KV cache) of a :func:`generation_batch` -> the new tokens ``(B, <= max_new_tokens)``."""
+    tokenizer = processor.tokenizer
+    out = model.generate(
+        **batch, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def image_first_messages(messages: Sequence[dict[str, str]], num_images: int) -> list[dict[str, str]]:
     """LLaVA-1.5's prompt layout, as in training: a single image goes first in its turn."""
     from .data.llava_json import _prepare_messages
 
-    return _prepare_messages(record.messages, len(record.images), DEFAULT_IMAGE_TOKEN, move_image_to_front=True)
+    return _prepare_messages(list(messages), num_images, DEFAULT_IMAGE_TOKEN, move_image_to_front=True)
+
+
+def _image_first(record: EvalRecord) -> list[dict[str, str]]:
+    return image_first_messages(record.messages, len(record.images))
 
 
 # ---- scoring -------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ with a :class:`GuidanceInputs`. Two kinds fit the same interface:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -73,6 +74,49 @@ class CoreDims:
     @property
     def llm_hidden_size(self) -> int:
         return self.llm_config.hidden_size
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """A run of a strategy's visual tokens laid out row-major over the whole image.
+
+    Token ``start + r * cols + c`` of the strategy's ``num_visual_tokens`` covers the cell in row
+    ``r`` (top to bottom) and column ``c`` (left to right) of a ``rows x cols`` grid over the image
+    the tower sees; cells need not be square (e.g. 1 x 8-patch strips). Used by attention maps
+    (:mod:`vlmzoo.visualize`), never by training.
+
+    Attributes:
+        start: index of the grid's first token among the strategy's visual tokens.
+        rows / cols: grid shape; the grid holds ``rows * cols`` consecutive tokens.
+        label: a short name for plots (e.g. ``"patches"``).
+    """
+
+    start: int
+    rows: int
+    cols: int
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.rows < 1 or self.cols < 1:
+            raise ValueError(f"TokenGrid needs start >= 0 and rows, cols >= 1, got {self}.")
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+    def to_map(self, weights: torch.Tensor) -> torch.Tensor:
+        """``(..., num_visual_tokens)`` per-token values -> ``(..., rows, cols)``."""
+        return weights[..., self.start : self.stop].reshape(*weights.shape[:-1], self.rows, self.cols)
+
+
+def patch_grid(num_patches: int, start: int = 0, label: str = "patches") -> tuple[TokenGrid, ...]:
+    """The tower's P patch tokens (raster order) as a square grid, or ``()`` if P is not a square."""
+    side = math.isqrt(num_patches)
+    return (TokenGrid(start, side, side, label),) if side * side == num_patches else ()
 
 
 @dataclass
@@ -160,7 +204,8 @@ class GuidanceStrategy(nn.Module):
     """Base class of all strategies. Subclass it, set ``config_class``, and register it.
 
     Subclasses implement :attr:`needs`, :attr:`num_visual_tokens` and :meth:`forward`; in-LLM
-    strategies also :attr:`adapter_layers` and :meth:`adapt`.
+    strategies also :attr:`adapter_layers` and :meth:`adapt`. Strategies whose tokens sit at image
+    positions declare them in :attr:`visual_token_grids` (attention maps use it).
     """
 
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
@@ -191,6 +236,18 @@ class GuidanceStrategy(nn.Module):
     @property
     def adapter_layers(self) -> tuple[int, ...]:
         """LLM decoder-layer indices after which :meth:`adapt` runs (prefill only)."""
+        return ()
+
+    @property
+    def visual_token_grids(self) -> tuple[TokenGrid, ...]:
+        """Which of the ``num_visual_tokens`` tokens map to image positions, and how.
+
+        Each :class:`TokenGrid` is a run of tokens covering the whole image as a ``rows x cols``
+        grid (runs must not overlap; tokens outside every grid, e.g. learned latents, are not
+        spatial). Default ``()``: no token maps to an image position (e.g. a learned prefix), so
+        no attention map can be drawn. A patch-per-token strategy returns
+        ``patch_grid(self.dims.vision_num_patches)``.
+        """
         return ()
 
     def module_groups(self) -> dict[str, nn.Module]:

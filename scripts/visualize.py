@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Answer-to-image attention heat maps of a saved model (or two, side by side).
+
+    python scripts/visualize.py --model outputs/llava-tiny-XXXX/stage2_instruct/final \
+        --image photo.png --question "What colour is the square?" --out attention.png
+    python scripts/visualize.py --model DIR_A --compare DIR_B --image photo.png --question "..." --out ab.png
+
+See ``vlmzoo.visualize.main`` for every option and docs/visualize.md for what is drawn.
+"""
+
+import sys
+
+from vlmzoo.visualize import main
+
+if __name__ == "__main__":
+    sys.exit(main())
