@@ -153,9 +153,6 @@ def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir
     """Greedy answers for ``records``, in batches with left padding."""
     from PIL import Image
 
-    model.eval()
-    device = next(model.parameters()).device
-    tokenizer = processor.tokenizer
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -166,23 +163,47 @@ def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir
                 with Image.open(os.path.join(images_dir, rel)) as im:
                     loaded.append(im.convert("RGB"))
             images.append(loaded)
-        batch = processor([_image_first(r) for r in chunk], images=images, add_generation_prompt=True, padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
-        out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-        answers += [a.strip() for a in processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)]
+        texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens)
+        answers += [a.strip() for a in texts]
     return answers
 
 
-def _image_first(record: EvalRecord) -> list[dict[str, str]]:
+@torch.inference_mode()
+def generate_texts(
+    model,
+    processor,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    images: Sequence[Sequence[Any]],
+    max_new_tokens: int = 16,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """One left-padded batch: each conversation (ending in a user turn) -> its decoded continuation.
+
+    ``images[i]`` holds sample i's PIL images, one per ``<image>`` placeholder. Decoding is greedy
+    (KV cache on) unless ``generate_kwargs`` ask otherwise; the texts are not stripped.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    tokenizer = processor.tokenizer
+    batch = processor(list(conversations), images=list(images), add_generation_prompt=True, padding_side="left")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs.update(generate_kwargs)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
+    return processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> list[dict[str, str]]:
     """LLaVA-1.5's prompt layout, as in training: a single image goes first in its turn."""
     from .data.llava_json import _prepare_messages
 
-    return _prepare_messages(record.messages, len(record.images), DEFAULT_IMAGE_TOKEN, move_image_to_front=True)
+    return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
+
+
+def _image_first(record: EvalRecord) -> list[dict[str, str]]:
+    return image_first_messages(record.messages, len(record.images))
 
 
 # ---- scoring -------------------------------------------------------------------------------------
