@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
-import tomllib
+import re
 from importlib.metadata import EntryPoint, EntryPoints, entry_points
 from pathlib import Path
 
@@ -84,8 +84,10 @@ def saved(request, tmp_path_factory):
 
 
 def _declared_entry_point() -> EntryPoint:
-    groups = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]
-    return EntryPoint(name="vlmzoo", value=groups["lmms_eval.models"]["vlmzoo"], group="lmms_eval.models")
+    text = (ROOT / "pyproject.toml").read_text()  # (tomllib is 3.11+; vlmzoo supports 3.10)
+    section = text.split('[project.entry-points."lmms_eval.models"]', 1)[1].split("\n[", 1)[0]
+    value = re.search(r'^vlmzoo\s*=\s*"([^"]+)"', section, re.M).group(1)
+    return EntryPoint(name="vlmzoo", value=value, group="lmms_eval.models")
 
 
 @pytest.fixture(scope="module")
