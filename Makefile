@@ -12,10 +12,12 @@ export HF_HUB_OFFLINE ?= 1
 setup: $(VENV)/.installed
 
 # torch/torchvision are pinned in pyproject.toml; pip takes them from the local wheel store when present.
-$(VENV)/.installed: pyproject.toml
+# lmms-eval (tests/test_lmms_eval.py) goes in with --no-deps: its own requirements pull a CUDA torch.
+$(VENV)/.installed: pyproject.toml requirements-lmms-eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps -r requirements-lmms-eval.txt
 	touch $@
 
 train: setup

@@ -153,7 +153,6 @@ def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir
     """Greedy answers for ``records``, in batches with left padding."""
     from PIL import Image
 
-    model.eval()
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -164,14 +163,16 @@ def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir
                 with Image.open(os.path.join(images_dir, rel)) as im:
                     loaded.append(im.convert("RGB"))
             images.append(loaded)
-        batch = generation_batch(model, processor, [_image_first(r) for r in chunk], images)
-        new_tokens = greedy_generate(model, processor, batch, max_new_tokens)
-        answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+        texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens)
+        answers += [a.strip() for a in texts]
     return answers
 
 
-def generation_batch(model, processor, conversations: Sequence[list[dict[str, str]]], images: Sequence[list[Any]]) -> dict[str, torch.Tensor]:
-    """Prompts (generation prompt added, left padding) on the model's device, pixels in its vision dtype."""
+def generation_batch(model, processor, conversations: Sequence[Sequence[dict[str, str]]], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+    """Prompts (generation prompt added, left padding) on the model's device, pixels in its vision dtype.
+
+    ``images[i]`` holds sample i's PIL images, one per ``<image>`` placeholder.
+    """
     batch = processor(list(conversations), images=list(images), add_generation_prompt=True, padding_side="left")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -180,21 +181,38 @@ def generation_batch(model, processor, conversations: Sequence[list[dict[str, st
     return batch
 
 
-def greedy_generate(model, processor, batch: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
-    """Greedy decoding (KV cache) of a :func:`generation_batch` -> the new tokens ``(B, <= max_new_tokens)``."""
+@torch.inference_mode()
+def greedy_generate(model, processor, batch: dict[str, torch.Tensor], max_new_tokens: int, **generate_kwargs: Any) -> torch.Tensor:
+    """Decoding (KV cache; greedy unless ``generate_kwargs`` ask otherwise) of a
+    :func:`generation_batch` -> the new tokens ``(B, <= max_new_tokens)``."""
+    model.eval()
     tokenizer = processor.tokenizer
-    out = model.generate(
-        **batch, max_new_tokens=max_new_tokens, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
+    kwargs: dict[str, Any] = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    kwargs.update(generate_kwargs)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, **kwargs)
     return out[:, batch["input_ids"].shape[1]:]
 
 
-def image_first_messages(messages: Sequence[dict[str, str]], num_images: int) -> list[dict[str, str]]:
+def generate_texts(
+    model,
+    processor,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    images: Sequence[Sequence[Any]],
+    max_new_tokens: int = 16,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """One left-padded batch: each conversation (ending in a user turn) -> its decoded continuation
+    (not stripped); see :func:`generation_batch` and :func:`greedy_generate`."""
+    batch = generation_batch(model, processor, conversations, images)
+    new_tokens = greedy_generate(model, processor, batch, max_new_tokens, **generate_kwargs)
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> list[dict[str, str]]:
     """LLaVA-1.5's prompt layout, as in training: a single image goes first in its turn."""
     from .data.llava_json import _prepare_messages
 
-    return _prepare_messages(list(messages), num_images, DEFAULT_IMAGE_TOKEN, move_image_to_front=True)
+    return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
 
 
 def _image_first(record: EvalRecord) -> list[dict[str, str]]:
