@@ -95,10 +95,12 @@ class SentenceTextEncoder(TextEncoder):
         self.model.eval()  # frozen: never dropout
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> InstructionFeatures:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> InstructionFeatures:
+        """``attention_mask`` ``None`` means every token is real (as a meta-device FLOP count passes)."""
         check_max_length(self, input_ids)
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
-        pooled = pool_tokens(tokens, attention_mask, self.pooling)  # (N, D_t)
+        mask = attention_mask if attention_mask is not None else torch.ones(tokens.shape[:2], device=tokens.device)
+        pooled = pool_tokens(tokens, mask, self.pooling)  # (N, D_t)
         if self.normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
         return InstructionFeatures(pooled=pooled, tokens=tokens, mask=attention_mask)

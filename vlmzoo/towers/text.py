@@ -76,13 +76,14 @@ def check_max_length(encoder: TextEncoder, input_ids: torch.Tensor) -> None:
         )
 
 
-def pad_to_length(input_ids: torch.Tensor, attention_mask: torch.Tensor, length: int, pad_id: int) -> torch.Tensor:
-    """``(N, L)`` right-padded ids -> ``(N, length)`` with every padding position set to ``pad_id``.
+def pad_to_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, length: int, pad_id: int) -> torch.Tensor:
+    """``(N, L)`` right-padded ids -> ``(N, length)`` with every padding position set to ``pad_id``
+    (``attention_mask`` ``None``: no padding inside the ``L`` tokens).
 
     For encoders trained on fixed-length, unmasked inputs: their features then do not depend on
     how the batch was padded.
     """
-    ids = input_ids.masked_fill(attention_mask == 0, pad_id)
+    ids = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, pad_id)
     return F.pad(ids, (0, length - ids.shape[1]), value=pad_id)
 
 
