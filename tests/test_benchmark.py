@@ -1,0 +1,63 @@
+"""scripts/benchmark.py: FLOPs counted at reference scale, the tiny-scale timings' plumbing, and the
+comparison with transformers' Llava on identical weights. (Speeds themselves are never asserted.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlmzoo import benchmark as bench
+from vlmzoo.benchmark_report import main
+
+
+@pytest.fixture(scope="module")
+def reference_rows():
+    files = bench.reference_config_files(["llava", "ta_llava"])
+    return {row["config"]: row for row in map(bench.reference_costs, files)}
+
+
+def test_reference_llava_flops_match_a_plain_count(reference_rows):
+    row = reference_rows["llava/reference.yaml"]
+    flops = row["prefill_flops"]
+    # A plain FLOP-counter pass over LLaVA-1.5-7B (576 image + 40 text tokens): ~8.7 TFLOPs,
+    # ~0.38 tower (0.366 here: the last tower layer is skipped), ~0.02 connector, ~8.3 LLM + head.
+    assert flops["total"] == pytest.approx(8.7e12, rel=0.05)
+    assert flops["vision_tower"] == pytest.approx(0.38e12, rel=0.05)
+    assert flops["strategy"] == pytest.approx(0.024e12, rel=0.05)
+    assert flops["language_model"] == pytest.approx(8.3e12, rel=0.05)
+    assert row["visual_tokens"] == 576 and row["parameters"]["llm"] == 6_738_423_808
+
+
+def test_reference_ta_llava_on_the_same_llm_is_a_fraction_of_llava(reference_rows):
+    llava = reference_rows["llava/reference.yaml"]
+    ta = reference_rows["ta_llava/reference_vicuna.yaml"]
+    assert ta["llm"] == llava["llm"] and ta["visual_tokens"] == 32
+    assert 0.15 < ta["prefill_flops"]["total"] / llava["prefill_flops"]["total"] < 0.25
+    assert reference_rows["ta_llava/reference.yaml"]["llm"] == "gemma2"
+
+
+def test_llava_and_transformers_llava_agree_before_they_are_timed():
+    result = bench.llava_vs_transformers(repeats=1, batch=2)
+    assert result["max_abs_logit_difference"] < 1e-5
+    for who in ("ours", "transformers"):
+        assert all(result["timings"][who][k] > 0 for k in ("train_step", "prefill", "generate"))
+    ratios = result["ratio_transformers_over_ours"]
+    assert ratios["train_step"] == pytest.approx(
+        result["timings"]["transformers"]["train_step"] / result["timings"]["ours"]["train_step"]
+    )
+
+
+def test_report_writes_json_and_markdown_with_the_measured_numbers(tmp_path, capsys):
+    assert main(["--parts", "tiny", "--archs", "llava", "tg_llava", "--repeats", "1", "--batch", "2",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    markdown = (tmp_path / "benchmark.md").read_text()
+    assert set(result["tiny"]) == {"llava", "tg_llava"}
+    tg = result["tiny"]["tg_llava"]
+    assert tg["visual_tokens"] == 16 + 8  # tiny-world patches + the tiny config's DP latents
+    assert tg["cache_speedup"] == pytest.approx(tg["generate_no_cache"] / tg["generate"])
+    assert tg["batch_tokens_per_s"] == pytest.approx(2 * bench.NEW_TOKENS / tg["generate_batch"])
+    assert tg["peak_memory_mib"] > 0
+    row = next(line for line in markdown.splitlines() if line.startswith("| `tg_llava`"))
+    assert f"{1000 * tg['train_step']:.1f}" in row and f"{tg['cache_speedup_batch']:.1f}x" in row
