@@ -3,12 +3,21 @@ comparison with transformers' Llava on identical weights. (Speeds themselves are
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from vlmzoo import benchmark as bench
-from vlmzoo.benchmark_report import main
+
+
+def _script_main():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    spec = importlib.util.spec_from_file_location("benchmark_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +47,9 @@ def test_reference_ta_llava_on_the_same_llm_is_a_fraction_of_llava(reference_row
 
 
 def test_llava_and_transformers_llava_agree_before_they_are_timed():
-    result = bench.llava_vs_transformers(repeats=1, batch=2)
+    from architectures.llava_benchmark import llava_vs_transformers
+
+    result = llava_vs_transformers(repeats=1, batch=2)
     assert result["max_abs_logit_difference"] < 1e-5
     for who in ("ours", "transformers"):
         assert all(result["timings"][who][k] > 0 for k in ("train_step", "prefill", "generate"))
@@ -49,6 +60,7 @@ def test_llava_and_transformers_llava_agree_before_they_are_timed():
 
 
 def test_report_writes_json_and_markdown_with_the_measured_numbers(tmp_path, capsys):
+    main = _script_main()
     assert main(["--parts", "tiny", "--archs", "llava", "tg_llava", "--repeats", "1", "--batch", "2",
                  "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "benchmark.json").read_text())

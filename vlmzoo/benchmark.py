@@ -8,9 +8,8 @@ Three parts (``scripts/benchmark.py`` runs them and writes JSON + Markdown):
 * :func:`tiny_costs` — each strategy at the tiny world's sizes (random init, no world needed):
   training-step time, prefill latency, decode latency with and without the KV cache, peak memory.
   Strategies are measured round-robin, so drift of the machine spreads over all of them.
-* :func:`llava_vs_transformers` — ``llava`` against transformers' ``LlavaForConditionalGeneration``
-  at an identical config and identical weights (converted with :mod:`architectures.llava_convert`):
-  training step, prefill and decode, as ratios measured in the same run.
+* :func:`time_models` — any models over the same inputs, measured in turn (the ``llava`` strategy
+  against transformers' ``LlavaForConditionalGeneration`` uses it: ``architectures/llava_benchmark.py``).
 
 Timings are medians of ``repeats`` after a warm-up call, on ``torch.get_num_threads()`` threads.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -201,6 +199,20 @@ def _time_all(timers: dict[str, _Timer], repeats: int, cacheless: bool) -> dict[
     return out
 
 
+def time_models(models: dict[str, Any], like, batch: int = BATCH, repeats: int = 5,
+                core_inputs_only: bool = False) -> dict[str, dict[str, float]]:
+    """Training step, prefill and decode of several models on the same synthetic inputs (shaped
+    for the vlmzoo model ``like``), measured in turn. ``core_inputs_only`` drops the instruction
+    inputs, for models outside vlmzoo that take only ids, mask, pixels and labels."""
+    timers = {name: _timer_for(model, batch, inputs_like=like) for name, model in models.items()}
+    if core_inputs_only:
+        for t in timers.values():
+            for inputs in (t.train_inputs, t.prompts, t.prompt):
+                for key in ("instruction_mask", "instruction_input_ids", "instruction_attention_mask"):
+                    inputs.pop(key, None)
+    return _time_all(timers, repeats, cacheless=False)
+
+
 def tiny_costs(strategies: list[str], repeats: int = 5, batch: int = BATCH) -> dict[str, dict[str, Any]]:
     """Step / prefill / decode timings of each strategy at tiny-world size (see the module doc)."""
     from .modeling import VLMForConditionalGeneration
@@ -238,43 +250,3 @@ def peak_train_memory_mib(timer: _Timer) -> float:
         level += delta
         peak = max(peak, level)
     return peak / 2**20
-
-
-# ---- llava vs transformers' Llava ------------------------------------------------------------------
-def llava_vs_transformers(repeats: int = 5, batch: int = BATCH) -> dict[str, Any]:
-    """Ours vs ``LlavaForConditionalGeneration`` at the tiny world's sizes, same weights.
-
-    Both freeze the tower and train connector + LLM. Ratios are ``transformers / ours`` (> 1: ours
-    is faster). The logits of both on the same batch are compared first (max abs difference).
-    """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from architectures.llava_convert import convert_llava_hf
-
-    from .modeling import VLMForConditionalGeneration
-
-    ours_config = tiny_world_config("llava")
-    vision = {k: v for k, v in ours_config.vision_config.items() if k != "backend"}
-    hf_config = LlavaConfig(
-        vision_config=vision, text_config=ours_config.text_config.to_dict(), image_token_index=ours_config.image_token_id,
-        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(0)
-    theirs = LlavaForConditionalGeneration(hf_config)
-    with tempfile.TemporaryDirectory() as tmp:
-        theirs.save_pretrained(Path(tmp) / "hf")
-        convert_llava_hf(Path(tmp) / "hf", Path(tmp) / "ours", save_processor=False)
-        ours = VLMForConditionalGeneration.from_pretrained(Path(tmp) / "ours")
-    theirs.model.vision_tower.requires_grad_(False)
-    timers = {"ours": _timer_for(ours, batch), "transformers": _timer_for(theirs, batch, inputs_like=ours)}
-    for t in timers.values():  # transformers' Llava takes no instruction inputs
-        for inputs in (t.train_inputs, t.prompts, t.prompt):
-            for key in ("instruction_mask", "instruction_input_ids", "instruction_attention_mask"):
-                inputs.pop(key, None)
-    with torch.no_grad():
-        ours.eval(), theirs.eval()
-        diff = (ours(**timers["ours"].prompt).logits - theirs(**timers["transformers"].prompt).logits).abs().max().item()
-    timings = _time_all(timers, repeats, cacheless=False)
-    ratios = {key: timings["transformers"][key] / timings["ours"][key] for key in ("train_step", "prefill", "decode_token")}
-    return {"max_abs_logit_difference": diff, "timings": timings, "ratio_transformers_over_ours": ratios}
