@@ -4,8 +4,9 @@ Output folder layout (``cfg.output.dir``)::
 
     resolved_config.yaml          the full config of the run (defaults filled, variables resolved)
     <stage name>/checkpoint-N/    Trainer checkpoints (weights, optimizer, scheduler, RNG, state)
-    <stage name>/final/           the stage's model + processor (from_pretrained-loadable)
-                                  and stage_complete.json (metrics, parameter counts)
+    <stage name>/final/           the stage's model + processor (from_pretrained-loadable),
+                                  stage_complete.json (metrics, parameter counts) and
+                                  trainer_state.json (the Trainer's state, incl. its log history)
     eval/eval_metrics.json        evaluation of the last stage's model (+ predictions.jsonl)
 
 A stage starts from the previous stage's ``final`` weights. Running the same config into the same
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 FINAL_DIRNAME = "final"
 STAGE_DONE_FILE = "stage_complete.json"
+TRAINER_STATE_FILE = "trainer_state.json"
 # Keys that do not change what a run trains; an existing run may be resumed with them changed.
 _RESUMABLE_DIFFS = (
     "eval", "output", "training.report_to", "training.wandb_project", "training.disable_tqdm",
@@ -367,6 +369,7 @@ def train_stage(
         "group_lr": plan.lrs,
     }
     if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(final_dir / TRAINER_STATE_FILE))  # log history: loss curves
         (final_dir / STAGE_DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()
     logger.info("%s done: %d steps in %.1fs, final model in %s", tag, output.global_step, runtime, final_dir)

@@ -1,0 +1,100 @@
+"""scripts/compare.py (vlmzoo.study): a reduced study end to end on a seconds-scale tiny world, then
+the same study again, which must reuse every finished run."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+ARCHS = ("llava", "dense_connector")
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from vlmzoo.tinyworld import small_test_config
+
+    base = small_test_config()
+    world = small_test_config(clip=dataclasses.replace(base.clip, vision_layers=4))  # dense_connector's layer groups
+    cache = tmp_path_factory.mktemp("compare_world")
+    return [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(world.to_dict())}"]
+
+
+def _study_args(small_world, out: Path) -> list[str]:
+    args = ["--archs", *ARCHS, "--seeds", "1", "--out", str(out), "--max-eval", "12", "--latency-prompts", "2",
+            *small_world, "eval.batch_size=16", "training.logging_steps=1"]
+    for i in (0, 1):
+        args += [f"training.stages.{i}.max_steps=2", f"training.stages.{i}.batch_size=4",
+                 f"training.stages.{i}.save_steps=2"]
+    return args
+
+
+def _stage_mtimes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for p in sorted((out / "runs").glob("*/*/final/*")) + sorted((out / "runs").glob("*/eval/*"))}
+
+
+def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
+    from PIL import Image
+
+    from vlmzoo.study import main
+
+    out = tmp_path / "study"
+    assert main(_study_args(small_world, out)) == 0
+    printed = capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert "| llava |" in table and "| dense_connector |" in table and "| llava |" in printed
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["kind"], r["arch"]) for r in rows] == [
+        ("run", "llava"), ("run", "dense_connector"),
+        ("mean", "llava"), ("std", "llava"), ("mean", "dense_connector"), ("std", "dense_connector"),
+    ]
+    for arch in ARCHS:
+        run = next(r for r in rows if r["kind"] == "run" and r["arch"] == arch)
+        mean = next(r for r in rows if r["kind"] == "mean" and r["arch"] == arch)
+        run_dir = out / "runs" / f"{arch}-s0"
+        assert Path(run["run_dir"]) == run_dir and run["reused"] == "0"
+        metrics = json.loads((run_dir / "eval" / "eval_metrics.json").read_text())
+        assert int(run["n_eval"]) == metrics["n"] == 12
+        assert float(run["accuracy"]) == pytest.approx(metrics["accuracy"])
+        assert float(run["blind_accuracy"]) == pytest.approx(metrics["blind"]["accuracy"])
+        for qtype, entry in metrics["per_type"].items():
+            assert float(run[f"acc_{qtype}"]) == pytest.approx(entry["accuracy"])
+            assert float(mean[f"acc_{qtype}"]) == pytest.approx(entry["accuracy"])  # one seed: mean = run
+        line = next(l for l in table.splitlines() if l.startswith(f"| {arch} |"))
+        assert f"{100 * metrics['accuracy']:.1f} ± 0.0" in line
+
+        stages = [json.loads(p.read_text()) for p in sorted(run_dir.glob("*/final/stage_complete.json"))]
+        assert len(stages) == 2
+        last = stages[-1]["parameters"]
+        assert int(run["params_total"]) == sum(g["total"] for g in last.values())
+        assert int(run["params_trainable"]) == sum(g["trainable"] for g in last.values())
+        assert 0 < int(run["params_strategy"]) < int(run["params_total"])
+        assert float(run["train_time_s"]) == pytest.approx(sum(s["runtime_s"] for s in stages), abs=0.02)
+        assert int(run["visual_tokens"]) == 16 and float(run["latency_ms"]) > 0
+        assert all((run_dir / s["stage"] / "final" / "trainer_state.json").is_file() for s in stages)
+
+    for name in ("accuracy.png", "loss.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width >= 300 and im.height >= 200
+
+    before = _stage_mtimes(out)
+    assert main(_study_args(small_world, out)) == 0
+    assert _stage_mtimes(out) == before  # no stage trained, nothing evaluated again
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert all(r["reused"] == "1" for r in rows)
+
+
+def test_unequal_budgets_are_refused(tmp_path):
+    """Strategies trained for different step counts cannot be compared in one table."""
+    from vlmzoo.study import check_budgets
+
+    a = {"stages": [{"data": "s1.json", "max_steps": 2}], "eval": {"data": "e.json"}}
+    b = {"stages": [{"data": "s1.json", "max_steps": 3}], "eval": {"data": "e.json"}}
+    check_budgets({"llava": a, "igva": dict(a)}, {"llava": Path("x"), "igva": Path("y")})
+    with pytest.raises(ValueError, match=r"stages\.0\.max_steps"):
+        check_budgets({"llava": a, "igva": b}, {"llava": Path("x.yaml"), "igva": Path("y.yaml")})

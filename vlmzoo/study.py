@@ -1,0 +1,555 @@
+"""A comparison study: several strategies x several seeds, trained and evaluated alike, in one table.
+
+``scripts/compare.py --archs llava igva --seeds 3`` trains every ``(strategy, seed)`` pair through
+:func:`vlmzoo.training.run_training` (the code path of ``scripts/train.py``) from
+``configs/<arch>/<scale>.yaml`` with the same trailing overrides, then collects per run:
+
+* accuracy per question type, overall and macro, and the blind control (``eval/eval_metrics.json``);
+* parameters: ``total`` and ``trainable`` (the last stage's, from its ``stage_complete.json``) and
+  ``strategy`` (every parameter outside the core groups vision tower / text encoder / LLM: what the
+  strategy adds, its connector included);
+* visual tokens per image (the saved processor's ``num_visual_tokens``);
+* training time: the sum of the stages' ``runtime_s``;
+* generation latency: the median wall time of one greedy answer of exactly ``eval.max_new_tokens``
+  tokens (batch 1, after one warm-up) over the first ``latency_prompts`` eval questions;
+* the training loss log of every stage (``<stage>/final/trainer_state.json``).
+
+Every strategy must see the same training data and steps and the same evaluation questions (the
+"budget", :func:`run_budget`); a study whose configs differ there is refused unless asked.
+
+Layout of ``--out`` (default ``outputs/study``)::
+
+    runs/<arch>-s<seed>/      one run folder each (see vlmzoo.training.runner)
+    runs/<arch>-s<seed>/study_measurements.json   latency + visual tokens of that run
+    results.md                the table (mean ± std over seeds), also printed
+    results.csv               one row per run (kind=run) plus kind=mean and kind=std rows per strategy
+    accuracy.png              accuracy per question type per strategy, std error bars, blind control
+    loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
+
+Reuse: running the same study again skips the completed stages of every run (the runner's resume),
+re-uses ``eval/eval_metrics.json`` when no stage had to train and the ``eval`` section is unchanged,
+and re-uses ``study_measurements.json`` likewise. ``results.csv`` columns are listed in
+:data:`CSV_DOC`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ARCHS = ("llava", "tg_llava", "ta_llava", "igva", "dense_connector")
+RUNS_DIRNAME = "runs"
+MEASUREMENTS_FILE = "study_measurements.json"
+CSV_DOC = {
+    "kind": "run (one training run), mean or std (over the strategy's seeds)",
+    "arch": "strategy (config folder name)",
+    "seed": "the run's seed; for mean/std rows the seeds, ';'-separated",
+    "n_seeds": "runs aggregated (1 for a run row)",
+    "acc_<type>": "exact-match accuracy on questions of that type, 0..1",
+    "accuracy": "accuracy over all eval questions, 0..1",
+    "macro_accuracy": "mean of the per-type accuracies, 0..1",
+    "blind_accuracy": "the blind control's overall accuracy (most frequent training answer), 0..1",
+    "blind_<type>": "the blind control's accuracy on that type, 0..1",
+    "n_eval": "eval questions scored",
+    "params_total": "all parameters of the model",
+    "params_trainable": "parameters trained in the last stage",
+    "params_strategy": "parameters outside the vision tower / text encoder / LLM (what the strategy adds)",
+    "visual_tokens": "LLM input tokens per image",
+    "train_time_s": "sum of the stages' training wall time, seconds",
+    "latency_ms": "median time of one greedy answer (batch 1, eval.max_new_tokens tokens), ms",
+    "reused": "1 if the run was found finished and nothing was trained or evaluated again",
+    "run_dir": "the run folder",
+}
+
+
+# ---- spec ----------------------------------------------------------------------------------------
+@dataclass
+class StudySpec:
+    """What to compare.
+
+    Attributes:
+        archs: strategy config folders (``configs/<arch>/``).
+        seeds: one run per strategy and seed.
+        out: study folder.
+        scale: config file stem (``tiny`` -> ``configs/<arch>/tiny.yaml``).
+        config_dir: folder holding ``<arch>/<scale>.yaml`` (default: this repository's ``configs/``).
+        overrides: dotted ``key=value`` overrides applied to every run.
+        max_eval: evaluate only the first N questions (``eval.max_samples``); ``None``: the config's.
+        latency_prompts: eval questions timed for the generation latency (0: not measured).
+        allow_unequal_budgets: accept configs whose data / steps / eval questions differ.
+    """
+
+    archs: Sequence[str] = DEFAULT_ARCHS
+    seeds: Sequence[int] = (0,)
+    out: str | os.PathLike = "outputs/study"
+    scale: str = "tiny"
+    config_dir: str | os.PathLike | None = None
+    overrides: Sequence[str] = ()
+    max_eval: int | None = None
+    latency_prompts: int = 5
+    allow_unequal_budgets: bool = False
+
+
+@dataclass
+class RunRecord:
+    """The numbers of one ``(arch, seed)`` run."""
+
+    arch: str
+    seed: int
+    run_dir: Path
+    reused: bool
+    trained_stages: list[str]
+    accuracy: float
+    macro_accuracy: float
+    n_eval: int
+    per_type: dict[str, float]
+    blind_accuracy: float | None
+    blind_per_type: dict[str, float]
+    params_total: int
+    params_trainable: int
+    params_strategy: int
+    visual_tokens: int | None
+    train_time_s: float
+    latency_ms: float | None
+    loss_steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    stage_ends: list[int] = field(default_factory=list)
+
+
+@dataclass
+class StudyResult:
+    spec: StudySpec
+    runs: list[RunRecord]
+    table: str
+    files: dict[str, Path]
+
+
+# ---- configs -------------------------------------------------------------------------------------
+def config_path(spec: StudySpec, arch: str) -> Path:
+    from .config import arch_config_path
+
+    if spec.config_dir is None:
+        return arch_config_path(arch, spec.scale)
+    path = Path(spec.config_dir) / arch / f"{spec.scale}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--config-dir: no {path} (arch {arch!r}, scale {spec.scale!r}).")
+    return path
+
+
+def run_dir(spec: StudySpec, arch: str, seed: int) -> Path:
+    return Path(spec.out) / RUNS_DIRNAME / f"{arch}-s{seed}"
+
+
+def run_overrides(spec: StudySpec, arch: str, seed: int) -> list[str]:
+    extra = [f"seed={seed}", f"output.dir={run_dir(spec, arch, seed)}", f"output.name={arch}-s{seed}"]
+    if spec.max_eval is not None:
+        extra.append(f"eval.max_samples={spec.max_eval}")
+    return [*spec.overrides, *extra]
+
+
+def run_budget(cfg) -> dict[str, Any]:
+    """What must be equal between the strategies of a study: training data and steps, eval questions."""
+    stages = [
+        {"data": s.data, "images": cfg.stage_images(s), "max_steps": s.max_steps, "epochs": s.epochs,
+         "batch_size": s.batch_size, "grad_accum": s.grad_accum}
+        for s in cfg.training.stages
+    ]
+    e = cfg.eval
+    return {"stages": stages, "eval": {"data": e.data, "max_samples": e.max_samples, "max_new_tokens": e.max_new_tokens},
+            "blind_train_data": cfg.eval_train_data()}
+
+
+def check_budgets(budgets: dict[str, dict[str, Any]], paths: dict[str, Path]) -> None:
+    from .config import diff_configs
+
+    archs = list(budgets)
+    for arch in archs[1:]:
+        diffs = diff_configs(budgets[archs[0]], budgets[arch])
+        if diffs:
+            raise ValueError(
+                f"{paths[arch]} ({arch}) trains or evaluates differently from {paths[archs[0]]} ({archs[0]}) at: "
+                f"{', '.join(diffs[:8])}. A study compares strategies under one budget; align the configs "
+                "or pass --allow-unequal-budgets."
+            )
+
+
+# ---- one run -------------------------------------------------------------------------------------
+def _previous_eval_section(out: Path) -> dict[str, Any] | None:
+    path = out / "resolved_config.yaml"
+    if not path.is_file():
+        return None
+    return (yaml.safe_load(path.read_text()) or {}).get("eval")
+
+
+def train_and_evaluate(cfg, latency_prompts: int = 5) -> tuple[dict[str, Any], dict[str, Any], list, bool]:
+    """Train (resuming) and evaluate one run, re-using a finished run's files.
+
+    -> ``(eval_metrics, measurements, stage results, reused)``; ``reused`` is True when no stage
+    trained and both the eval metrics and the measurements came from disk."""
+    from .evaluation import METRICS_FILE, evaluate_run
+    from .training.runner import run_training
+
+    out = Path(cfg.output.dir)
+    eval_file = out / "eval" / METRICS_FILE
+    same_eval = _previous_eval_section(out) == dataclasses.asdict(cfg.eval)
+    result = run_training(cfg, evaluate=False)
+    trained = [s.name for s in result.stages if not s.skipped]
+    if not trained and same_eval and eval_file.is_file():
+        logger.info("%s: finished run; eval metrics reused from %s", out, eval_file)
+        metrics, eval_reused = json.loads(eval_file.read_text()), True
+    else:
+        metrics, eval_reused = evaluate_run(cfg, result.final_model_dir, out / "eval"), False
+
+    meas_file = out / MEASUREMENTS_FILE
+    wanted = {"model": str(Path(result.final_model_dir).resolve()), "latency_prompts": latency_prompts}
+    old = json.loads(meas_file.read_text()) if meas_file.is_file() else None
+    if not trained and old is not None and all(old.get(k) == v for k, v in wanted.items()):
+        measurements, meas_reused = old, True
+    else:
+        measurements = {**wanted, **measure_generation(cfg, result.final_model_dir, latency_prompts)}
+        meas_file.write_text(json.dumps(measurements, indent=2) + "\n")
+        meas_reused = False
+    return metrics, measurements, result.stages, (not trained and eval_reused and meas_reused)
+
+
+def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dict[str, Any]:
+    """Visual tokens per image, and the median latency (ms) of one greedy answer of exactly
+    ``eval.max_new_tokens`` tokens at batch 1 over the first ``n_prompts`` eval questions."""
+    from PIL import Image
+
+    from .build import torch_dtype
+    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval
+
+    model, processor = load_for_eval(model_dir, cfg.eval.template, torch_dtype(cfg.model.dtype))
+    out: dict[str, Any] = {"visual_tokens": int(processor.num_visual_tokens), "latency_ms": None}
+    if n_prompts <= 0 or not cfg.eval.data:
+        return out
+    records = load_eval_records(cfg.eval.data, cfg.eval.question_type_key, n_prompts)
+    images_dir = cfg.eval.images or cfg.data.images or os.path.dirname(os.path.abspath(cfg.eval.data))
+    n_new = cfg.eval.max_new_tokens
+    times = []
+    for i, rec in enumerate([records[0], *records]):  # the first one warms up
+        images = []
+        for rel in rec.images:
+            with Image.open(os.path.join(images_dir, rel)) as im:
+                images.append(im.convert("RGB"))
+        batch = generation_batch(model, processor, [image_first_messages(rec.messages, len(rec.images))], [images])
+        start = time.perf_counter()
+        greedy_generate(model, processor, batch, n_new, min_new_tokens=n_new)
+        if i:
+            times.append(time.perf_counter() - start)
+    out["latency_ms"] = round(1000 * statistics.median(times), 3)
+    return out
+
+
+def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
+    """A stage's Trainer state: ``final/trainer_state.json``, else its latest checkpoint's."""
+    from .training.runner import FINAL_DIRNAME, TRAINER_STATE_FILE
+
+    path = stage_dir / FINAL_DIRNAME / TRAINER_STATE_FILE
+    if not path.is_file():
+        checkpoints = sorted(stage_dir.glob("checkpoint-*/" + TRAINER_STATE_FILE),
+                             key=lambda p: int(p.parent.name.split("-")[-1]))
+        if not checkpoints:
+            return None
+        path = checkpoints[-1]
+    return json.loads(path.read_text())
+
+
+def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused: bool) -> RunRecord:
+    """One :class:`RunRecord` from a run's eval metrics, stage metrics and trainer states."""
+    from .training.groups import CORE_GROUPS
+
+    last = stages[-1].metrics.get("parameters") or {}
+    if not last:
+        raise ValueError(f"{stages[-1].final_dir}/stage_complete.json has no 'parameters' entry.")
+    blind = metrics.get("blind") or {}
+    steps: list[int] = []
+    losses: list[float] = []
+    ends: list[int] = []
+    offset = 0
+    for stage in stages:
+        state = stage_trainer_state(Path(cfg.output.dir) / stage.name)
+        if state is None:
+            logger.warning("%s: no trainer_state.json; its losses are missing from loss.png.", stage.final_dir)
+        for entry in (state or {}).get("log_history", []):
+            if "loss" in entry:
+                steps.append(offset + int(entry["step"]))
+                losses.append(float(entry["loss"]))
+        offset += int(stage.metrics.get("global_step") or 0)
+        ends.append(offset)
+    return RunRecord(
+        arch=arch, seed=seed, run_dir=Path(cfg.output.dir), reused=reused,
+        trained_stages=[s.name for s in stages if not s.skipped],
+        accuracy=metrics["accuracy"], macro_accuracy=metrics["macro_accuracy"], n_eval=metrics["n"],
+        per_type={t: v["accuracy"] for t, v in metrics["per_type"].items()},
+        blind_accuracy=blind.get("accuracy"),
+        blind_per_type={t: v["accuracy"] for t, v in blind.get("per_type", {}).items()},
+        params_total=sum(g["total"] for g in last.values()),
+        params_trainable=sum(g["trainable"] for g in last.values()),
+        params_strategy=sum(g["total"] for name, g in last.items() if name not in CORE_GROUPS),
+        visual_tokens=measurements.get("visual_tokens"),
+        train_time_s=round(sum(float(s.metrics.get("runtime_s") or 0.0) for s in stages), 2),
+        latency_ms=measurements.get("latency_ms"),
+        loss_steps=steps, losses=losses, stage_ends=ends,
+    )
+
+
+# ---- the study -----------------------------------------------------------------------------------
+def run_study(spec: StudySpec) -> StudyResult:
+    """Train, evaluate and measure every ``(arch, seed)`` of ``spec``; write the table, CSV and plots."""
+    from .config import load_run_config
+
+    if not spec.archs or not spec.seeds:
+        raise ValueError("A study needs at least one arch and one seed.")
+    paths = {arch: config_path(spec, arch) for arch in spec.archs}
+    configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for a in spec.archs for s in spec.seeds}
+    if not spec.allow_unequal_budgets:
+        check_budgets({a: run_budget(configs[(a, spec.seeds[0])]) for a in spec.archs}, paths)
+    runs = []
+    for (arch, seed), cfg in configs.items():
+        logger.info("Study run %s seed %d -> %s", arch, seed, cfg.output.dir)
+        metrics, measurements, stages, reused = train_and_evaluate(cfg, spec.latency_prompts)
+        runs.append(collect_run(arch, seed, cfg, metrics, measurements, stages, reused))
+        logger.info("Study run %s seed %d: %s", arch, seed, "reused (nothing trained or evaluated)" if reused
+                    else f"trained stages: {', '.join(runs[-1].trained_stages) or 'none'}")
+    return write_outputs(spec, runs)
+
+
+def question_types(runs: Sequence[RunRecord]) -> list[str]:
+    return sorted({t for r in runs for t in r.per_type})
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def run_row(r: RunRecord, types: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"kind": "run", "arch": r.arch, "seed": r.seed, "n_seeds": 1}
+    row.update({f"acc_{t}": r.per_type.get(t) for t in types})
+    row.update(accuracy=r.accuracy, macro_accuracy=r.macro_accuracy, blind_accuracy=r.blind_accuracy)
+    row.update({f"blind_{t}": r.blind_per_type.get(t) for t in types})
+    row.update(n_eval=r.n_eval, params_total=r.params_total, params_trainable=r.params_trainable,
+               params_strategy=r.params_strategy, visual_tokens=r.visual_tokens, train_time_s=r.train_time_s,
+               latency_ms=r.latency_ms, reused=int(r.reused), run_dir=str(r.run_dir))
+    return row
+
+
+def aggregate_rows(runs: Sequence[RunRecord], types: Sequence[str]) -> list[dict[str, Any]]:
+    """Per strategy (in study order): a ``mean`` and a ``std`` row over its seeds."""
+    rows = []
+    for arch in dict.fromkeys(r.arch for r in runs):
+        mine = [run_row(r, types) for r in runs if r.arch == arch]
+        mean: dict[str, Any] = {"kind": "mean", "arch": arch, "seed": ";".join(str(r["seed"]) for r in mine),
+                                "n_seeds": len(mine)}
+        std = {**mean, "kind": "std"}
+        for key, value in mine[0].items():
+            if key in mean or key in ("reused", "run_dir") or not (value is None or isinstance(value, (int, float))):
+                continue
+            mean[key], std[key] = _mean_std([m[key] for m in mine])
+        mean["reused"] = std["reused"] = int(all(m["reused"] for m in mine))
+        mean["run_dir"] = std["run_dir"] = ""
+        rows += [mean, std]
+    return rows
+
+
+def _fmt(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1, with_std: bool = True) -> str:
+    if mean is None:
+        return "-"
+    text = f"{scale * mean:.{digits}f}"
+    return f"{text} ± {scale * std:.{digits}f}" if with_std and std is not None else text
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def markdown_table(runs: Sequence[RunRecord]) -> str:
+    """Strategy rows: accuracy per type, overall, blind control (%, mean ± std over seeds),
+    parameters, visual tokens, training time, latency; a last row: the blind control per type."""
+    types = question_types(runs)
+    agg = aggregate_rows(runs, types)
+    header = ["strategy", "seeds", *types, "overall", "macro", "blind", "params", "trainable",
+              "strategy params", "visual tokens", "train time (s)", "latency (ms)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(header) - 2)]
+    for mean, std in zip(agg[::2], agg[1::2]):
+        cells = [mean["arch"], str(mean["n_seeds"])]
+        cells += [_fmt(mean[f"acc_{t}"], std[f"acc_{t}"]) for t in types]
+        cells += [_fmt(mean[k], std[k]) for k in ("accuracy", "macro_accuracy", "blind_accuracy")]
+        cells += [_count(mean[k]) for k in ("params_total", "params_trainable", "params_strategy")]
+        cells += ["-" if mean["visual_tokens"] is None else f"{mean['visual_tokens']:.0f}"]
+        cells += [_fmt(mean["train_time_s"], std["train_time_s"], 1.0), _fmt(mean["latency_ms"], std["latency_ms"], 1.0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    blind = [_fmt(*_mean_std([r.blind_per_type.get(t) for r in runs]), with_std=False) for t in types]
+    overall = _fmt(*_mean_std([r.blind_accuracy for r in runs]), with_std=False)
+    lines.append("| *blind control* | | " + " | ".join(blind) + f" | {overall} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def _short(override: str, limit: int = 60) -> str:
+    return override if len(override) <= limit else override[: limit - 3] + "..."
+
+
+def write_outputs(spec: StudySpec, runs: Sequence[RunRecord]) -> StudyResult:
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    types = question_types(runs)
+    rows = [run_row(r, types) for r in runs] + aggregate_rows(runs, types)
+    csv_path = out / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(runs)
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    intro = [
+        "# Strategy comparison", "",
+        f"Strategies trained on the same data and steps, evaluated on the same {runs[0].n_eval} questions; "
+        f"seeds {seeds}. Accuracy in % (exact match), mean ± std over seeds; *blind* answers each question "
+        "with the most frequent training answer. Parameters: all / trained in the last stage / outside the "
+        "vision tower, text encoder and LLM. Latency: median of one greedy answer at batch 1.",
+        f"Configs: `{spec.config_dir or 'configs'}/<arch>/{spec.scale}.yaml`"
+        + (f"; overrides: `{' '.join(_short(o) for o in spec.overrides)}`" if spec.overrides else "") + ".", "",
+    ]
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(intro) + table + "\n\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
+    files = {"results.md": md_path, "results.csv": csv_path}
+    files.update(plot_accuracy(runs, out / "accuracy.png"))
+    files.update(plot_loss(runs, out / "loss.png"))
+    return StudyResult(spec=spec, runs=list(runs), table=table, files=files)
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
+    """Grouped bars: question types (and overall) on x, one bar per strategy, std error bars; the
+    blind control as a black tick over each group."""
+    plt = _pyplot()
+    types = [*question_types(runs), "overall"]
+    archs = list(dict.fromkeys(r.arch for r in runs))
+    width = 0.8 / len(archs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(types) * max(1, len(archs)) / 2), 4.0), dpi=100)
+    for i, arch in enumerate(archs):
+        mine = [r for r in runs if r.arch == arch]
+        stats = [_mean_std([r.accuracy if t == "overall" else r.per_type.get(t) for r in mine]) for t in types]
+        xs = [k + (i - (len(archs) - 1) / 2) * width for k in range(len(types))]
+        ax.bar(xs, [100 * (m or 0) for m, _ in stats], width, yerr=[100 * (s or 0) for _, s in stats],
+               capsize=3, label=arch)
+    for k, t in enumerate(types):
+        b, _ = _mean_std([r.blind_accuracy if t == "overall" else r.blind_per_type.get(t) for r in runs])
+        if b is not None:
+            ax.hlines(100 * b, k - 0.42, k + 0.42, colors="black", linestyles="--", linewidth=1,
+                      label="blind control" if k == 0 else None)
+    ax.set_xticks(range(len(types)), types)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Accuracy per question type (mean ± std over seeds)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"accuracy.png": path}
+
+
+def plot_loss(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
+    """Training loss vs. global step (stages laid end to end), one line per strategy (mean over
+    seeds at each logged step), dotted vertical lines at the stage boundaries."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=100)
+    boundaries: set[int] = set()
+    for arch in dict.fromkeys(r.arch for r in runs):
+        by_step: dict[int, list[float]] = {}
+        for r in runs:
+            if r.arch == arch:
+                for step, loss in zip(r.loss_steps, r.losses):
+                    by_step.setdefault(step, []).append(loss)
+                boundaries.update(r.stage_ends[:-1])
+        ends = next(r.stage_ends for r in runs if r.arch == arch)
+        xs: list[float] = []
+        ys: list[float] = []
+        for step in sorted(by_step):
+            if xs and any(xs[-1] <= b < step for b in ends):  # no line across a stage boundary
+                xs.append(math.nan)
+                ys.append(math.nan)
+            xs.append(step)
+            ys.append(statistics.fmean(by_step[step]))
+        if xs:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=arch)
+    for b in sorted(boundaries):
+        ax.axvline(b, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("global step (stages end to end; dotted: stage boundary)")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (mean over seeds)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"loss.png": path}
+
+
+# ---- command line --------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """``scripts/compare.py``: the study of :func:`run_study`; prints the markdown table."""
+    import argparse
+
+    from .training.cli import setup_logging
+
+    parser = argparse.ArgumentParser(
+        description="Train and evaluate several strategies with the same data, budget and seeds; "
+        "write results.md, results.csv, accuracy.png and loss.png.",
+        epilog="Example: scripts/compare.py --archs llava igva --seeds 3 --out outputs/study",
+    )
+    parser.add_argument("--archs", nargs="+", default=list(DEFAULT_ARCHS), help="strategies (configs/<arch>/)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
+    seeds.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds")
+    parser.add_argument("--scale", default="tiny", help="config file stem: configs/<arch>/<scale>.yaml (default tiny)")
+    parser.add_argument("--config-dir", help="folder holding <arch>/<scale>.yaml (default: the repository's configs/)")
+    parser.add_argument("--out", default="outputs/study", help="study folder (default outputs/study)")
+    parser.add_argument("--max-eval", type=int, help="evaluate only the first N questions of the eval file (eval.max_samples; the "
+                        "file is ordered by type, so a small N may cover only some types)")
+    parser.add_argument("--latency-prompts", type=int, default=5, help="questions timed for latency (0: skip)")
+    parser.add_argument("--allow-unequal-budgets", action="store_true",
+                        help="accept configs whose training data / steps / eval questions differ")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every run")
+    args = parser.parse_args(argv)
+    if args.seed_list is None and args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    setup_logging()
+    spec = StudySpec(
+        archs=args.archs, seeds=args.seed_list or list(range(args.seeds)), out=args.out, scale=args.scale,
+        config_dir=args.config_dir, overrides=args.overrides, max_eval=args.max_eval,
+        latency_prompts=args.latency_prompts, allow_unequal_budgets=args.allow_unequal_budgets,
+    )
+    result = run_study(spec)
+    print(result.table)
+    reused = sum(r.reused for r in result.runs)
+    print(f"\n{len(result.runs)} runs ({reused} reused). " + "  ".join(f"{k}: {v}" for k, v in result.files.items()))
+    return 0
