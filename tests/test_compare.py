@@ -98,3 +98,14 @@ def test_unequal_budgets_are_refused(tmp_path):
     check_budgets({"llava": a, "igva": dict(a)}, {"llava": Path("x"), "igva": Path("y")})
     with pytest.raises(ValueError, match=r"stages\.0\.max_steps"):
         check_budgets({"llava": a, "igva": b}, {"llava": Path("x.yaml"), "igva": Path("y.yaml")})
+
+
+def test_default_archs_are_the_registered_strategies_with_a_config(tmp_path):
+    from vlmzoo import available_strategies
+    from vlmzoo.study import default_archs
+
+    archs = default_archs("tiny")
+    assert {"llava", "tg_llava", "ta_llava", "igva", "dense_connector"} <= set(archs) <= set(available_strategies())
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "small.yaml").write_text("{}")
+    assert default_archs("small", tmp_path) == ["llava"]

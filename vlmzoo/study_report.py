@@ -1,0 +1,222 @@
+"""The comparison study's outputs: results.csv, results.md (mean ± std over seeds) and two plots.
+
+Rows come from :class:`vlmzoo.study.RunRecord` objects; :data:`CSV_DOC` documents the CSV columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from .study import RunRecord, StudySpec
+
+CSV_DOC = {
+    "kind": "run (one training run), mean or std (over the strategy's seeds)",
+    "arch": "strategy (config folder name)",
+    "seed": "the run's seed; for mean/std rows the seeds, ';'-separated",
+    "n_seeds": "runs aggregated (1 for a run row)",
+    "acc_<type>": "exact-match accuracy on questions of that type, 0..1",
+    "accuracy": "accuracy over all eval questions, 0..1",
+    "macro_accuracy": "mean of the per-type accuracies, 0..1",
+    "blind_accuracy": "the blind control's overall accuracy (most frequent training answer), 0..1",
+    "blind_<type>": "the blind control's accuracy on that type, 0..1",
+    "n_eval": "eval questions scored",
+    "params_total": "all parameters of the model",
+    "params_trainable": "parameters trained in the last stage",
+    "params_strategy": "parameters outside the vision tower / text encoder / LLM (what the strategy adds)",
+    "visual_tokens": "LLM input tokens per image",
+    "train_time_s": "sum of the stages' training wall time, seconds",
+    "latency_ms": "median time of one greedy answer (batch 1, eval.max_new_tokens tokens), ms",
+    "reused": "1 if the run was found finished and nothing was trained or evaluated again",
+    "run_dir": "the run folder",
+}
+
+
+def question_types(runs: Sequence[RunRecord]) -> list[str]:
+    return sorted({t for r in runs for t in r.per_type})
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def run_row(r: RunRecord, types: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"kind": "run", "arch": r.arch, "seed": r.seed, "n_seeds": 1}
+    row.update({f"acc_{t}": r.per_type.get(t) for t in types})
+    row.update(accuracy=r.accuracy, macro_accuracy=r.macro_accuracy, blind_accuracy=r.blind_accuracy)
+    row.update({f"blind_{t}": r.blind_per_type.get(t) for t in types})
+    row.update(n_eval=r.n_eval, params_total=r.params_total, params_trainable=r.params_trainable,
+               params_strategy=r.params_strategy, visual_tokens=r.visual_tokens, train_time_s=r.train_time_s,
+               latency_ms=r.latency_ms, reused=int(r.reused), run_dir=str(r.run_dir))
+    return row
+
+
+def aggregate_rows(runs: Sequence[RunRecord], types: Sequence[str]) -> list[dict[str, Any]]:
+    """Per strategy (in study order): a ``mean`` and a ``std`` row over its seeds."""
+    rows = []
+    for arch in dict.fromkeys(r.arch for r in runs):
+        mine = [run_row(r, types) for r in runs if r.arch == arch]
+        mean: dict[str, Any] = {"kind": "mean", "arch": arch, "seed": ";".join(str(r["seed"]) for r in mine),
+                                "n_seeds": len(mine)}
+        std = {**mean, "kind": "std"}
+        for key, value in mine[0].items():
+            if key in mean or key in ("reused", "run_dir") or not (value is None or isinstance(value, (int, float))):
+                continue
+            mean[key], std[key] = _mean_std([m[key] for m in mine])
+        mean["reused"] = std["reused"] = int(all(m["reused"] for m in mine))
+        mean["run_dir"] = std["run_dir"] = ""
+        rows += [mean, std]
+    return rows
+
+
+def _fmt(mean: float | None, std: float | None, scale: float = 100.0, digits: int = 1, with_std: bool = True) -> str:
+    if mean is None:
+        return "-"
+    text = f"{scale * mean:.{digits}f}"
+    return f"{text} ± {scale * std:.{digits}f}" if with_std and std is not None else text
+
+
+def _count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def markdown_table(runs: Sequence[RunRecord]) -> str:
+    """Strategy rows: accuracy per type, overall, blind control (%, mean ± std over seeds),
+    parameters, visual tokens, training time, latency; a last row: the blind control per type."""
+    types = question_types(runs)
+    agg = aggregate_rows(runs, types)
+    header = ["strategy", "seeds", *types, "overall", "macro", "blind", "params", "trainable",
+              "strategy params", "visual tokens", "train time (s)", "latency (ms)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(header) - 2)]
+    for mean, std in zip(agg[::2], agg[1::2]):
+        cells = [mean["arch"], str(mean["n_seeds"])]
+        cells += [_fmt(mean[f"acc_{t}"], std[f"acc_{t}"]) for t in types]
+        cells += [_fmt(mean[k], std[k]) for k in ("accuracy", "macro_accuracy", "blind_accuracy")]
+        cells += [_count(mean[k]) for k in ("params_total", "params_trainable", "params_strategy")]
+        cells += ["-" if mean["visual_tokens"] is None else f"{mean['visual_tokens']:.0f}"]
+        cells += [_fmt(mean["train_time_s"], std["train_time_s"], 1.0), _fmt(mean["latency_ms"], std["latency_ms"], 1.0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    blind = [_fmt(*_mean_std([r.blind_per_type.get(t) for r in runs]), with_std=False) for t in types]
+    overall = _fmt(*_mean_std([r.blind_accuracy for r in runs]), with_std=False)
+    lines.append("| *blind control* | | " + " | ".join(blind) + f" | {overall} | | | | | | | | |")
+    return "\n".join(lines)
+
+
+def _short(override: str, limit: int = 60) -> str:
+    return override if len(override) <= limit else override[: limit - 3] + "..."
+
+
+def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"]) -> tuple[str, dict[str, Path]]:
+    """results.csv, results.md, accuracy.png and loss.png in ``spec.out`` -> (markdown table, files)."""
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    types = question_types(runs)
+    rows = [run_row(r, types) for r in runs] + aggregate_rows(runs, types)
+    csv_path = out / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown_table(runs)
+    seeds = ", ".join(str(s) for s in spec.seeds)
+    intro = [
+        "# Strategy comparison", "",
+        f"Strategies trained on the same data and steps, evaluated on the same {runs[0].n_eval} questions; "
+        f"seeds {seeds}. Accuracy in % (exact match), mean ± std over seeds; *blind* answers each question "
+        "with the most frequent training answer. Parameters: all / trained in the last stage / outside the "
+        "vision tower, text encoder and LLM. Latency: median of one greedy answer at batch 1.",
+        f"Configs: `{spec.config_dir or 'configs'}/<arch>/{spec.scale}.yaml`"
+        + (f"; overrides: `{' '.join(_short(o) for o in spec.overrides)}`" if spec.overrides else "") + ".", "",
+    ]
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(intro) + table + "\n\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
+    files = {"results.md": md_path, "results.csv": csv_path}
+    files.update(plot_accuracy(runs, out / "accuracy.png"))
+    files.update(plot_loss(runs, out / "loss.png"))
+    return table, files
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
+    """Grouped bars: question types (and overall) on x, one bar per strategy, std error bars; the
+    blind control as a black tick over each group."""
+    plt = _pyplot()
+    types = [*question_types(runs), "overall"]
+    archs = list(dict.fromkeys(r.arch for r in runs))
+    width = 0.8 / len(archs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(types) * max(1, len(archs)) / 2), 4.0), dpi=100)
+    for i, arch in enumerate(archs):
+        mine = [r for r in runs if r.arch == arch]
+        stats = [_mean_std([r.accuracy if t == "overall" else r.per_type.get(t) for r in mine]) for t in types]
+        xs = [k + (i - (len(archs) - 1) / 2) * width for k in range(len(types))]
+        ax.bar(xs, [100 * (m or 0) for m, _ in stats], width, yerr=[100 * (s or 0) for _, s in stats],
+               capsize=3, label=arch)
+    for k, t in enumerate(types):
+        b, _ = _mean_std([r.blind_accuracy if t == "overall" else r.blind_per_type.get(t) for r in runs])
+        if b is not None:
+            ax.hlines(100 * b, k - 0.42, k + 0.42, colors="black", linestyles="--", linewidth=1,
+                      label="blind control" if k == 0 else None)
+    ax.set_xticks(range(len(types)), types)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Accuracy per question type (mean ± std over seeds)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"accuracy.png": path}
+
+
+def plot_loss(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
+    """Training loss vs. global step (stages laid end to end), one line per strategy (mean over
+    seeds at each logged step), dotted vertical lines at the stage boundaries."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=100)
+    boundaries: set[int] = set()
+    for arch in dict.fromkeys(r.arch for r in runs):
+        by_step: dict[int, list[float]] = {}
+        for r in runs:
+            if r.arch == arch:
+                for step, loss in zip(r.loss_steps, r.losses):
+                    by_step.setdefault(step, []).append(loss)
+                boundaries.update(r.stage_ends[:-1])
+        ends = next(r.stage_ends for r in runs if r.arch == arch)
+        xs: list[float] = []
+        ys: list[float] = []
+        for step in sorted(by_step):
+            if xs and any(xs[-1] <= b < step for b in ends):  # no line across a stage boundary
+                xs.append(math.nan)
+                ys.append(math.nan)
+            xs.append(step)
+            ys.append(statistics.fmean(by_step[step]))
+        if xs:
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=arch)
+    for b in sorted(boundaries):
+        ax.axvline(b, color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("global step (stages end to end; dotted: stage boundary)")
+    ax.set_ylabel("training loss")
+    ax.set_title("Training loss (mean over seeds)")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"loss.png": path}
