@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .evaluation import EvalRecord, _image_first
+from .evaluation import EvalRecord, _image_first, generation_batch, record_images
 
 
 @torch.inference_mode()
@@ -32,25 +32,13 @@ def extras_by_question_type(
 
     Records without an image are skipped (the strategy does not run for them).
     """
-    from PIL import Image
-
     model.eval()
-    device = next(model.parameters()).device
     rows: dict[str, list[torch.Tensor]] = defaultdict(list)
     records = [r for r in records if r.images]
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        images = []
-        for rec in chunk:
-            loaded = []
-            for rel in rec.images:
-                with Image.open(os.path.join(images_dir, rel)) as im:
-                    loaded.append(im.convert("RGB"))
-            images.append(loaded)
-        batch = processor([_image_first(r) for r in chunk], images=images, add_generation_prompt=True,
-                          padding_side="left")
-        batch = {k: v.to(device) for k, v in batch.items()}
-        batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
+        images = [record_images(rec, images_dir) for rec in chunk]
+        batch = generation_batch(model, processor, [_image_first(r) for r in chunk], images)
         extras = model(**batch, output_strategy_extras=True, logits_to_keep=1).strategy_extras or {}
         if key not in extras:
             raise KeyError(f"Strategy {model.config.strategy!r} returns no extra {key!r}; it returns {sorted(extras)}.")

@@ -151,18 +151,10 @@ class BlindControl:
 @torch.inference_mode()
 def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir: str | os.PathLike, batch_size: int = 64, max_new_tokens: int = 16) -> list[str]:
     """Greedy answers for ``records``, in batches with left padding."""
-    from PIL import Image
-
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        images = []
-        for rec in chunk:
-            loaded = []
-            for rel in rec.images:
-                with Image.open(os.path.join(images_dir, rel)) as im:
-                    loaded.append(im.convert("RGB"))
-            images.append(loaded)
+        images = [record_images(rec, images_dir) for rec in chunk]
         texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens)
         answers += [a.strip() for a in texts]
     return answers
@@ -213,6 +205,17 @@ def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, im
     from .data.llava_json import _prepare_messages
 
     return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
+
+
+def record_images(record: EvalRecord, images_dir: str | os.PathLike) -> list[Any]:
+    """The record's images (paths relative to ``images_dir``) as RGB PIL images, in order."""
+    from PIL import Image
+
+    loaded = []
+    for rel in record.images:
+        with Image.open(os.path.join(images_dir, rel)) as im:
+            loaded.append(im.convert("RGB"))
+    return loaded
 
 
 def _image_first(record: EvalRecord) -> list[dict[str, str]]:

@@ -218,10 +218,8 @@ def train_and_evaluate(cfg, latency_prompts: int = 5) -> tuple[dict[str, Any], d
 def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dict[str, Any]:
     """Visual tokens per image, and the median latency (ms) of one greedy answer of exactly
     ``eval.max_new_tokens`` tokens at batch 1 over the first ``n_prompts`` eval questions."""
-    from PIL import Image
-
     from .build import torch_dtype
-    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval
+    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval, record_images
 
     model, processor = load_for_eval(model_dir, cfg.eval.template, torch_dtype(cfg.model.dtype))
     out: dict[str, Any] = {"visual_tokens": int(processor.num_visual_tokens), "latency_ms": None}
@@ -232,10 +230,7 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
     n_new = cfg.eval.max_new_tokens
     times = []
     for i, rec in enumerate([records[0], *records]):  # the first one warms up
-        images = []
-        for rel in rec.images:
-            with Image.open(os.path.join(images_dir, rel)) as im:
-                images.append(im.convert("RGB"))
+        images = record_images(rec, images_dir)
         batch = generation_batch(model, processor, [image_first_messages(rec.messages, len(rec.images))], [images])
         start = time.perf_counter()
         greedy_generate(model, processor, batch, n_new, min_new_tokens=n_new)
