@@ -182,9 +182,8 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
                                                               output_loading_info=True)
     n_loaded = len(model.state_dict()) - len(info["missing_keys"])
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
-    for label, keys in (("New (fresh init)", info["missing_keys"]), ("Dropped (unused)", info["unexpected_keys"])):
-        for prefix, count in summarize_keys(keys).items():
-            logger.info("%s: %s.* (%d tensors)", label, prefix, count)
+    log_key_groups("New (fresh init)", info["missing_keys"])
+    log_key_groups("Dropped (unused)", info["unexpected_keys"])
     processor = VLMProcessor.from_pretrained(model_dir)
     if processor.num_visual_tokens != model.strategy.num_visual_tokens:
         processor = VLMProcessor.for_model(
@@ -230,19 +229,20 @@ def load_weights_by_name(model, model_dir: str | os.PathLike) -> dict[str, list[
     loaded = set(report["loaded"])
     report["kept"] = [k for k in own if k not in loaded]
     logger.info("model.init_from %s: loaded %d weight tensors.", directory, len(report["loaded"]))
-    for label, key in (("Kept as built (not in the checkpoint)", "kept"), ("Dropped (not in this model)", "dropped")):
-        for prefix, count in summarize_keys(report[key]).items():
-            logger.info("%s: %s.* (%d tensors)", label, prefix, count)
+    log_key_groups("Kept as built (not in the checkpoint)", report["kept"])
+    log_key_groups("Dropped (not in this model)", report["dropped"])
     return report
 
 
-def summarize_keys(keys: list[str], depth: int = 2) -> dict[str, int]:
-    """Parameter names grouped by their first ``depth`` components: ``{"strategy.allocator": 36}``."""
-    out: dict[str, int] = {}
+def log_key_groups(label: str, keys: list[str], depth: int = 2) -> None:
+    """Log parameter names grouped by their first ``depth`` components, one line per group:
+    ``"<label>: strategy.allocator.* (36 tensors)"``."""
+    counts: dict[str, int] = {}
     for key in keys:
         prefix = ".".join(key.split(".")[:depth])
-        out[prefix] = out.get(prefix, 0) + 1
-    return out
+        counts[prefix] = counts.get(prefix, 0) + 1
+    for prefix, count in counts.items():
+        logger.info("%s: %s.* (%d tensors)", label, prefix, count)
 
 
 def processor_with_template(processor, template: str | dict[str, Any]):
