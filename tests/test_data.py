@@ -19,15 +19,20 @@ SIZE = 16
 Q, A = "What is in the picture?", "A cat on a mat."
 
 
-@pytest.fixture(scope="module")
-def processor() -> VLMProcessor:
+def _processor(high_res_factor: int = 1) -> VLMProcessor:
     return VLMProcessor(
         build_word_tokenizer(),
         image_processor=make_image_processor(SIZE),
         text_tokenizer=build_word_tokenizer(auto_bos=True),
         template="vicuna_v1",
         num_visual_tokens=N_VIS,
+        high_res_factor=high_res_factor,
     )
+
+
+@pytest.fixture(scope="module")
+def processor() -> VLMProcessor:
+    return _processor()
 
 
 @pytest.fixture
@@ -214,3 +219,77 @@ def test_skip_mode_counts_and_reports(folder, processor, caplog):
         item = ds[2]
     assert item["id"] == "multi" and [s.record_id for s in ds.runtime_skipped] == ["bad-corrupt"]
     assert "bad-corrupt" in caplog.text
+
+
+# ---- native high-resolution images (pixel_values_hr) ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hr_processor() -> VLMProcessor:
+    """As ``processor``, for a strategy with 2x high-res crops (``StrategyNeeds.high_res_factor=2``)."""
+    return _processor(high_res_factor=2)
+
+
+@pytest.fixture
+def hr_folder(tmp_path):
+    """``img_2x/``: random pictures at 2x the tower's size (one square, one 3:2); ``img/``: each
+    box-downsampled by 2, as a renderer would draw the same scene at the base resolution."""
+    rng = np.random.default_rng(3)
+    for rel, (w, h) in (("sq.png", (2 * SIZE, 2 * SIZE)), ("sub/wide.png", (60, 40))):
+        big = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for folder, im in (("img_2x", big), ("img", big.resize((w // 2, h // 2), Image.Resampling.BOX))):
+            (tmp_path / folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            im.save(tmp_path / folder / rel)
+    return tmp_path
+
+
+HR_RECORDS = [
+    {"id": "sq", "image": "sq.png", "conversations": [human("<image>\n" + Q), gpt(A)]},
+    {"id": "text", "conversations": [human("Hello there"), gpt("one two")]},
+    {"id": "wide", "image": "sub/wide.png", "conversations": [human("<image>\n" + Q), gpt("A dog.")]},
+]
+
+
+def test_high_res_folder_gives_pixel_values_hr_row_for_row(hr_folder, hr_processor):
+    ds = load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x")
+    assert ds[0]["pixel_values_hr"].shape == (1, 3, 2 * SIZE, 2 * SIZE) and ds[1]["pixel_values_hr"].shape == (0, 3, 2 * SIZE, 2 * SIZE)
+    batch = VLMDataCollator(hr_processor)([ds[i] for i in range(3)])
+    pv, hr = batch["pixel_values"], batch["pixel_values_hr"]
+    assert pv.shape == (2, 3, SIZE, SIZE) and hr.shape == (2, 3, 2 * SIZE, 2 * SIZE) and hr.dtype == pv.dtype
+    # The 2x box-mean of each high-res row is its base row: the same picture, aligned row for row.
+    down = torch.nn.functional.avg_pool2d(hr, 2)
+    assert (down[0] - pv[0]).abs().max() < 0.03  # both exactly sized: only the uint8 rounding of the base PNG
+    assert (down[1] - pv[1]).abs().mean() < 0.1  # padded to a square and resized: bicubic differences
+    assert (down[0] - pv[1]).abs().mean() > 0.3 and (down[1] - pv[0]).abs().mean() > 0.3  # not the other row
+    # A high-res image already at 2x the tower's size is only normalised (same mean/std as the base).
+    mean = torch.tensor(hr_processor.image_processor.image_mean)[:, None, None]
+    std = torch.tensor(hr_processor.image_processor.image_std)[:, None, None]
+    raw = torch.from_numpy(np.array(Image.open(hr_folder / "img_2x" / "sq.png"))).permute(2, 0, 1).float() / 255
+    assert torch.allclose(hr[0], (raw - mean) / std, atol=1e-5)
+
+
+def test_missing_or_mismatched_high_res_file_names_path_and_record(hr_folder, hr_processor):
+    (hr_folder / "img_2x" / "sub" / "wide.png").unlink()
+    with pytest.raises(LlavaDataError, match=r"record 'wide' \(#2\): high-res image file not found: .*img_2x/sub/wide\.png"):
+        load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x")
+    # Found on access too (no check at load time), never replaced by the upsampled base image.
+    ds = load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x", check_images="none")
+    assert "pixel_values_hr" in ds[0]
+    with pytest.raises(LlavaDataError, match=r"record 'wide' \(#2\): high-res image file not found: .*img_2x/sub/wide\.png"):
+        ds[2]
+    # A file of another aspect ratio is not the same picture.
+    Image.new("RGB", (64, 64)).save(hr_folder / "img_2x" / "sub" / "wide.png")
+    ds = load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x")
+    with pytest.raises(LlavaDataError, match=r"record 'wide' \(#2\): the high-res image is 64x64 pixels, its base image 30x20"):
+        ds[2]
+
+
+def test_no_high_res_folder_or_factor_means_no_pixel_values_hr(hr_folder, hr_processor, processor):
+    without_folder = load(hr_folder, hr_processor, HR_RECORDS)
+    assert "pixel_values_hr" not in without_folder[0]
+    assert "pixel_values_hr" not in VLMDataCollator(hr_processor)([without_folder[i] for i in range(3)])
+    # A strategy without a high-res factor never reads the folder (here: one without the files).
+    (hr_folder / "empty").mkdir()
+    no_factor = load(hr_folder, processor, HR_RECORDS, name="f1.json", high_res_folder=hr_folder / "empty")
+    assert no_factor.high_res_folder is None and "pixel_values_hr" not in no_factor[0]
+    assert "pixel_values_hr" not in VLMDataCollator(processor)([no_factor[i] for i in range(3)])

@@ -69,3 +69,32 @@ def test_cache_stops_growing_at_its_byte_limit(pixels) -> None:
         b = model.encode_images(pixels)
     assert len(model.vision_feature_cache) == 0 and model.vision_feature_cache.misses == 2 * pixels.shape[0]
     torch.testing.assert_close(a.layers[-2], b.layers[-2])
+
+
+def test_instruction_cache_equals_the_text_encoder_and_skips_it_for_seen_instructions() -> None:
+    from test_tg_llava import tg_model
+
+    from vlmzoo.feature_cache import InstructionFeatureCache
+
+    model = tg_model(seed=6)
+    # Right-padded instructions of different lengths; rows 0 and 2 are the same instruction padded
+    # to different widths (batches pad to their longest row).
+    ids = torch.tensor([[98, 5, 6, 7, 99, 0], [98, 8, 9, 10, 11, 99], [98, 5, 6, 7, 99, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        plain = model.encode_instructions(ids, mask)
+        model.text_feature_cache = InstructionFeatureCache()
+        calls: list[int] = []
+        model.text_encoder.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+        first = model.encode_instructions(ids, mask)
+        again = model.encode_instructions(ids[[1, 0]], mask[[1, 0]])
+        narrower = model.encode_instructions(ids[[0], :5], mask[[0], :5])
+    assert calls == [2]  # one pass over the 2 distinct instructions; later calls are all hits
+    cache = model.text_feature_cache
+    assert len(cache) == 2 and cache.misses == 2 and cache.hits == 1 + 2 + 1
+    torch.testing.assert_close(first.pooled, plain.pooled)
+    real = mask.bool()
+    torch.testing.assert_close(first.tokens[real], plain.tokens[real])
+    assert (first.tokens[~real] == 0).all() and torch.equal(first.mask, mask)
+    torch.testing.assert_close(again.pooled, plain.pooled[[1, 0]])
+    torch.testing.assert_close(narrower.tokens[0], plain.tokens[0, :5])

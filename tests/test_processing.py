@@ -158,3 +158,64 @@ def test_for_model_reads_strategy_tower_and_checks_token(processor):
     config.image_token_id = 0
     with pytest.raises(ValueError, match="image_token_id is 0"):
         VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=3)
+
+
+def test_high_res_images_become_pixel_values_hr(processor, tmp_path):
+    """With high_res_factor f = 2: the high-res images, resized to (2H, 2W) and normalised as the
+    base images, go row for row into pixel_values_hr; with f = 1 they are ignored."""
+    hr = VLMProcessor(processor.tokenizer, make_image_processor(SIZE), template="qwen2", num_visual_tokens=N_VIS,
+                      high_res_factor=2)
+    assert hr.high_res_shape == (3, 2 * SIZE, 2 * SIZE)
+    exact, big, wide = image(2 * SIZE, 2 * SIZE, seed=4), image(4 * SIZE, 4 * SIZE, seed=5), image(96, 40, seed=6)
+    convs = [conv("<image>\nWhat is in the picture?"), conv("Hello"), conv("<image> one <image> two")]
+    base = [[image(seed=1)], None, [image(seed=2), image(48, 20, seed=3)]]
+    batch = hr(convs, images=base, high_res_images=[[exact], None, [big, wide]])
+    assert batch["pixel_values"].shape == (3, 3, SIZE, SIZE) and batch["pixel_values_hr"].shape == (3, 3, 2 * SIZE, 2 * SIZE)
+    # An image already at (2H, 2W) is not resampled, only normalised with the base images' mean and std.
+    mean, std = torch.tensor(hr.image_processor.image_mean)[:, None, None], torch.tensor(hr.image_processor.image_std)[:, None, None]
+    raw = torch.from_numpy(np.array(exact)).permute(2, 0, 1).float() / 255
+    assert torch.allclose(batch["pixel_values_hr"][0], (raw - mean) / std, atol=1e-5)
+    assert torch.allclose(batch["pixel_values_hr"][1:], hr.preprocess_images([big, wide], high_res=True))
+    assert torch.equal(batch["pixel_values"], processor(convs, images=base)["pixel_values"])  # base rows unchanged
+
+    assert "pixel_values_hr" not in hr(convs, images=base)  # no high-res images given
+    assert "pixel_values_hr" not in processor(convs, images=base, high_res_images=[[exact], None, [big, wide]])  # f = 1
+    with pytest.raises(ValueError, match=r"Sample 2 has 2 image\(s\) but 1 high-res image\(s\)"):
+        hr(convs, images=base, high_res_images=[[exact], None, [big]])
+    with pytest.raises(ValueError, match="high_res=True needs a processor with high_res_factor > 1"):
+        processor.preprocess_images([exact], high_res=True)
+
+    # The factor is saved with the processor.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vlmzoo"}))
+    hr.save_pretrained(tmp_path)
+    assert VLMProcessor.from_pretrained(tmp_path).high_res_factor == 2
+
+
+def test_for_model_reads_the_high_res_factor(processor):
+    tok = processor.tokenizer
+    config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"), strategy="tg_llava",
+                             vision_config={"image_size": 16})
+    tower = SimpleNamespace(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    model = SimpleNamespace(config=config, vision_tower=tower,
+                            strategy=SimpleNamespace(num_visual_tokens=7, needs=StrategyNeeds(high_res_factor=2)))
+    assert VLMProcessor.for_model(model, tok, template="qwen2").high_res_factor == 2
+    with pytest.raises(ValueError, match="high_res_factor=3 differs from the model strategy's 2"):
+        VLMProcessor.for_model(model, tok, template="qwen2", high_res_factor=3)
+    model.strategy.needs = StrategyNeeds()
+    assert VLMProcessor.for_model(model, tok, template="qwen2").high_res_factor == 1
+    # From a config (strategy not built) the factor is given, default 1.
+    assert VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=7).high_res_factor == 1
+    assert VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=7, high_res_factor=2).high_res_factor == 2
+
+
+def test_images_already_at_the_tower_size_are_only_normalised_as_the_image_processor_would(processor) -> None:
+    """The fast path (no per-image processor call) gives the image processor's pixels; other sizes
+    still go through the image processor."""
+    ip = processor.image_processor
+    same = [image(seed=s) for s in range(3)]
+    fast = processor.preprocess_images(same)
+    assert fast.shape == (3, 3, SIZE, SIZE)
+    torch.testing.assert_close(fast, ip(same, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=1e-5)
+    other = [image(w=SIZE + 8, h=SIZE + 8, seed=4)]
+    assert processor._normalize_only(other, (3, SIZE, SIZE)) is None
+    torch.testing.assert_close(processor.preprocess_images(other), ip(other, return_tensors="pt")["pixel_values"])

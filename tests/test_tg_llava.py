@@ -340,3 +340,93 @@ def test_processor_truncates_instructions_to_the_text_encoder_limit():
     assert VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2").text_max_length == 77
     assert VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2",
                                   text_max_length=8).text_max_length == 8
+
+
+# ---- native high-resolution input (pixel_values_hr) ------------------------------------------------
+def test_high_res_features_come_from_pixel_values_hr(pixels):
+    """TG-DP's crops are cut from pixel_values_hr when given: its features differ from those of the
+    upsampled base image, and forward hands the strategy exactly encode_images(pixel_values, pixel_values_hr)."""
+    import torch.nn.functional as F
+
+    from tiny import IMAGE_SIZE
+
+    model = tg_model()
+    needs = model.strategy.needs
+    (layer,) = needs.high_res_layers
+    hr = torch.randn(2, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        direct = model.encode_images(pixels[:2], needs, hr)
+        upsampled = model.encode_images(pixels[:2], needs)
+        bilinear = model.encode_images(pixels[:2], needs, F.interpolate(pixels[:2], scale_factor=2, mode="bilinear"))
+    assert direct.high_res[layer].shape == (2, 4 * NUM_PATCHES, model.vision_tower.hidden_size)
+    assert not torch.allclose(direct.high_res[layer], upsampled.high_res[layer], atol=1e-3)
+    assert torch.equal(bilinear.high_res[layer], upsampled.high_res[layer])  # the fallback is that upsampling
+    assert torch.equal(direct.layers[layer], upsampled.layers[layer])  # base features do not change
+
+    seen = []
+    model.strategy.register_forward_pre_hook(lambda module, args: seen.append(args[0].vision))
+    _forward(model, {**_batch(model, pixels), "pixel_values_hr": hr})
+    _forward(model, _batch(model, pixels))
+    assert torch.equal(seen[0].high_res[layer], direct.high_res[layer])
+    assert torch.equal(seen[1].high_res[layer], upsampled.high_res[layer])
+    with pytest.raises(ValueError, match=r"pixel_values_hr has shape \(2, 3, 32, 32\); expected \(2, 3, 64, 64\)"):
+        _forward(model, {**_batch(model, pixels), "pixel_values_hr": pixels[:2]})
+
+
+def test_evaluation_passes_pixel_values_hr(tmp_path):
+    """generate_answers / evaluate_model with a high-res folder: the model's prefill sees the
+    features of the processed 2x images (as training does); a missing 2x file names it and the record."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from test_templates import build_word_tokenizer
+    from tiny import tiny_clip_vision_spec
+    from vlmzoo import VLMConfig
+    from vlmzoo.evaluation import _image_first, evaluate_model, generation_batch, load_eval_records
+    from vlmzoo.processing import VLMProcessor
+
+    tok = build_word_tokenizer(auto_bos=True)
+    text_config = dict(TINY_LLMS["llama"], vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = VLMConfig(text_config=text_config, vision_config=tiny_clip_vision_spec(), strategy="tg_llava",
+                       image_token_id=tok.convert_tokens_to_ids("<image>"), text_encoder_config=dict(CLIP_TEXT),
+                       strategy_config=dict(TINY_TG))
+    torch.manual_seed(0)
+    model = VLMForConditionalGeneration(config).eval()
+    processor = VLMProcessor.for_model(model, tok, text_tokenizer=build_word_tokenizer(auto_bos=True), template="vicuna_v1")
+    assert processor.high_res_factor == 2  # from the strategy's needs
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(3):
+        big = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        for folder, im in (("images_2x", big), ("images", big.resize((32, 32), Image.Resampling.BOX))):
+            (tmp_path / folder).mkdir(exist_ok=True)
+            im.save(tmp_path / folder / f"{i}.png")
+        records.append({"id": f"r{i}", "image": f"{i}.png",
+                        "conversations": [{"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "A cat."}]})
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+
+    seen = []
+    model.strategy.register_forward_pre_hook(lambda module, args: seen.append(args[0].vision))
+    metrics = evaluate_model(model, processor, data, tmp_path / "images", high_res_images=tmp_path / "images_2x",
+                             batch_size=3, max_new_tokens=2)
+    assert metrics["n"] == 3 and metrics["generation"]["high_res_images"] == str(tmp_path / "images_2x")
+    recs = load_eval_records(data)
+    load = lambda folder: [[Image.open(tmp_path / folder / r.images[0]).convert("RGB")] for r in recs]  # noqa: E731
+    batch = generation_batch(model, processor, [_image_first(r) for r in recs], load("images"), load("images_2x"))
+    assert batch["pixel_values_hr"].shape == (3, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.encode_images(batch["pixel_values"], model.strategy.needs, batch["pixel_values_hr"])
+    (layer,) = model.strategy.needs.high_res_layers
+    assert len(seen) == 1 and torch.equal(seen[0].high_res[layer], expected.high_res[layer])  # prefill only
+
+    seen.clear()
+    evaluate_model(model, processor, data, tmp_path / "images", batch_size=3, max_new_tokens=2)  # no folder: upsampled
+    assert not torch.equal(seen[0].high_res[layer], expected.high_res[layer])
+    (tmp_path / "images_2x" / "1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"Eval record 'r1': high-res image file not found: .*images_2x/1\.png"):
+        evaluate_model(model, processor, data, tmp_path / "images", high_res_images=tmp_path / "images_2x", batch_size=3)

@@ -85,11 +85,20 @@ class DataSection:
 
     Attributes:
         images: image folder used when a stage or the eval names none.
+        high_res_images: optional folder holding the same relative image paths as ``images``, each
+            image stored at (at least) f times the tower's resolution, for strategies with a
+            high-res factor f > 1 (``StrategyNeeds.high_res_factor``, e.g. TG-LLaVA's TG-DP). The
+            processor resizes them to ``(f*H, f*W)`` and batches them as ``pixel_values_hr``, so the
+            strategy's crops come from them instead of from the base image upsampled. A stage or
+            the eval reading another ``images`` folder than ``data.images`` gets a high-res folder
+            only by naming its own ``high_res_images``; a missing high-res file is an error. Ignored by strategies
+            without a high-res factor.
         max_length: truncate token sequences to this length (``None`` = no limit).
         num_workers: data-loader worker processes.
     """
 
     images: str | None = None
+    high_res_images: str | None = None
     max_length: int | None = None
     num_workers: int = 0
 
@@ -101,6 +110,9 @@ class StageConfig:
     Attributes:
         name: folder name of the stage's checkpoints (unique within a run).
         data: LLaVA-format JSON file; ``images``: its image folder (default ``data.images``).
+        high_res_images: the same images at f times the tower's resolution (see
+            :class:`DataSection`); default ``data.high_res_images`` when ``images`` is unset or
+            ``data.images``.
         template: conversation template (``plain`` for alignment, ``vicuna_v1`` for instructions), or
             a built-in one with fields replaced: ``{base: vicuna_v1, default_system: null}``.
         train: module groups that train; every other group is frozen. Groups: ``vision_tower``,
@@ -124,6 +136,7 @@ class StageConfig:
     name: str = "stage"
     data: str | None = None
     images: str | None = None
+    high_res_images: str | None = None
     template: str | dict[str, Any] = "plain"
     train: list[str] = field(default_factory=lambda: ["strategy"])
     lr: float = 1e-3
@@ -155,6 +168,8 @@ class TrainingSection:
             ``group_by_modality_length``), so little compute goes to padding.
         cache_vision_features: keep a frozen tower's features of every image in memory so later
             epochs do not encode it again (:mod:`vlmzoo.feature_cache`); for small-scale runs only.
+        cache_text_features: the same for the (always frozen) instruction text encoder, per
+            distinct instruction.
     """
 
     stages: list[StageConfig] = field(default_factory=list)
@@ -172,6 +187,7 @@ class TrainingSection:
     resume: bool = True
     group_by_length: bool = False
     cache_vision_features: bool = False
+    cache_text_features: bool = False
 
 
 @dataclass
@@ -180,6 +196,9 @@ class EvalSection:
 
     Attributes:
         data / images: evaluation JSON and its image folder; ``data: null`` skips evaluation.
+        high_res_images: the same images at f times the tower's resolution (see
+            :class:`DataSection`); default ``data.high_res_images`` when ``images`` is unset or
+            ``data.images``.
         train_data: training answers for the blind control (default: the last stage's data).
         template: conversation template of the prompts (default: the one saved with the model); a
             name or a ``{base: NAME, ...}`` mapping as in :class:`StageConfig`.
@@ -190,6 +209,7 @@ class EvalSection:
 
     data: str | None = None
     images: str | None = None
+    high_res_images: str | None = None
     train_data: str | None = None
     template: str | dict[str, Any] | None = None
     question_type_key: str = "question_type"
@@ -238,6 +258,18 @@ class RunConfig:
     def stage_images(self, stage: StageConfig) -> str | None:
         return stage.images or self.data.images
 
+    def stage_high_res_images(self, stage: StageConfig) -> str | None:
+        """The stage's high-res image folder: its own, else ``data.high_res_images`` when the stage
+        also reads ``data.images`` (a stage with another ``images`` folder and no ``high_res_images`` has none)."""
+        return _high_res_folder(stage.images, stage.high_res_images, self.data)
+
+    def eval_images(self) -> str | None:
+        return self.eval.images or self.data.images
+
+    def eval_high_res_images(self) -> str | None:
+        """As :meth:`stage_high_res_images`, for the ``eval`` section."""
+        return _high_res_folder(self.eval.images, self.eval.high_res_images, self.data)
+
     def stage_strategy_config(self, stage: StageConfig) -> dict[str, Any]:
         """The strategy fields a stage trains with: ``model.strategy_config`` updated by the stage's own."""
         return {**self.model.strategy_config, **stage.strategy_config}
@@ -246,6 +278,16 @@ class RunConfig:
         if self.eval.train_data:
             return self.eval.train_data
         return self.training.stages[-1].data if self.training.stages else None
+
+
+def _high_res_folder(own_images: str | None, own_high_res: str | None, data: DataSection) -> str | None:
+    """``data.high_res_images`` holds the high-res versions of ``data.images`` only: a section
+    reading another image folder gets a high-res folder only by naming one."""
+    if own_high_res:
+        return own_high_res
+    if own_images and os.path.normpath(own_images) != os.path.normpath(data.images or ""):
+        return None
+    return data.high_res_images
 
 
 # ---- YAML with proper floats ---------------------------------------------------------------------

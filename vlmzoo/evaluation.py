@@ -1,7 +1,9 @@
 """Evaluation: batched greedy answers, exact-match scoring per question type, POPE stats, a blind control.
 
 * Predictions: each record's conversation up to its last assistant turn is the prompt (the
-  processor's template, generation prompt added, left padding); greedy decoding.
+  processor's template, generation prompt added, left padding); greedy decoding. With a high-res
+  image folder and a strategy with a high-res factor, the images' high-res versions go in as
+  ``pixel_values_hr``, as in training.
 * Scoring: normalised exact match (:func:`normalize_answer`) against the last assistant turn,
   overall, macro-averaged and per question type (the record's ``question_type`` field).
 * POPE: over records whose gold answer is yes/no, the prediction is mapped to yes/no as the POPE
@@ -149,27 +151,51 @@ class BlindControl:
 
 # ---- generation ----------------------------------------------------------------------------------
 @torch.inference_mode()
-def generate_answers(model, processor, records: Sequence[EvalRecord], images_dir: str | os.PathLike, batch_size: int = 64, max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers for ``records``, in batches with left padding."""
+def generate_answers(
+    model,
+    processor,
+    records: Sequence[EvalRecord],
+    images_dir: str | os.PathLike,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+    high_res_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """Greedy answers for ``records``, in batches with left padding.
+
+    ``high_res_dir``: the images' high-res versions (same relative paths), read only when the
+    processor's ``high_res_factor`` > 1; a missing file raises, naming it and the record."""
+    use_hr = high_res_dir is not None and processor.high_res_factor > 1
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         images = [record_images(rec, images_dir) for rec in chunk]
-        texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens)
+        high_res = [record_images(rec, high_res_dir, "high-res image") for rec in chunk] if use_hr else None
+        texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens,
+                               high_res_images=high_res)
         answers += [a.strip() for a in texts]
     return answers
 
 
-def generation_batch(model, processor, conversations: Sequence[Sequence[dict[str, str]]], images: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+def generation_batch(
+    model,
+    processor,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    images: Sequence[Sequence[Any]],
+    high_res_images: Sequence[Sequence[Any]] | None = None,
+) -> dict[str, torch.Tensor]:
     """Prompts (generation prompt added, left padding) on the model's device, pixels in its vision dtype.
 
-    ``images[i]`` holds sample i's PIL images, one per ``<image>`` placeholder.
+    ``images[i]`` holds sample i's PIL images, one per ``<image>`` placeholder; ``high_res_images[i]``
+    the same images at high resolution (-> ``pixel_values_hr`` when the processor's
+    ``high_res_factor`` > 1).
     """
-    batch = processor(list(conversations), images=list(images), add_generation_prompt=True, padding_side="left")
+    batch = processor(list(conversations), images=list(images), add_generation_prompt=True, padding_side="left",
+                      high_res_images=None if high_res_images is None else list(high_res_images))
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    if "pixel_values" in batch:
-        batch["pixel_values"] = batch["pixel_values"].to(model.vision_dtype)
+    for key in ("pixel_values", "pixel_values_hr"):
+        if key in batch:
+            batch[key] = batch[key].to(model.vision_dtype)
     return batch
 
 
@@ -191,11 +217,12 @@ def generate_texts(
     conversations: Sequence[Sequence[dict[str, str]]],
     images: Sequence[Sequence[Any]],
     max_new_tokens: int = 16,
+    high_res_images: Sequence[Sequence[Any]] | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """One left-padded batch: each conversation (ending in a user turn) -> its decoded continuation
     (not stripped); see :func:`generation_batch` and :func:`greedy_generate`."""
-    batch = generation_batch(model, processor, conversations, images)
+    batch = generation_batch(model, processor, conversations, images, high_res_images)
     new_tokens = greedy_generate(model, processor, batch, max_new_tokens, **generate_kwargs)
     return processor.batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -207,13 +234,17 @@ def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, im
     return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
 
 
-def record_images(record: EvalRecord, images_dir: str | os.PathLike) -> list[Any]:
-    """The record's images (paths relative to ``images_dir``) as RGB PIL images, in order."""
+def record_images(record: EvalRecord, images_dir: str | os.PathLike, what: str = "image") -> list[Any]:
+    """The record's images (paths relative to ``images_dir``) as RGB PIL images, in order; a
+    missing file raises ``FileNotFoundError`` naming it (``what``) and the record."""
     from PIL import Image
 
     loaded = []
     for rel in record.images:
-        with Image.open(os.path.join(images_dir, rel)) as im:
+        path = os.path.join(images_dir, rel)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Eval record {record.id!r}: {what} file not found: {path}")
+        with Image.open(path) as im:
             loaded.append(im.convert("RGB"))
     return loaded
 
@@ -273,6 +304,7 @@ def evaluate_model(
     data: str | os.PathLike,
     images: str | os.PathLike | None = None,
     *,
+    high_res_images: str | os.PathLike | None = None,
     train_data: str | os.PathLike | None = None,
     question_type_key: str = "question_type",
     batch_size: int = 64,
@@ -283,11 +315,14 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """Answer every record of ``data``, score, compare with the blind control; write the files to ``out_dir``.
 
+    ``high_res_images``: the same images at high resolution (see :func:`generate_answers`).
     ``meta`` entries (e.g. the model's path) are copied into the metrics."""
     images = os.fspath(images) if images else os.path.dirname(os.path.abspath(data))
     records = load_eval_records(data, question_type_key, max_samples)
     start = time.perf_counter()
-    predictions = generate_answers(model, processor, records, images, batch_size, max_new_tokens)
+    use_hr = high_res_images is not None and processor.high_res_factor > 1
+    predictions = generate_answers(model, processor, records, images, batch_size, max_new_tokens,
+                                   high_res_dir=high_res_images if use_hr else None)
     runtime = time.perf_counter() - start
     metrics: dict[str, Any] = {**(meta or {}), "data": os.path.abspath(data), **accuracy_table(records, predictions)}
     pope = pope_stats(records, predictions)
@@ -304,6 +339,8 @@ def evaluate_model(
         metrics["blind"] = blind
     metrics["generation"] = {"runtime_s": round(runtime, 2), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                              "template": processor.template.name}
+    if use_hr:
+        metrics["generation"]["high_res_images"] = os.path.abspath(high_res_images)
     if out_dir is not None:
         write_eval_outputs(out_dir, metrics, records, predictions, blind_answers)
     return metrics
@@ -333,7 +370,8 @@ def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dty
     model = VLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype or torch.float32)
     if torch.cuda.is_available():
         model = model.cuda()
-    processor = VLMProcessor.from_pretrained(model_dir)
+    # A processor saved before it recorded high_res_factor: take it from the model's strategy.
+    processor = VLMProcessor.from_pretrained(model_dir, high_res_factor=model.strategy.needs.high_res_factor)
     if template:
         processor = processor_with_template(processor, template)
     return model, processor
@@ -348,7 +386,7 @@ def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         raise ValueError("eval.data is not set (the evaluation JSON file).")
     model, processor = load_for_eval(model_dir, e.template, torch_dtype(cfg.model.dtype))
     return evaluate_model(
-        model, processor, e.data, e.images or cfg.data.images,
+        model, processor, e.data, cfg.eval_images(), high_res_images=cfg.eval_high_res_images(),
         train_data=cfg.eval_train_data(), question_type_key=e.question_type_key,
         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_samples=e.max_samples, out_dir=out_dir,
         meta={"model": os.path.abspath(model_dir)},
@@ -387,13 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
     parser.add_argument("--data", help="evaluation JSON (default: eval.data of the config)")
     parser.add_argument("--images", help="its image folder (default: eval.images, data.images, or the JSON's folder)")
+    parser.add_argument("--high-res-images",
+                        help="the same images at high resolution, for strategies with high-res crops "
+                             "(default: eval.high_res_images, or data.high_res_images with data.images)")
     parser.add_argument("--train-data", help="training JSON for the blind control (default: the config's last stage)")
     parser.add_argument("--output-dir", help="where eval_metrics.json and predictions.jsonl go (default: <model>/eval)")
     add_config_arguments(parser, arch=False)
     args = parser.parse_args(argv)
     setup_logging()
     cfg = config_from_args(args)
-    for key in ("data", "images", "train_data"):
+    for key in ("data", "images", "high_res_images", "train_data"):
         if getattr(args, key):
             setattr(cfg.eval, key, getattr(args, key))
     out_dir = Path(args.output_dir or Path(args.model) / "eval")

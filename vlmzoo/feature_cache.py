@@ -1,4 +1,5 @@
-"""A memo of a frozen vision tower's features, per image, for small-scale runs.
+"""Memos of frozen encoders' features (vision tower per image, text encoder per instruction),
+for small-scale runs.
 
 LLaVA-style training never changes a frozen tower's input (no augmentation), so an image seen
 again in a later epoch gives the same features. At tiny scale, where one tower pass costs as
@@ -19,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .strategy import StrategyNeeds, VisionFeatures
+from .strategy import InstructionFeatures, StrategyNeeds, VisionFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,63 @@ class VisionFeatureCache:
             return
         self._store[key] = entry
         self.bytes += size
+
+
+class InstructionFeatureCache:
+    """Per-instruction text-encoder features, keyed by the instruction's token ids.
+
+    The text encoder is always frozen, and at tiny scale one instruction (a question) recurs
+    across many samples, so its features are computed once. Exact for encoders whose features
+    of the real tokens do not depend on the padding (causal CLIP text towers with their
+    attention mask, or encoders padded to a fixed length): :class:`~vlmzoo.towers.text.TextEncoder`
+    implementations are. Padding positions of the returned ``tokens`` are zeros.
+
+    Args:
+        max_entries: stop adding entries beyond this many instructions (hits still work).
+    """
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self.max_entries = int(max_entries)
+        self.hits = 0
+        self.misses = 0
+        self._store: dict[bytes, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def encode(
+        self,
+        compute: Callable[[torch.Tensor, torch.Tensor], InstructionFeatures],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> InstructionFeatures:
+        """``compute(ids (M, L), mask (M, L))`` runs only on instructions not seen yet; returns
+        pooled ``(N, D_t)``, tokens ``(N, L, D_t)`` and ``attention_mask`` for all N rows."""
+        lengths = attention_mask.sum(dim=1).tolist()
+        keys = [input_ids[i, : int(n)].cpu().numpy().tobytes() for i, n in enumerate(lengths)]
+        first_row = {k: i for i, k in reversed(list(enumerate(keys)))}  # one encoder row per distinct instruction
+        missing = sorted(i for k, i in first_row.items() if k not in self._store)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        fresh: dict[bytes, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            out = compute(input_ids[idx], attention_mask[idx])
+            for row, i in enumerate(missing):
+                pooled = None if out.pooled is None else out.pooled[row].detach().clone()
+                tokens = None if out.tokens is None else out.tokens[row, : int(lengths[i])].detach().clone()
+                fresh[keys[i]] = (pooled, tokens)
+                if len(self._store) < self.max_entries:
+                    self._store[keys[i]] = fresh[keys[i]]
+        entries = [self._store.get(k) or fresh[k] for k in keys]
+        pooled = None if entries[0][0] is None else torch.stack([e[0] for e in entries])
+        tokens = None
+        if entries[0][1] is not None:
+            first = entries[0][1]
+            tokens = first.new_zeros(len(entries), input_ids.shape[1], first.shape[-1])
+            for i, (_, t) in enumerate(entries):
+                tokens[i, : t.shape[0]] = t
+        return InstructionFeatures(pooled=pooled, tokens=tokens, mask=attention_mask)
 
 
 def _parts(features: VisionFeatures) -> list[tuple[str, dict[int, torch.Tensor]]]:

@@ -27,9 +27,9 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration import VLMConfig
-from .feature_cache import VisionFeatureCache
+from .feature_cache import InstructionFeatureCache, VisionFeatureCache
 from .registry import get_strategy_class
-from .strategy import CoreDims, GuidanceInputs, GuidanceStrategy, StrategyNeeds, VisionFeatures
+from .strategy import CoreDims, GuidanceInputs, GuidanceStrategy, InstructionFeatures, StrategyNeeds, VisionFeatures
 from .towers.vision import VisionTower, build_vision_tower
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         self._install_adapter_hooks()
         # Optional memo of the frozen tower's features (vlmzoo.feature_cache); set by the trainer.
         self.vision_feature_cache: VisionFeatureCache | None = None
+        self.text_feature_cache: InstructionFeatureCache | None = None
         self._freeze_towers()
         self.post_init()
 
@@ -255,6 +256,16 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                     features.high_res[requested] = patches.reshape(n, factor * factor * patches.shape[1], -1)
         return features
 
+    def encode_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> InstructionFeatures:
+        """``(N, L)`` instruction ids (right padded) -> the frozen text encoder's features; through
+        ``text_feature_cache`` when one is set."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with torch.no_grad():
+            if self.text_feature_cache is not None:
+                return self.text_feature_cache.encode(self.text_encoder, input_ids, attention_mask)
+            return self.text_encoder(input_ids, attention_mask)
+
     @property
     def vision_dtype(self) -> torch.dtype:
         return next(self.vision_tower.parameters()).dtype
@@ -372,8 +383,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                     f"Strategy {self.config.strategy!r} needs instruction text: pass instruction_input_ids "
                     "(the VLMProcessor produces them when it has a text tokenizer)."
                 )
-            with torch.no_grad():
-                text = self.text_encoder(instruction_input_ids, instruction_attention_mask)
+            text = self.encode_instructions(instruction_input_ids, instruction_attention_mask)
         if needs.instruction_span and instruction_mask is None:
             raise ValueError(f"Strategy {self.config.strategy!r} needs instruction_mask (from the VLMProcessor).")
         if attention_mask is None:

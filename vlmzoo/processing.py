@@ -10,12 +10,16 @@ Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
 * ``instruction_mask`` ``(B, T)`` bool: True at the tokens of the first user message's text;
 * ``pixel_values`` ``(N, 3, H, W)`` float: one entry per ``<image>``, in row-major order (sample 0's
   images first); absent when the batch has no image;
+* ``pixel_values_hr`` ``(N, 3, f*H, f*W)`` float: the same images, row for row, from their native
+  high-resolution versions resized to f times the tower's size (f = ``high_res_factor``, the
+  strategy's ``StrategyNeeds.high_res_factor``); only when f > 1 and high-res images are given;
 * ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text (the
   last user message, i.e. the question being answered) of the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
   ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
 
 Images are padded to a square with the mean colour (LLaVA-1.5) before a ``CLIPImageProcessor``
-resizes and normalises them.
+resizes and normalises them; high-res images go through the same steps with every size of the
+image processor multiplied by f.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import logging
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, CLIPImageProcessor, PreTrainedConfig
@@ -88,6 +93,9 @@ class VLMProcessor:
         num_visual_tokens: image tokens per image; must equal ``model.strategy.num_visual_tokens``.
         text_max_length: truncation length of the instruction for the text encoder.
         pad_to_square: pad images to a square with the mean colour before resizing (LLaVA-1.5).
+        high_res_factor: the strategy's ``StrategyNeeds.high_res_factor`` f. When f > 1, high-res
+            images passed along with the images become ``pixel_values_hr`` ``(N, 3, f*H, f*W)``;
+            with f = 1 they are ignored.
     """
 
     def __init__(
@@ -100,6 +108,7 @@ class VLMProcessor:
         num_visual_tokens: int = 576,
         text_max_length: int = 77,
         pad_to_square: bool = True,
+        high_res_factor: int = 1,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor if image_processor is not None else make_image_processor()
@@ -109,6 +118,9 @@ class VLMProcessor:
         self.num_visual_tokens = int(num_visual_tokens)
         self.text_max_length = int(text_max_length)
         self.pad_to_square = bool(pad_to_square)
+        if int(high_res_factor) != high_res_factor or high_res_factor < 1:
+            raise ValueError(f"high_res_factor must be an integer >= 1, got {high_res_factor!r}.")
+        self.high_res_factor = int(high_res_factor)
         # Validates that the image token and the template's markers are single tokens.
         self.encoder = TemplateEncoder(tokenizer, self.template, image_token, self.num_visual_tokens)
 
@@ -122,14 +134,16 @@ class VLMProcessor:
         text_tokenizer: Any | None = None,
         template: str | ConversationTemplate = "vicuna_v1",
         num_visual_tokens: int | None = None,
+        high_res_factor: int | None = None,
         **kwargs: Any,
     ) -> "VLMProcessor":
         """A processor matching a model (or its ``VLMConfig``).
 
-        From a model: ``num_visual_tokens`` is ``model.strategy.num_visual_tokens`` and the image
-        processor follows ``model.vision_tower`` (size, mean, std). From a config the strategy is
-        not built, so ``num_visual_tokens`` must be given; the image size comes from
-        ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
+        From a model: ``num_visual_tokens`` is ``model.strategy.num_visual_tokens``,
+        ``high_res_factor`` is ``model.strategy.needs.high_res_factor`` and the image processor
+        follows ``model.vision_tower`` (size, mean, std). From a config the strategy is not built,
+        so ``num_visual_tokens`` must be given (and ``high_res_factor``, default 1, for a strategy
+        with high-res crops); the image size comes from ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
         ``config.image_token_id``. ``text_max_length`` defaults to the model's text encoder limit
         (at most 77). Remaining ``kwargs`` go to the constructor.
         """
@@ -146,6 +160,11 @@ class VLMProcessor:
             num_visual_tokens = strategy.num_visual_tokens
         elif strategy is not None and strategy.num_visual_tokens != num_visual_tokens:
             raise ValueError(f"num_visual_tokens={num_visual_tokens} differs from the model strategy's {strategy.num_visual_tokens}.")
+        needs = getattr(strategy, "needs", None)
+        if needs is not None:
+            if high_res_factor is not None and high_res_factor != needs.high_res_factor:
+                raise ValueError(f"high_res_factor={high_res_factor} differs from the model strategy's {needs.high_res_factor}.")
+            high_res_factor = needs.high_res_factor
         if strategy is not None and strategy.needs.instruction_text and text_tokenizer is None:
             raise ValueError(f"Strategy {config.strategy!r} needs instruction text features: pass text_tokenizer=...")
 
@@ -177,6 +196,7 @@ class VLMProcessor:
             template=template,
             image_token=image_token,
             num_visual_tokens=num_visual_tokens,
+            high_res_factor=1 if high_res_factor is None else high_res_factor,
             **kwargs,
         )
 
@@ -192,19 +212,70 @@ class VLMProcessor:
         size = crop if getattr(self.image_processor, "do_center_crop", False) and crop else self.image_processor.size
         return 3, int(size["height"]), int(size["width"])
 
+    @property
+    def high_res_shape(self) -> tuple[int, int, int]:
+        """``(3, f*H, f*W)`` of one processed high-res image."""
+        _, h, w = self.image_shape
+        return 3, self.high_res_factor * h, self.high_res_factor * w
+
     def encode(
         self, messages: Messages, max_length: int | None = None, add_generation_prompt: bool = False
     ) -> EncodedConversation:
         """Tokenise one conversation with the processor's template (see :class:`TemplateEncoder`)."""
         return self.encoder.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)
 
-    def preprocess_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> ``(N, 3, H, W)`` float pixel values (``N`` may be 0)."""
+    def preprocess_images(self, images: Sequence[Image.Image], high_res: bool = False) -> torch.Tensor:
+        """PIL images -> ``(N, 3, H, W)`` float pixel values (``N`` may be 0).
+
+        ``high_res=True``: -> ``(N, 3, f*H, f*W)``, the same padding, resizing (every size of the
+        image processor times f) and normalisation; an image already of that size is only normalised.
+        """
+        if high_res and self.high_res_factor == 1:
+            raise ValueError("high_res=True needs a processor with high_res_factor > 1.")
+        shape = self.high_res_shape if high_res else self.image_shape
         if not images:
-            return torch.zeros(0, *self.image_shape)
+            return torch.zeros(0, *shape)
         if self.pad_to_square:
             images = [pad_to_square(im, self.image_processor.image_mean) for im in images]
-        return self.image_processor(list(images), return_tensors="pt")["pixel_values"]
+        fast = self._normalize_only(images, shape)
+        if fast is not None:
+            return fast
+        kwargs = self._high_res_sizes() if high_res else {}
+        pixels = self.image_processor(list(images), return_tensors="pt", **kwargs)["pixel_values"]
+        if high_res and tuple(pixels.shape[1:]) != shape:
+            raise ValueError(
+                f"The image processor ({type(self.image_processor).__name__}) made high-res pixel values of "
+                f"shape {tuple(pixels.shape[1:])} with sizes {kwargs}; expected {shape}."
+            )
+        return pixels
+
+    def _normalize_only(self, images: Sequence[Image.Image], shape: tuple[int, int, int]) -> torch.Tensor | None:
+        """``(N, 3, H, W)`` for images already ``H x W`` RGB, whose resizing and centre crop are
+        the identity: only rescale and normalise, as the image processor would (its per-image
+        overhead is most of a small image's cost). ``None`` when any step would change pixels."""
+        ip = self.image_processor
+        _, h, w = shape
+        if not all(im.size == (w, h) and im.mode == "RGB" for im in images):
+            return None
+        if not (getattr(ip, "do_rescale", False) and getattr(ip, "do_normalize", False)):
+            return None
+        arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))  # (N, H, W, 3)
+        mean = torch.tensor(ip.image_mean, dtype=torch.float32)
+        std = torch.tensor(ip.image_std, dtype=torch.float32)
+        return ((arr * float(ip.rescale_factor) - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+    def _high_res_sizes(self) -> dict[str, dict[str, int]]:
+        """The image processor's ``size`` / ``crop_size`` with every edge length times f."""
+        f, out = self.high_res_factor, {}
+        for name in ("size", "crop_size"):
+            size = getattr(self.image_processor, name, None)
+            if size is None:
+                continue
+            get = size.get if isinstance(size, Mapping) else (lambda key, s=size: getattr(s, key, None))
+            scaled = {k: int(get(k)) * f for k in ("height", "width", "shortest_edge", "longest_edge") if get(k) is not None}
+            if scaled:
+                out[name] = scaled
+        return out
 
     def tokenize_instructions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Instruction texts -> ``(N, L)`` ids and attention mask from the text-encoder tokenizer."""
@@ -224,8 +295,10 @@ class VLMProcessor:
         """Collate per-sample features into a batch.
 
         Each feature has ``input_ids``, ``labels`` and ``instruction_mask`` (lists of length T_i),
-        ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str). Returns the batch keys
-        described in the module docstring, padded to the longest sample on ``padding_side``.
+        ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str), and optionally
+        ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)`` (then every sample with images must have it).
+        Returns the batch keys described in the module docstring, padded to the longest sample on
+        ``padding_side``.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
@@ -251,6 +324,17 @@ class VLMProcessor:
         pixels = [f["pixel_values"] for f in features if len(f["pixel_values"])]
         if pixels:
             data["pixel_values"] = torch.cat(pixels)
+            with_images = [(i, f) for i, f in enumerate(features) if len(f["pixel_values"])]
+            has_hr = [f.get("pixel_values_hr") is not None for _, f in with_images]
+            if any(has_hr):
+                for (i, f), hr in zip(with_images, has_hr):
+                    if not hr or len(f["pixel_values_hr"]) != len(f["pixel_values"]):
+                        n_hr = len(f["pixel_values_hr"]) if hr else 0
+                        raise ValueError(
+                            f"Sample {i} has {len(f['pixel_values'])} image(s) but {n_hr} high-res image(s); "
+                            "pixel_values_hr must hold every image of the batch or none."
+                        )
+                data["pixel_values_hr"] = torch.cat([f["pixel_values_hr"] for _, f in with_images])
             if self.text_tokenizer is not None:
                 texts = [f["instruction_text"] for f in features for _ in range(len(f["pixel_values"]))]
                 ids, mask = self.tokenize_instructions(texts)
@@ -262,6 +346,7 @@ class VLMProcessor:
         self,
         conversations: Messages | Sequence[Messages],
         images: Any = None,
+        high_res_images: Any = None,
         add_generation_prompt: bool = False,
         return_tensors: str | None = "pt",
         padding_side: str | None = None,
@@ -273,6 +358,8 @@ class VLMProcessor:
             conversations: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them.
             images: per sample, a list of PIL images (one per ``<image>``, in order), a single image,
                 or ``None``; for a single conversation, its images directly.
+            high_res_images: the same images at high resolution, in the same layout as ``images``
+                (``None`` = none): -> ``pixel_values_hr`` when ``high_res_factor`` > 1, ignored otherwise.
             add_generation_prompt: end each sample with the assistant header (generation); no labels.
             return_tensors: only ``"pt"`` is supported.
             padding_side: default ``"left"`` for generation, ``"right"`` for training.
@@ -287,18 +374,19 @@ class VLMProcessor:
         batch: list[Messages] = [conversations] if single else list(conversations)  # type: ignore[list-item]
         if single:
             images = [images]
+            high_res_images = None if high_res_images is None else [high_res_images]
         elif images is None:
             images = [None] * len(batch)
         elif len(images) != len(batch):
             raise ValueError(f"Got {len(batch)} conversations but images for {len(images)} samples.")
+        use_hr = high_res_images is not None and self.high_res_factor > 1
+        if use_hr and len(high_res_images) != len(batch):
+            raise ValueError(f"Got {len(batch)} conversations but high-res images for {len(high_res_images)} samples.")
 
         features = []
         n_truncated = 0
         for i, (messages, sample_images) in enumerate(zip(batch, images)):
-            if sample_images is None:
-                sample_images = []
-            elif isinstance(sample_images, Image.Image):
-                sample_images = [sample_images]
+            sample_images = _image_list(sample_images)
             enc = self.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)
             if enc.num_images != len(sample_images):
                 raise ValueError(
@@ -306,15 +394,19 @@ class VLMProcessor:
                     f"{len(sample_images)} image(s) were given."
                 )
             n_truncated += enc.truncated
-            features.append(
-                {
-                    "input_ids": enc.input_ids,
-                    "labels": enc.labels,
-                    "instruction_mask": enc.instruction_mask,
-                    "instruction_text": enc.instruction_text,
-                    "pixel_values": self.preprocess_images(sample_images),
-                }
-            )
+            feature = {
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "instruction_mask": enc.instruction_mask,
+                "instruction_text": enc.instruction_text,
+                "pixel_values": self.preprocess_images(sample_images),
+            }
+            if use_hr:
+                sample_hr = _image_list(high_res_images[i])
+                if len(sample_hr) != len(sample_images):
+                    raise ValueError(f"Sample {i} has {len(sample_images)} image(s) but {len(sample_hr)} high-res image(s).")
+                feature["pixel_values_hr"] = self.preprocess_images(sample_hr, high_res=True)
+            features.append(feature)
         if n_truncated:
             logger.warning("Truncated %d of %d samples to max_length=%d tokens.", n_truncated, len(batch), max_length)
         side = padding_side or ("left" if add_generation_prompt else "right")
@@ -337,6 +429,7 @@ class VLMProcessor:
             "num_visual_tokens": self.num_visual_tokens,
             "text_max_length": self.text_max_length,
             "pad_to_square": self.pad_to_square,
+            "high_res_factor": self.high_res_factor,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -380,5 +473,15 @@ class VLMProcessor:
         return (
             f"{type(self).__name__}(template={self.template.name!r}, image_token={self.image_token!r}, "
             f"num_visual_tokens={self.num_visual_tokens}, image_shape={self.image_shape}, "
+            f"high_res_factor={self.high_res_factor}, "
             f"text_tokenizer={'yes' if self.text_tokenizer is not None else 'no'})"
         )
+
+
+def _image_list(images: Any) -> list[Image.Image]:
+    """A sample's images: ``None`` -> ``[]``, one image -> ``[image]``, a sequence -> a list."""
+    if images is None:
+        return []
+    if isinstance(images, Image.Image):
+        return [images]
+    return list(images)

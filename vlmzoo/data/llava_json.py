@@ -22,6 +22,7 @@ Pipeline (every step bounded in memory, so a 665K-record file is fine):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -372,6 +373,11 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         json_path: the LLaVA ``.json`` (array) or ``.jsonl`` file.
         processor: supplies the tokenizer, template, image token, ``num_visual_tokens`` and image preprocessing.
         image_folder: root of the records' relative image paths (default: the JSON file's folder).
+        high_res_folder: a folder with the same relative paths holding each image at high
+            resolution (e.g. the tiny world's ``images_2x/``). When the processor's
+            ``high_res_factor`` f > 1, every item also gets ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)``
+            from these files (a missing one is a bad record, as a missing image is); with f = 1
+            it is not read.
         max_length: truncate longer samples (counted, one summary warning); a cut reaching image
             tokens is a bad record.
         on_error: ``"raise"`` on the first bad record, or ``"skip"`` bad records and report them
@@ -385,7 +391,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         num_proc: processes for tokenisation.
 
     ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
-    "pixel_values" (n_i, 3, H, W)}``; batch those with :class:`VLMDataCollator`.
+    "pixel_values" (n_i, 3, H, W)}`` (+ ``"pixel_values_hr"`` with a high-res folder); batch those
+    with :class:`VLMDataCollator`.
     """
 
     def __init__(
@@ -394,6 +401,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         processor: "VLMProcessor",
         image_folder: str | os.PathLike | None = None,
         *,
+        high_res_folder: str | os.PathLike | None = None,
         max_length: int | None = None,
         on_error: OnError = "raise",
         check_images: ImageCheck = "exists",
@@ -407,6 +415,15 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}.")
         self.json_path = os.path.abspath(os.fspath(json_path))
         self.image_folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(self.json_path)
+        self.high_res_folder: str | None = None
+        if high_res_folder is not None:
+            if processor.high_res_factor > 1:
+                self.high_res_folder = os.fspath(high_res_folder)
+                if not os.path.isdir(self.high_res_folder):
+                    raise LlavaDataError(self.json_path, f"high-res image folder not found: {self.high_res_folder}")
+            else:
+                logger.info("%s: high-res images %s not read (the strategy has no high-res factor).",
+                            self.json_path, os.fspath(high_res_folder))
         self.processor = processor
         self.on_error = on_error
         self.max_length = max_length
@@ -473,17 +490,24 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
     def _check_image_files(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]], decode: bool) -> None:
         for batch in ds.select_columns(["index", "id", "images"]).iter(batch_size=10_000):
             for index, rid, paths in zip(batch["index"], batch["id"], batch["images"]):
-                for rel in paths:
-                    full = os.path.join(self.image_folder, rel)
+                for rel, (folder, what) in itertools.product(paths, self._image_folders()):
+                    full = os.path.join(folder, rel)
                     if not os.path.isfile(full):
-                        self._bad(errors, index, rid, f"image file not found: {full}")
+                        self._bad(errors, index, rid, f"{what} file not found: {full}")
                         break
                     if decode:
                         try:
                             _open_image(full)
                         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-                            self._bad(errors, index, rid, f"cannot read image {full}: {exc}")
+                            self._bad(errors, index, rid, f"cannot read {what} {full}: {exc}")
                             break
+
+    def _image_folders(self) -> list[tuple[str, str]]:
+        """(folder, what it holds) of every folder an item reads its images from."""
+        folders = [(self.image_folder, "image")]
+        if self.high_res_folder is not None:
+            folders.append((self.high_res_folder, "high-res image"))
+        return folders
 
     # ---- access ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -514,14 +538,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         raise LlavaDataError(self.json_path, "no record could be loaded.")
 
     def _load(self, row: dict[str, Any]) -> dict[str, Any]:
-        images = []
-        for rel in row["images"]:
-            full = os.path.join(self.image_folder, rel)
-            try:
-                images.append(_open_image(full))
-            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-                raise LlavaDataError(self.json_path, f"cannot read image {full}: {exc}", row["id"], row["index"]) from exc
-        return {
+        images = [self._read(row, self.image_folder, rel, "image") for rel in row["images"]]
+        item = {
             "id": row["id"],
             "input_ids": row["input_ids"],
             "labels": row["labels"],
@@ -529,6 +547,35 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             "instruction_text": row["instruction_text"],
             "pixel_values": self.processor.preprocess_images(images),
         }
+        if self.high_res_folder is not None:
+            high_res = []
+            for rel, base in zip(row["images"], images):
+                image = self._read(row, self.high_res_folder, rel, "high-res image")
+                problem = high_res_size_problem(base.size, image.size)
+                if problem:
+                    raise LlavaDataError(self.json_path, f"{problem} ({os.path.join(self.image_folder, rel)} vs "
+                                         f"{os.path.join(self.high_res_folder, rel)})", row["id"], row["index"])
+                high_res.append(image)
+            item["pixel_values_hr"] = self.processor.preprocess_images(high_res, high_res=True)
+        return item
+
+    def _read(self, row: dict[str, Any], folder: str, rel: str, what: str) -> Image.Image:
+        full = os.path.join(folder, rel)
+        if not os.path.isfile(full):
+            raise LlavaDataError(self.json_path, f"{what} file not found: {full}", row["id"], row["index"])
+        try:
+            return _open_image(full)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+            raise LlavaDataError(self.json_path, f"cannot read {what} {full}: {exc}", row["id"], row["index"]) from exc
+
+
+def high_res_size_problem(base: tuple[int, int], high_res: tuple[int, int]) -> str | None:
+    """Why an image of ``high_res`` (w, h) pixels cannot be the picture of ``base`` (w, h) pixels at
+    a higher resolution (another aspect ratio, beyond a pixel of the base, or smaller), else ``None``."""
+    (w, h), (hw, hh) = base, high_res
+    if hw < w or hh < h or abs(hw * h - hh * w) > max(hw, hh):
+        return f"the high-res image is {hw}x{hh} pixels, its base image {w}x{h}: not the same picture at a higher resolution"
+    return None
 
 
 def _open_image(path: str) -> Image.Image:

@@ -31,6 +31,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import RunConfig, StageConfig, diff_configs, save_resolved_config
+from ..feature_cache import InstructionFeatureCache, VisionFeatureCache
 from ..registry import get_strategy_class
 from .groups import StagePlan
 from .trainer import VLMTrainer
@@ -110,11 +111,8 @@ def run_training(
 
     results: list[StageResult] = []
     previous: Path | None = None
-    feature_cache = None
-    if cfg.training.cache_vision_features:
-        from ..feature_cache import VisionFeatureCache
-
-        feature_cache = VisionFeatureCache()
+    feature_cache = VisionFeatureCache() if cfg.training.cache_vision_features else None
+    text_cache = InstructionFeatureCache() if cfg.training.cache_text_features else None
     for i, stage in enumerate(cfg.training.stages):
         final_dir = stage_final_dir(cfg, stage)
         if cfg.training.resume and stage_is_complete(cfg, stage):
@@ -123,7 +121,8 @@ def run_training(
             results.append(StageResult(stage.name, final_dir, skipped=True, metrics=metrics))
         else:
             model, processor = load_stage_start(cfg, previous, stage)
-            metrics = train_stage(cfg, i, model, processor, callbacks=callbacks, feature_cache=feature_cache)
+            metrics = train_stage(cfg, i, model, processor, callbacks=callbacks, feature_cache=feature_cache,
+                                  text_cache=text_cache)
             results.append(StageResult(stage.name, final_dir, skipped=False, metrics=metrics))
             del model
         previous = final_dir
@@ -161,7 +160,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
     if wanted == config.strategy_config:
         model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-        return model, VLMProcessor.from_pretrained(previous_final)
+        return model, VLMProcessor.from_pretrained(previous_final, high_res_factor=model.strategy.needs.high_res_factor)
     torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
     return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
 
@@ -184,7 +183,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
     log_key_groups("New (fresh init)", info["missing_keys"])
     log_key_groups("Dropped (unused)", info["unexpected_keys"])
-    processor = VLMProcessor.from_pretrained(model_dir)
+    processor = VLMProcessor.from_pretrained(model_dir, high_res_factor=model.strategy.needs.high_res_factor)
     if processor.num_visual_tokens != model.strategy.num_visual_tokens:
         processor = VLMProcessor.for_model(
             model, processor.tokenizer, image_processor=processor.image_processor,
@@ -262,6 +261,7 @@ def processor_with_template(processor, template: str | dict[str, Any]):
         num_visual_tokens=processor.num_visual_tokens,
         text_max_length=processor.text_max_length,
         pad_to_square=processor.pad_to_square,
+        high_res_factor=processor.high_res_factor,
     )
 
 
@@ -306,7 +306,8 @@ def train_stage(
     model,
     processor,
     callbacks: list[TrainerCallback] | None = None,
-    feature_cache=None,
+    feature_cache: VisionFeatureCache | None = None,
+    text_cache: InstructionFeatureCache | None = None,
 ) -> dict[str, Any]:
     """Train stage ``index`` on ``model``; save its final model + processor; -> stage metrics."""
     from ..data import LlavaJsonDataset, VLMDataCollator
@@ -329,10 +330,13 @@ def train_stage(
             model.vision_feature_cache = feature_cache
             logger.info("%s frozen vision tower: features cached per image (training.cache_vision_features; "
                         "%d images from earlier stages)", tag, len(feature_cache))
+    if text_cache is not None and model.text_encoder is not None:
+        model.text_feature_cache = text_cache
     args = training_arguments(cfg, stage)
     processor = processor_with_template(processor, stage.template)
     with args.main_process_first(desc=f"{stage.name} dataset"):
-        dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage), max_length=cfg.data.max_length)
+        dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),
+                                   high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length)
     trainer = VLMTrainer(
         model=model,
         args=args,
@@ -354,6 +358,10 @@ def train_stage(
         logger.info("%s vision feature cache: %d images, %.0f MiB, %d hits / %d misses so far in this run",
                     tag, len(cache), cache.bytes / 2**20, cache.hits, cache.misses)
         model.vision_feature_cache = None
+    if model.text_feature_cache is not None:
+        logger.info("%s text feature cache: %d instructions, %d hits / %d misses so far in this run",
+                    tag, len(text_cache), text_cache.hits, text_cache.misses)
+        model.text_feature_cache = None
     final_dir = stage_final_dir(cfg, stage)
     trainer.save_model(str(final_dir))
     metrics = {
