@@ -26,12 +26,22 @@ from vlmzoo.processing import VLMProcessor
 from vlmzoo.tinyworld import QUESTION_TYPES, build_tiny_world, small_test_config
 from vlmzoo.tinyworld.generate import generate_world
 from vlmzoo.tinyworld.pretrain import base_view, check_word_embeddings, embedding_cosines, normalize
-from vlmzoo.tinyworld.questions import NUMBER_WORDS, POPE_SPLITS, answer_choices, plural
-from vlmzoo.tinyworld.scene import MARK_RGB, box_downsample, cell_name, kind_prior, mark_box, render, sample_scene
+from vlmzoo.tinyworld.questions import NUMBER_WORDS, POPE_SPLITS, answer_choices, plural, question_types
+from vlmzoo.tinyworld.scene import (
+    MARK_RGB,
+    box_downsample,
+    cell_name,
+    kind_prior,
+    mark_box,
+    render,
+    sample_scene,
+    shaded,
+)
 from vlmzoo.tinyworld.tokenizer import IMAGE, template_texts, vicuna_prompt
 from vlmzoo.towers.vision import build_vision_tower, load_pretrained_vision_tower
 
 CFG = small_test_config()
+TYPES = question_types(CFG)
 DATA_FILES = ("stage1_captions.json", "stage2_instruct.json", "eval.json", "scenes.json", "world.json")
 
 
@@ -88,21 +98,23 @@ def oracle(question: str, objects: list[dict[str, Any]]) -> str:
         return cell_name(o["row"], o["col"])
     if m := re.fullmatch(r"what pattern is on the (\w+) (\w+)\?", question):
         return _unique(objects, m[1], m[2])["mark"]
+    if m := re.fullmatch(r"is the (\w+) (\w+) light or dark\?", question):
+        return _unique(objects, m[1], m[2])["shade"]
     raise AssertionError(f"question matches no template: {question!r}")
 
 
 def question_type(question: str) -> str:
     starts = {"what colour": "colour", "is there": "exist", "how many": "count", "where is": "position",
-              "what pattern": "fine"}
+              "what pattern": "fine", "is the ": "shade"}
     (qtype,) = [t for prefix, t in starts.items() if question.removeprefix(f"{IMAGE}\n").startswith(prefix)]
     return qtype
 
 
 def parse_detailed_caption(text: str) -> list[dict[str, Any]]:
-    """Objects of a ``"red circle at a1 with checkered pattern, ..."`` caption."""
-    found = re.findall(r"(\w+) (\w+) at ([a-z])(\d) with (\w+) pattern", text)
-    return [{"colour": c, "shape": s, "col": ord(col) - ord("a"), "row": int(row) - 1, "mark": mk}
-            for c, s, col, row, mk in found]
+    """Objects of a ``"light red circle at a1 with checkered pattern, ..."`` caption."""
+    found = re.findall(r"(\w+) (\w+) (\w+) at ([a-z])(\d) with (\w+) pattern", text)
+    return [{"shade": sh, "colour": c, "shape": s, "col": ord(col) - ord("a"), "row": int(row) - 1, "mark": mk}
+            for sh, c, s, col, row, mk in found]
 
 
 def _all_texts(data: dict[str, Any]) -> list[str]:
@@ -125,7 +137,7 @@ def test_generation_is_deterministic_and_seeded(world, tmp_path):
         # build_tiny_world writes exactly what generate_world writes
         assert (a / name).read_bytes() == (world.data_dir / name).read_bytes(), name
     imgs_a, imgs_b = _image_bytes(a), _image_bytes(b)
-    assert len(imgs_a) == 2 * (CFG.n_train_images + len(QUESTION_TYPES) * CFG.n_eval_per_type)
+    assert len(imgs_a) == 2 * (CFG.n_train_images + len(TYPES) * CFG.n_eval_per_type)
     assert imgs_a == imgs_b
     assert imgs_a == _image_bytes(world.data_dir)
 
@@ -250,13 +262,13 @@ def test_eval_file_contract(data):
     choices = answer_choices(CFG)
     assert len({r["id"] for r in records}) == len(records)
     per_type = Counter(r["question_type"] for r in records)
-    assert per_type == {t: CFG.n_eval_per_type for t in QUESTION_TYPES}
+    assert per_type == {t: CFG.n_eval_per_type for t in TYPES}
     for r in records:
         assert r["choices"] == choices[r["question_type"]]
         assert r["answer"] in r["choices"]
         assert r["conversations"] == [{"from": "human", "value": f"{IMAGE}\n{r['question']}"},
                                       {"from": "gpt", "value": r["answer"]}]
-    for t in QUESTION_TYPES:
+    for t in TYPES:
         answers = Counter(r["answer"] for r in records if r["question_type"] == t)
         counts = [answers.get(a, 0) for a in choices[t]]
         assert max(counts) - min(counts) <= 1, (t, answers)  # balanced answers
@@ -272,7 +284,7 @@ def test_eval_answers_match_the_scenes(data):
         assert question_type(r["question"]) == r["question_type"]
         assert oracle(r["question"], objects) == r["answer"], r
         seen[r["question_type"]] += 1
-    assert set(seen) == set(QUESTION_TYPES)
+    assert set(seen) == set(TYPES)
 
 
 def test_exist_questions_are_pope_balanced(data):
@@ -336,7 +348,7 @@ def test_training_files_match_the_scenes(data):
         assert oracle(question, objects) == a["value"], r["id"]
     # every question type occurs in training
     types = {question_type(t["value"]) for r in with_image for t in r["conversations"][0::2]}
-    assert types == set(QUESTION_TYPES)
+    assert types == set(TYPES)
 
 
 # ---------------------------------------------------------------------------- fine detail
@@ -359,6 +371,25 @@ def test_marks_are_legible_only_at_2x():
                 assert (patch == np.array(MARK_RGB)).all(-1).sum() == m * m // 2
             checked += 1
     assert checked >= 20
+
+
+def test_shades_change_only_the_object_colour_and_the_first_world_has_none():
+    prior, _ = kind_prior(CFG)
+    scene = sample_scene(np.random.default_rng(5), CFG, prior)
+    flat = dataclasses.replace(CFG, shades=())
+    plain = sample_scene(np.random.default_rng(5), flat, prior)
+    # Same geometry, marks and kinds: shades are drawn after everything else in the stream.
+    for a, b in zip(scene.objects, plain.objects):
+        assert (a.colour, a.shape, a.mark, a.row, a.col, a.radius) == (b.colour, b.shape, b.mark, b.row, b.col, b.radius)
+        assert list(a.rgb) == shaded(list(b.rgb), CFG.shades[a.shade], CFG.shade_strength)
+        assert (sum(a.rgb) > sum(b.rgb)) == (CFG.shades[a.shade] == "light")
+    twin = scene.with_shades_flipped(CFG)  # the tower's invariance twin: only the shades differ
+    for a, b in zip(scene.objects, twin.objects):
+        assert a.shade != b.shade and a.base_rgb == b.base_rgb
+        assert dataclasses.replace(a, shade=b.shade, rgb=b.rgb) == b
+    assert not np.array_equal(render(scene, CFG), render(twin, CFG))
+    assert "shade" not in question_types(flat) and question_types(flat) == QUESTION_TYPES
+    assert "shade" in question_types(CFG)
 
 
 def test_stored_base_images_are_the_2x_images_downsampled(world, data):

@@ -15,7 +15,7 @@ from typing import Any
 from ..utils import build_dataclass
 
 #: Bump when a code change alters what a given config builds (invalidates every cached world).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,16 @@ class TinyClipConfig:
         hires_images_per_step: images per step whose four 2x crops also get the per-patch
             heads (cell colour/shape + fine mark); teaches the tower the zoomed-in scale.
         hires_weight: weight of the crop losses.
+        shade_layer: hidden state (index into ``hidden_states``, 1 = after the first block) whose
+            patches get a per-cell light/dark classifier (worlds with ``shades``): low-level
+            evidence in an early layer.
+        shade_invariance_weight: weight of a shade-invariance loss on the patches of the
+            ``shade_invariance_layers``: each of ``shade_twins_per_step`` images is also encoded
+            with every object's shade swapped, and the squared difference of the two images'
+            patch features (relative to their variance) is penalised, so those deep layers lose
+            shade as deep layers of a real tower lose low-level detail (0 = off).
+        shade_invariance_layers: hidden states made shade-invariant (-2: the layer LLaVA reads).
+        shade_twins_per_step: images per step encoded with shades swapped.
     """
 
     vision_hidden_size: int = 128
@@ -50,6 +60,10 @@ class TinyClipConfig:
     aux_weight: float = 1.0
     hires_images_per_step: int = 24
     hires_weight: float = 1.0
+    shade_layer: int = 1
+    shade_invariance_weight: float = 2.0
+    shade_invariance_layers: tuple[int, ...] = (-2, -1)
+    shade_twins_per_step: int = 32
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,9 @@ class TinyWorldConfig:
         colours: colour names -> RGB.
         shapes: shape names (circle, square, triangle, cross are drawable).
         marks: fine-mark kinds (1-px patterns inside each object).
+        shades: object shade kinds (``light``: blended towards white, ``dark``: towards black, by
+            ``shade_strength``); ``()`` = no shades and no ``shade`` questions (the first world).
+        shade_strength: blend fraction of the shades (0..1); smaller is harder.
         max_count: count answers range over 0..max_count (balanced).
         popularity_exponent: object-kind prior ~ (rank + 1) ** -exponent over a seeded ranking
             of the colour x shape kinds, so "popular" POPE negatives are meaningful.
@@ -132,6 +149,8 @@ class TinyWorldConfig:
     )
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "cross")
     marks: tuple[str, ...] = ("horizontal", "vertical", "checkered")
+    shades: tuple[str, ...] = ("light", "dark")
+    shade_strength: float = 0.3
     max_count: int = 3
     popularity_exponent: float = 0.6
     popular_top_k: int = 5
@@ -164,6 +183,11 @@ class TinyWorldConfig:
             raise ValueError(f"turn_weights needs {self.max_turns} entries, got {len(self.turn_weights)}.")
         if self.n_caption_images > self.n_train_images:
             raise ValueError("n_caption_images cannot exceed n_train_images.")
+        unknown = [x for x in self.shades if x not in ("light", "dark")]
+        if unknown:
+            raise ValueError(f"Unknown shades {unknown}; shades are 'light' and 'dark'.")
+        if not 0.0 < self.shade_strength < 1.0:
+            raise ValueError(f"shade_strength must be in (0, 1), got {self.shade_strength}.")
         if self.grid > 9:
             raise ValueError("Cell names use one digit per row: grid must be <= 9.")
 

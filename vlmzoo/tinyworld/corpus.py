@@ -11,7 +11,8 @@ document), so the model must keep the words apart to copy the right one. Documen
 * ``qa``    - the same without roles: "caption q a q a ...";
 * ``caption`` - a caption alone, ended by ``</s>`` (like stage 1's plain template).
 
-Captions with marks ("... with checkered pattern") let fine questions be answered too.
+Captions with marks ("... with checkered pattern"), and shades in worlds that have them, let fine
+and shade questions be answered too.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import TinyWorldConfig
-from .questions import QA, QUESTION_TYPES, caption, enumerate_questions, pick_any
+from .questions import QA, caption, enumerate_questions, pick_any, question_types
 from .scene import kind_prior, sample_scene
 from .tokenizer import EOS, VICUNA_SYSTEM, vicuna_prompt
 
@@ -38,7 +39,8 @@ class Document:
 
 
 def _questions(scene, cfg: TinyWorldConfig, popular, rng: np.random.Generator, with_marks: bool, n: int) -> list[QA]:
-    types = [t for t in QUESTION_TYPES if with_marks or t != "fine"]
+    # fine / shade answers are only in the context when the caption gives marks and shades
+    types = [t for t in question_types(cfg) if with_marks or t not in ("fine", "shade")]
     out: list[QA] = []
     for _ in range(4 * n):
         if len(out) >= n:

@@ -33,12 +33,12 @@ from .config import TinyWorldConfig
 from .questions import (
     POPE_SPLITS,
     QA,
-    QUESTION_TYPES,
     answer_choices,
     caption,
     enumerate_questions,
     pick_any,
     pick_with_answer,
+    question_types,
 )
 from .scene import MARK_TILES, Scene, box_downsample, kind_prior, render, sample_scene
 
@@ -92,7 +92,8 @@ def _gpt(answer: str) -> dict[str, str]:
 def _train_record(i: int, cfg: TinyWorldConfig, prior: np.ndarray, popular: set[tuple[int, int]]) -> tuple[Scene, list[QA]]:
     rng = np.random.default_rng([cfg.seed, _TRAIN, i])
     choices = answer_choices(cfg)
-    qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+    types = question_types(cfg)
+    qtype = types[i % len(types)]
     answer = choices[qtype][int(rng.integers(len(choices[qtype])))]
     split = POPE_SPLITS[int(rng.integers(len(POPE_SPLITS)))] if qtype == "exist" else None
     scene, primary = _conditioned_scene(rng, cfg, prior, popular, qtype, answer, split)
@@ -101,7 +102,7 @@ def _train_record(i: int, cfg: TinyWorldConfig, prior: np.ndarray, popular: set[
     for _ in range(4 * n_turns):
         if len(qas) >= n_turns:
             break
-        extra = pick_any(enumerate_questions(scene, QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))], cfg, popular), rng)
+        extra = pick_any(enumerate_questions(scene, types[int(rng.integers(len(types)))], cfg, popular), rng)
         if extra is not None and all(extra.question != q.question for q in qas):
             qas.append(extra)
     order = rng.permutation(len(qas))
@@ -110,7 +111,7 @@ def _train_record(i: int, cfg: TinyWorldConfig, prior: np.ndarray, popular: set[
 
 def _eval_item(j: int, qtype: str, cfg: TinyWorldConfig, prior: np.ndarray, popular: set[tuple[int, int]]) -> tuple[Scene, QA]:
     """The j-th eval question of a type; answers (and POPE splits) cycle for exact balance."""
-    rng = np.random.default_rng([cfg.seed, _EVAL, QUESTION_TYPES.index(qtype), j])
+    rng = np.random.default_rng([cfg.seed, _EVAL, question_types(cfg).index(qtype), j])
     choices = answer_choices(cfg)[qtype]
     if qtype == "exist":
         answer, split = choices[j % 2], POPE_SPLITS[(j // 2) % len(POPE_SPLITS)]
@@ -122,7 +123,8 @@ def _eval_item(j: int, qtype: str, cfg: TinyWorldConfig, prior: np.ndarray, popu
 def _text_only_record(i: int, cfg: TinyWorldConfig, prior: np.ndarray, popular: set[tuple[int, int]]) -> dict[str, Any]:
     """A text-only instruction: the (detailed) caption is in the prompt, no image."""
     rng = np.random.default_rng([cfg.seed, _TEXT, i])
-    qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+    types = question_types(cfg)
+    qtype = types[i % len(types)]
     for _ in range(_MAX_TRIES):
         scene = sample_scene(rng, cfg, prior)
         qa = pick_any(enumerate_questions(scene, qtype, cfg, popular), rng)
@@ -137,7 +139,7 @@ def _text_only_record(i: int, cfg: TinyWorldConfig, prior: np.ndarray, popular: 
 def _scene_json(scene: Scene, cfg: TinyWorldConfig) -> list[dict[str, Any]]:
     return [
         {"colour": cfg.colour_names[o.colour], "shape": cfg.shapes[o.shape], "mark": cfg.marks[o.mark],
-         "row": o.row, "col": o.col}
+         "row": o.row, "col": o.col, **({"shade": cfg.shades[o.shade]} if cfg.shades else {})}
         for o in scene.objects
     ]
 
@@ -218,7 +220,7 @@ def generate_world(cfg: TinyWorldConfig, data_dir: str, keep_train_hires: bool =
     eval_scenes: list[Scene] = []
     eval_items: list[dict[str, Any]] = []
     choices = answer_choices(cfg)
-    for t, qtype in enumerate(QUESTION_TYPES):
+    for qtype in question_types(cfg):
         for j in range(cfg.n_eval_per_type):
             scene, qa = _eval_item(j, qtype, cfg, prior, popular)
             idx = len(eval_scenes)
@@ -255,7 +257,7 @@ def world_metadata(cfg: TinyWorldConfig, ranked: list[tuple[int, int]]) -> dict[
     return {
         "config": cfg.to_dict(),
         "config_hash": cfg.config_hash(),
-        "question_types": list(QUESTION_TYPES),
+        "question_types": list(question_types(cfg)),
         "answer_choices": choices,
         "chance": {t: 1.0 / len(c) for t, c in choices.items()},
         "pope_splits": list(POPE_SPLITS),

@@ -6,8 +6,11 @@ classifiers on ``hidden_states[-2]`` - the layer LLaVA reads - predicting each c
 shape (or empty), row and column. A few images per step are also shown as the four 2x crops
 (TL, TR, BL, BR) of their high-resolution render, with heads for the cell's colour/shape and
 its fine mark: the tower learns the zoomed-in scale that detail-perceiver strategies use,
-while the base view, where the marks are erased, never gets a mark target. The heads are
-discarded; only the ``CLIPModel`` is saved.
+while the base view, where the marks are erased, never gets a mark target. In worlds with
+shades, a light/dark head reads ``hidden_states[1]`` and an invariance loss against the same
+scenes with every shade swapped trains shade out of the deep layers (:func:`shade_invariance_loss`);
+:func:`shade_probe` then measures which layers still hold it. The heads are discarded; only the
+``CLIPModel`` is saved.
 
 (b) :func:`pretrain_llm` trains a ``LlamaForCausalLM`` on :mod:`vlmzoo.tinyworld.corpus`
 (context-grounded text) and then checks that colour/shape/mark/number word embeddings stayed
@@ -40,8 +43,8 @@ from transformers import (
 
 from .config import TinyWorldConfig
 from .corpus import Document, make_corpus
-from .questions import NUMBER_WORDS, QUESTION_TYPES, caption
-from .scene import Scene
+from .questions import NUMBER_WORDS, caption
+from .scene import Scene, render
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -98,17 +101,20 @@ def hires_crops(hires_uint8: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def cell_targets(scenes: list[Scene], cfg: TinyWorldConfig) -> dict[str, torch.Tensor]:
-    """Per-cell targets ``(N, grid*grid)``: colour (C = none), shape (S = empty), mark (-100 = empty)."""
+    """Per-cell targets ``(N, grid*grid)``: colour (C = none), shape (S = empty), mark and shade
+    (-100 = empty)."""
     g = cfg.grid
     colour = np.full((len(scenes), g * g), len(cfg.colours), dtype=np.int64)
     shape = np.full((len(scenes), g * g), len(cfg.shapes), dtype=np.int64)
     mark = np.full((len(scenes), g * g), -100, dtype=np.int64)
+    shade = np.full((len(scenes), g * g), -100, dtype=np.int64)
     for i, s in enumerate(scenes):
         for o in s.objects:
             colour[i, o.row * g + o.col] = o.colour
             shape[i, o.row * g + o.col] = o.shape
             mark[i, o.row * g + o.col] = o.mark
-    return {"colour": torch.from_numpy(colour), "shape": torch.from_numpy(shape), "mark": torch.from_numpy(mark)}
+            shade[i, o.row * g + o.col] = o.shade
+    return {k: torch.from_numpy(v) for k, v in (("colour", colour), ("shape", shape), ("mark", mark), ("shade", shade))}
 
 
 def crop_cell_index(cfg: TinyWorldConfig) -> torch.Tensor:
@@ -200,7 +206,13 @@ def pretrain_clip(
         n_col, n_shape = len(cfg.colours) + 1, len(cfg.shapes) + 1
         base_heads = _PatchHeads(dim, {"colour": n_col, "shape": n_shape, "row": cfg.grid, "col": cfg.grid})
         crop_heads = _PatchHeads(dim, {"colour": n_col, "shape": n_shape, "mark": len(cfg.marks)})
-        params = list(model.parameters()) + list(base_heads.parameters()) + list(crop_heads.parameters())
+        heads = [base_heads, crop_heads]
+        if cfg.shades:
+            # Low-level evidence in an early layer: a light/dark head on hidden_states[shade_layer];
+            # the deep layers are trained to be invariant to it (shade_invariance_loss).
+            shade_head = _PatchHeads(dim, {"shade": len(cfg.shades)})
+            heads.append(shade_head)
+        params = list(model.parameters()) + [p for h in heads for p in h.parameters()]
         opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(c.steps, c.warmup_frac))
 
@@ -237,6 +249,11 @@ def pretrain_clip(
             base_t = {"colour": targets["colour"][idx], "shape": targets["shape"][idx],
                       "row": rows.expand(b, g2), "col": cols.expand(b, g2)}
             loss_aux, acc_base = base_heads(patches, base_t)
+            if cfg.shades:
+                loss_shade, acc_shade = shade_head(vis.hidden_states[c.shade_layer][:, 1:], {"shade": targets["shade"][idx]})
+                loss_inv = shade_invariance_loss(model, vis.hidden_states, [scenes[int(i)] for i in idx], cfg)
+                loss_aux = loss_aux + loss_shade + c.shade_invariance_weight * loss_inv
+                acc_base = {**acc_base, f"shade_l{c.shade_layer}": acc_shade["shade"], "shade_invariance": loss_inv.item()}
 
             loss_crop = patches.new_zeros(())
             acc_crop: dict[str, float] = {}
@@ -265,11 +282,69 @@ def pretrain_clip(
                 log(f"[tinyworld]   clip step {step + 1}/{c.steps} loss={stats['loss']:.3f} {accs} "
                     f"({el:.0f}s, {(step + 1) / el:.2f} it/s)")
         model.eval()
+        if cfg.shades:
+            probe = shade_probe(model, hires_t, targets["shade"], cfg)
+            log("[tinyworld]   shade probe accuracy by hidden state (MLP on frozen patches, held out): "
+                + " ".join(f"{k}={v:.2f}" for k, v in probe.items()))
+            stats.update({f"shade_probe_{k}": v for k, v in probe.items()})
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir)
         image_processor(cfg).save_pretrained(out_dir)
     stats["seconds"] = time.perf_counter() - t0
     return stats
+
+
+def shade_invariance_loss(model: CLIPModel, states: tuple[torch.Tensor, ...], scenes: list[Scene],
+                          cfg: TinyWorldConfig) -> torch.Tensor:
+    """Mean squared difference, relative to the features' variance, between the patches of
+    ``states`` (the batch's hidden states; the first ``shade_twins_per_step`` images) and those of
+    the same scenes re-rendered with every shade swapped, at ``clip.shade_invariance_layers``."""
+    c = cfg.clip
+    n = min(c.shade_twins_per_step, len(scenes))
+    if n == 0 or c.shade_invariance_weight == 0:
+        return states[0].new_zeros(())
+    twins = torch.from_numpy(np.stack([render(s.with_shades_flipped(cfg), cfg) for s in scenes[:n]]))
+    twin_states = model.vision_model(pixel_values=normalize(base_view(twins, cfg.hires_factor)),
+                                     output_hidden_states=True).hidden_states
+    loss = states[0].new_zeros(())
+    for layer in c.shade_invariance_layers:
+        a, b = states[layer][:n, 1:], twin_states[layer][:, 1:]
+        loss = loss + (a - b).pow(2).mean() / a.detach().var(dim=(0, 1)).mean().clamp_min(1e-6)
+    return loss / len(c.shade_invariance_layers)
+
+
+def shade_probe(model: CLIPModel, hires: torch.Tensor, shade: torch.Tensor, cfg: TinyWorldConfig,
+                n_images: int = 1500, steps: int = 300) -> dict[str, float]:
+    """Where the tower keeps shade: a fresh MLP probe per hidden state, trained on the patches
+    of the first 2/3 of ``n_images`` base views and scored on the rest (chance 1/len(shades))."""
+    n = min(n_images, hires.shape[0])
+    with torch.no_grad():
+        states = model.vision_model(pixel_values=normalize(base_view(hires[:n], cfg.hires_factor)),
+                                    output_hidden_states=True).hidden_states
+    target = shade[:n].reshape(-1)
+    keep = target != -100
+    split = int(n * 2 / 3) * cfg.grid * cfg.grid
+    train = keep.clone()
+    train[split:] = False
+    test = keep.clone()
+    test[:split] = False
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out: dict[str, float] = {}
+    for i, h in enumerate(states):
+        x = h[:, 1:].reshape(-1, h.shape[-1])
+        x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-6)
+        probe = nn.Sequential(nn.Linear(x.shape[1], 64), nn.GELU(), nn.Linear(64, len(cfg.shades)))
+        for p in probe.parameters():
+            nn.init.normal_(p, std=0.05, generator=gen)
+        opt = torch.optim.Adam(probe.parameters(), lr=3e-3)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(x[train]), target[train])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out[f"h{i}"] = (probe(x[test]).argmax(-1) == target[test]).float().mean().item()
+    return out
 
 
 # ============================================================================ (b) tiny Llama
@@ -343,11 +418,11 @@ def context_qa_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerF
     ids, mask = _encode(chats, tokenizer, max_len)
     pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
     asst, colon = tokenizer.convert_tokens_to_ids(["ASSISTANT", ":"])
-    hits: dict[str, list[int]] = {t: [] for t in QUESTION_TYPES}
+    hits: dict[str, list[int]] = {}
     for i, d in enumerate(chats):
         pos = [p for p in range(ids.shape[1] - 2) if ids[i, p] == asst and ids[i, p + 1] == colon and mask[i, p + 2]]
         for (qtype, _), p in zip(d.answers, pos):
-            hits[qtype].append(int(pred[i, p + 1] == ids[i, p + 2]))
+            hits.setdefault(qtype, []).append(int(pred[i, p + 1] == ids[i, p + 2]))
     return {t: float(np.mean(h)) for t, h in hits.items() if h}
 
 

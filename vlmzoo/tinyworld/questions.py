@@ -12,6 +12,8 @@ Question types (the eval's ``question_type``):
 * ``position`` - "where is the <colour> <shape>?" -> cell name (``b3``: column b, row 3).
 * ``fine``     - "what pattern is on the <colour> <shape>?" -> mark kind; the mark is legible
   only at 2x resolution (see :mod:`vlmzoo.tinyworld.scene`).
+* ``shade``    - "is the <colour> <shape> light or dark?" (worlds with ``shades``): a low-level
+  property whose evidence the tiny tower keeps in an early layer only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from .config import TinyWorldConfig
 from .scene import Scene, cell_name
 
+#: Question types of every world; ``shade`` is added when the world has shades (:func:`question_types`).
 QUESTION_TYPES: tuple[str, ...] = ("colour", "exist", "count", "position", "fine")
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
 NUMBER_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -37,7 +40,13 @@ TEMPLATES: dict[str, str] = {
     "count_shape": "how many {shapes} are there?",
     "position": "where is the {colour} {shape}?",
     "fine": "what pattern is on the {colour} {shape}?",
+    "shade": "is the {colour} {shape} light or dark?",
 }
+
+
+def question_types(cfg: TinyWorldConfig) -> tuple[str, ...]:
+    """The world's question types, in the order they rotate over the training images."""
+    return QUESTION_TYPES + (("shade",) if cfg.shades else ())
 
 
 @dataclass(frozen=True)
@@ -57,12 +66,14 @@ def plural(shape: str) -> str:
 def caption(scene: Scene, cfg: TinyWorldConfig, with_marks: bool = False) -> str:
     """Row-major list of objects, e.g. ``"red circle at a1, blue square at c2."``.
 
-    ``with_marks`` adds the fine marks (``"... at a1 with checkered pattern"``); the stage-1
-    captions leave them out because the tower's base view cannot see them.
+    ``with_marks`` adds the fine marks (``"... at a1 with checkered pattern"``) and, in worlds
+    with shades, the shade (``"light red circle ..."``); the stage-1 captions leave both out:
+    the base view cannot show the marks, and shade is evidence the study's questions ask for.
     """
     parts = []
     for o in scene.objects:
-        text = f"{cfg.colour_names[o.colour]} {cfg.shapes[o.shape]} at {cell_name(o.row, o.col)}"
+        shade = f"{cfg.shades[o.shade]} " if (with_marks and cfg.shades) else ""
+        text = f"{shade}{cfg.colour_names[o.colour]} {cfg.shapes[o.shape]} at {cell_name(o.row, o.col)}"
         if with_marks:
             text += f" with {cfg.marks[o.mark]} pattern"
         parts.append(text)
@@ -71,13 +82,15 @@ def caption(scene: Scene, cfg: TinyWorldConfig, with_marks: bool = False) -> str
 
 def answer_choices(cfg: TinyWorldConfig) -> dict[str, list[str]]:
     """The closed answer set of each question type (chance = 1 / len for balanced types)."""
-    return {
+    choices = {
         "colour": list(cfg.colour_names),
         "exist": ["yes", "no"],
         "count": list(NUMBER_WORDS[: cfg.max_count + 1]),
         "position": [cell_name(r, c) for r in range(cfg.grid) for c in range(cfg.grid)],
         "fine": list(cfg.marks),
+        "shade": list(cfg.shades),
     }
+    return {t: choices[t] for t in question_types(cfg)}
 
 
 def enumerate_questions(scene: Scene, qtype: str, cfg: TinyWorldConfig, popular: set[tuple[int, int]]) -> list[QA]:
@@ -111,16 +124,16 @@ def enumerate_questions(scene: Scene, qtype: str, cfg: TinyWorldConfig, popular:
         for s in range(len(S)):
             if shapes[s] <= cfg.max_count:
                 out.append(QA("count", TEMPLATES["count_shape"].format(shapes=plural(S[s])), NUMBER_WORDS[shapes[s]], {"by": "shape", "target": s}))
-    elif qtype in ("position", "fine"):
+    elif qtype in ("position", "fine", "shade") and qtype in question_types(cfg):
         for o in scene.objects:
             if kinds[o.kind] != 1:
                 continue
-            if qtype == "position":
-                out.append(QA("position", TEMPLATES["position"].format(colour=C[o.colour], shape=S[o.shape]), cell_name(o.row, o.col), {"target": [o.colour, o.shape]}))
-            else:
-                out.append(QA("fine", TEMPLATES["fine"].format(colour=C[o.colour], shape=S[o.shape]), cfg.marks[o.mark], {"target": [o.colour, o.shape]}))
+            answer = {"position": lambda: cell_name(o.row, o.col), "fine": lambda: cfg.marks[o.mark],
+                      "shade": lambda: cfg.shades[o.shade]}[qtype]()
+            text = TEMPLATES[qtype].format(colour=C[o.colour], shape=S[o.shape])
+            out.append(QA(qtype, text, answer, {"target": [o.colour, o.shape]}))
     else:
-        raise ValueError(f"Unknown question type {qtype!r}; types: {', '.join(QUESTION_TYPES)}.")
+        raise ValueError(f"Unknown question type {qtype!r}; this world's types: {', '.join(question_types(cfg))}.")
     return out
 
 
@@ -169,8 +182,9 @@ def every_phrase(cfg: TinyWorldConfig) -> list[str]:
     for c in cfg.colour_names:
         for s in cfg.shapes:
             fields = {"colour": c, "shape": s, "shapes": plural(s)}
-            out += [t.format(**fields) for t in TEMPLATES.values()]
+            out += [t.format(**fields) for name, t in TEMPLATES.items() if name != "shade" or cfg.shades]
             out += [f"{c} {s} at {cell} with {m} pattern, {c} {s} at {cell}." for m in cfg.marks for cell in cell_names(cfg.grid)]
+            out += [f"{shade} {c} {s}" for shade in cfg.shades]
     for answers in answer_choices(cfg).values():
         out += answers
     return out

@@ -1,7 +1,8 @@
 """Scenes of the tiny world: sampling and rendering.
 
 A scene is a grey canvas cut into ``grid x grid`` cells with at most one object per cell.
-Each object has a colour, a shape, a fine mark and a little geometric jitter. Scenes are
+Each object has a colour, a shape, a fine mark, optionally a shade (light or dark: a low-level
+property) and a little geometric jitter. Scenes are
 rendered at the stored resolution (``image_size * hires_factor``); the mark is a 1-px
 pattern on an even-aligned square that is painted completely (pattern pixels in the mark
 colour, the others in the object's colour), so every 2x2 block of it holds two mark pixels
@@ -42,6 +43,8 @@ class WorldObject:
     dx: float
     dy: float
     rgb: tuple[int, int, int]
+    shade: int = 0
+    base_rgb: tuple[int, int, int] | None = None  # the colour before shading (worlds with shades)
 
     @property
     def kind(self) -> tuple[int, int]:
@@ -54,6 +57,16 @@ class Scene:
 
     objects: tuple[WorldObject, ...]
     background: tuple[int, int, int]
+
+    def with_shades_flipped(self, cfg: TinyWorldConfig) -> Scene:
+        """Copy with every object's shade swapped (light <-> dark): the same scene but for its
+        low-level detail (the tower's shade-invariance twin)."""
+        objs = []
+        for o in self.objects:
+            shade = (o.shade + 1) % len(cfg.shades)
+            rgb = shaded(list(o.base_rgb), cfg.shades[shade], cfg.shade_strength)
+            objs.append(replace(o, shade=shade, rgb=(rgb[0], rgb[1], rgb[2])))
+        return replace(self, objects=tuple(objs))
 
     def with_mark(self, index: int, mark: int) -> Scene:
         """Copy with object ``index``'s mark replaced (used to test mark legibility)."""
@@ -99,21 +112,30 @@ def sample_scene(rng: np.random.Generator, cfg: TinyWorldConfig, prior: np.ndarr
     offsets = rng.uniform(-cfg.max_offset, cfg.max_offset, size=(n, 2))
     jitter = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1, size=(n, 3))
     bg_jitter = rng.integers(-8, 9, size=3)
+    shades = rng.integers(len(cfg.shades), size=n) if cfg.shades else np.zeros(n, dtype=np.int64)
     n_shapes = len(cfg.shapes)
     objs = []
     for k in range(n):
         colour, shape = divmod(int(kinds[k]), n_shapes)
-        rgb = [min(255, max(0, v + int(j))) for v, j in zip(cfg.colours[colour][1], jitter[k])]
+        rgb = base = [min(255, max(0, v + int(j))) for v, j in zip(cfg.colours[colour][1], jitter[k])]
+        if cfg.shades:
+            rgb = shaded(base, cfg.shades[int(shades[k])], cfg.shade_strength)
         objs.append(
             WorldObject(
                 colour=colour, shape=shape, mark=int(marks[k]),
                 row=int(cells[k]) // cfg.grid, col=int(cells[k]) % cfg.grid,
                 radius=float(radius[k]), dx=float(offsets[k, 0]), dy=float(offsets[k, 1]),
-                rgb=(rgb[0], rgb[1], rgb[2]),
+                rgb=(rgb[0], rgb[1], rgb[2]), shade=int(shades[k]), base_rgb=(base[0], base[1], base[2]),
             )
         )
     bg = (BACKGROUND_RGB[0] + int(bg_jitter[0]), BACKGROUND_RGB[1] + int(bg_jitter[1]), BACKGROUND_RGB[2] + int(bg_jitter[2]))
     return Scene(objects=tuple(objs), background=bg)
+
+
+def shaded(rgb: list[int], shade: str, strength: float) -> list[int]:
+    """``light``: blend ``strength`` of the way to white; ``dark``: to black."""
+    target = 255 if shade == "light" else 0
+    return [int(round(v + strength * (target - v))) for v in rgb]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb: tuple[int, int, int]) -> None:
