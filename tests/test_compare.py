@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ARCHS = ("llava", "dense_connector")
+ARCHS = ("llava", "igva")
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def small_world(tmp_path_factory):
     from vlmzoo.tinyworld import small_test_config
 
     base = small_test_config()
-    world = small_test_config(clip=dataclasses.replace(base.clip, vision_layers=4))  # dense_connector's layer groups
+    world = small_test_config(clip=dataclasses.replace(base.clip, vision_layers=4))  # igva's 4 layer groups
     cache = tmp_path_factory.mktemp("compare_world")
     return [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(world.to_dict())}"]
 
@@ -46,12 +46,12 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
     assert main(_study_args(small_world, out)) == 0
     printed = capsys.readouterr().out
     table = (out / "results.md").read_text()
-    assert "| llava |" in table and "| dense_connector |" in table and "| llava |" in printed
+    assert "| llava |" in table and "| igva |" in table and "| llava |" in printed
 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["kind"], r["arch"]) for r in rows] == [
-        ("run", "llava"), ("run", "dense_connector"),
-        ("mean", "llava"), ("std", "llava"), ("mean", "dense_connector"), ("std", "dense_connector"),
+        ("run", "llava"), ("run", "igva"),
+        ("mean", "llava"), ("std", "llava"), ("mean", "igva"), ("std", "igva"),
     ]
     for arch in ARCHS:
         run = next(r for r in rows if r["kind"] == "run" and r["arch"] == arch)
@@ -78,9 +78,21 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
         assert int(run["visual_tokens"]) == 16 and float(run["latency_ms"]) > 0
         assert all((run_dir / s["stage"] / "final" / "trainer_state.json").is_file() for s in stages)
 
-    for name in ("accuracy.png", "loss.png"):
+    for name in ("accuracy.png", "loss.png", "layer_weights.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width >= 300 and im.height >= 200
+
+    # IGVA's layer weights per question type: the table holds each run's measured means
+    weights = json.loads((out / "runs" / "igva-s0" / "study_measurements.json").read_text())["layer_weights"]
+    llava_meas = json.loads((out / "runs" / "llava-s0" / "study_measurements.json").read_text())
+    assert llava_meas["layer_weights"] is None  # llava returns none: no panel, no rows
+    assert set(weights) >= {"all"} and sum(weights["all"]["mean"]) == pytest.approx(1.0, abs=1e-4)
+    igva_row = next(r for r in rows if r["kind"] == "run" and r["arch"] == "igva")
+    assert igva_row["layer_weights"] == ";".join(f"{w:.4f}" for w in weights["all"]["mean"])
+    for qtype, entry in weights.items():
+        line = f"| igva | {qtype} | " + " | ".join(f"{w:.3f}" for w in entry["mean"]) + " |"
+        assert line in table
+    assert "| llava | " not in table.split("## Layer weights")[1]
 
     before = _stage_mtimes(out)
     assert main(_study_args(small_world, out)) == 0
@@ -100,12 +112,30 @@ def test_unequal_budgets_are_refused(tmp_path):
         check_budgets({"llava": a, "igva": b}, {"llava": Path("x.yaml"), "igva": Path("y.yaml")})
 
 
+def test_presets_name_existing_configs_and_variants_get_their_own_runs(tmp_path):
+    from vlmzoo.study import StudySpec, config_path, load_presets, preset_archs, run_dir
+
+    presets = load_presets()
+    assert {"main", "tg_llava_ablation", "ta_llava_ablation", "igva_ablation"} <= set(presets)
+    for name in presets:
+        for entry in preset_archs(name):
+            path = config_path(StudySpec(), entry)
+            assert path.is_file(), (name, entry)
+    spec = StudySpec(out=tmp_path)
+    assert config_path(spec, "tg_llava:tiny_fom_only").name == "tiny_fom_only.yaml"
+    assert run_dir(spec, "tg_llava:tiny_fom_only", 1).name == "tg_llava@tiny_fom_only-s1"
+    with pytest.raises(KeyError, match="Presets: .*main"):
+        preset_archs("nope")
+    with pytest.raises(FileNotFoundError, match="tiny_fom_only"):
+        config_path(spec, "llava:tiny_fom_only")
+
+
 def test_default_archs_are_the_registered_strategies_with_a_config(tmp_path):
     from vlmzoo import available_strategies
     from vlmzoo.study import default_archs
 
     archs = default_archs("tiny")
-    assert {"llava", "tg_llava", "ta_llava", "igva", "dense_connector"} <= set(archs) <= set(available_strategies())
+    assert {"llava", "tg_llava", "ta_llava", "igva", "dense_connector", "resampler"} <= set(archs) <= set(available_strategies())
     (tmp_path / "llava").mkdir()
     (tmp_path / "llava" / "small.yaml").write_text("{}")
     assert default_archs("small", tmp_path) == ["llava"]

@@ -10,6 +10,7 @@
   strategy adds, its connector included);
 * visual tokens per image (the saved processor's ``num_visual_tokens``);
 * training time: the sum of the stages' ``runtime_s``;
+* for strategies that return ``layer_weights`` (IGVA), their mean per question type;
 * generation latency: the median wall time of one greedy answer of exactly ``eval.max_new_tokens``
   tokens (batch 1, after one warm-up) over the first ``latency_prompts`` eval questions;
 * the training loss log of every stage (``<stage>/final/trainer_state.json``).
@@ -25,6 +26,7 @@ Layout of ``--out`` (default ``outputs/study``)::
     results.csv               one row per run (kind=run) plus kind=mean and kind=std rows per strategy
     accuracy.png              accuracy per question type per strategy, std error bars, blind control
     loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
+    layer_weights.png         mean layer weights per question type (strategies returning them)
 
 Reuse: running the same study again skips the completed stages of every run (the runner's resume),
 re-uses ``eval/eval_metrics.json`` when no stage had to train and the ``eval`` section is unchanged,
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 
 from .study_report import write_outputs
@@ -53,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 RUNS_DIRNAME = "runs"
 MEASUREMENTS_FILE = "study_measurements.json"
+#: Bump when measure_generation measures something new (older measurement files are redone).
+MEASUREMENTS_VERSION = 2
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -105,6 +110,7 @@ class RunRecord:
     visual_tokens: int | None
     train_time_s: float
     latency_ms: float | None
+    layer_weights: dict[str, Any] | None = None
     loss_steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stage_ends: list[int] = field(default_factory=list)
@@ -119,15 +125,44 @@ class StudyResult:
 
 
 # ---- configs -------------------------------------------------------------------------------------
+def split_variant(name: str, scale: str) -> tuple[str, str]:
+    """``"tg_llava"`` -> ``("tg_llava", scale)``; ``"tg_llava:tiny_fom_only"`` -> ``("tg_llava", "tiny_fom_only")``."""
+    arch, _, stem = name.partition(":")
+    return arch, stem or scale
+
+
 def config_path(spec: StudySpec, arch: str) -> Path:
+    """The config of a study entry: ``<config_dir>/<arch>/<scale>.yaml``, or of ``arch:stem`` (an
+    ablation variant) ``<config_dir>/<arch>/<stem>.yaml``."""
     from .config import arch_config_path
 
+    folder, stem = split_variant(arch, spec.scale)
     if spec.config_dir is None:
-        return arch_config_path(arch, spec.scale)
-    path = Path(spec.config_dir) / arch / f"{spec.scale}.yaml"
+        return arch_config_path(folder, stem)
+    path = Path(spec.config_dir) / folder / f"{stem}.yaml"
     if not path.is_file():
-        raise FileNotFoundError(f"--config-dir: no {path} (arch {arch!r}, scale {spec.scale!r}).")
+        raise FileNotFoundError(f"--config-dir: no {path} (arch {folder!r}, config {stem!r}).")
     return path
+
+
+def load_presets(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """``configs/presets.yaml``: named studies (``archs``, optional ``description``)."""
+    from .config import CONFIGS_DIR
+
+    path = Path(path) if path else CONFIGS_DIR / "presets.yaml"
+    presets = (yaml.safe_load(path.read_text()) or {}).get("presets") or {}
+    for name, preset in presets.items():
+        if not isinstance(preset, dict) or not preset.get("archs"):
+            raise ValueError(f"{path}: preset {name!r} needs an 'archs' list.")
+    return presets
+
+
+def preset_archs(name: str, path: str | os.PathLike | None = None) -> list[str]:
+    """The study entries of preset ``name``; an unknown name lists the presets that exist."""
+    presets = load_presets(path)
+    if name not in presets:
+        raise KeyError(f"Unknown preset {name!r}. Presets: {', '.join(sorted(presets))}.")
+    return list(presets[name]["archs"])
 
 
 def default_archs(scale: str = "tiny", config_dir: str | os.PathLike | None = None) -> list[str]:
@@ -139,12 +174,16 @@ def default_archs(scale: str = "tiny", config_dir: str | os.PathLike | None = No
     return [a for a in available_strategies() if (root / a / f"{scale}.yaml").is_file()]
 
 
+def run_name(arch: str, seed: int) -> str:
+    return f"{arch.replace(':', '@')}-s{seed}"
+
+
 def run_dir(spec: StudySpec, arch: str, seed: int) -> Path:
-    return Path(spec.out) / RUNS_DIRNAME / f"{arch}-s{seed}"
+    return Path(spec.out) / RUNS_DIRNAME / run_name(arch, seed)
 
 
 def run_overrides(spec: StudySpec, arch: str, seed: int) -> list[str]:
-    extra = [f"seed={seed}", f"output.dir={run_dir(spec, arch, seed)}", f"output.name={arch}-s{seed}"]
+    extra = [f"seed={seed}", f"output.dir={run_dir(spec, arch, seed)}", f"output.name={run_name(arch, seed)}"]
     if spec.max_eval is not None:
         extra.append(f"eval.max_samples={spec.max_eval}")
     return [*spec.overrides, *extra]
@@ -204,7 +243,8 @@ def train_and_evaluate(cfg, latency_prompts: int = 5) -> tuple[dict[str, Any], d
         metrics, eval_reused = evaluate_run(cfg, result.final_model_dir, out / "eval"), False
 
     meas_file = out / MEASUREMENTS_FILE
-    wanted = {"model": str(Path(result.final_model_dir).resolve()), "latency_prompts": latency_prompts}
+    wanted = {"model": str(Path(result.final_model_dir).resolve()), "latency_prompts": latency_prompts,
+              "eval": dataclasses.asdict(cfg.eval), "version": MEASUREMENTS_VERSION}
     old = json.loads(meas_file.read_text()) if meas_file.is_file() else None
     if not trained and old is not None and all(old.get(k) == v for k, v in wanted.items()):
         measurements, meas_reused = old, True
@@ -237,7 +277,26 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
         if i:
             times.append(time.perf_counter() - start)
     out["latency_ms"] = round(1000 * statistics.median(times), 3)
+    out["layer_weights"] = layer_weights_by_type(model, processor, cfg, images_dir)
     return out
+
+
+def layer_weights_by_type(model, processor, cfg, images_dir: str) -> dict[str, Any] | None:
+    """Mean ``layer_weights`` per question type over the eval questions
+    (:func:`vlmzoo.analysis.extras_by_question_type`), or ``None`` for a strategy that returns none."""
+    from .analysis import extras_by_question_type
+    from .evaluation import generation_batch, image_first_messages, load_eval_records, record_images
+
+    records = [r for r in load_eval_records(cfg.eval.data, cfg.eval.question_type_key, cfg.eval.max_samples) if r.images]
+    if not records:
+        return None
+    probe = generation_batch(model, processor, [image_first_messages(records[0].messages, len(records[0].images))],
+                             [record_images(records[0], images_dir)])
+    with torch.inference_mode():
+        extras = model(**probe, output_strategy_extras=True, logits_to_keep=1).strategy_extras or {}
+    if "layer_weights" not in extras:
+        return None
+    return extras_by_question_type(model, processor, records, images_dir, batch_size=cfg.eval.batch_size)
 
 
 def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
@@ -288,7 +347,7 @@ def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused
         params_strategy=sum(g["total"] for name, g in last.items() if name not in CORE_GROUPS),
         visual_tokens=measurements.get("visual_tokens"),
         train_time_s=round(sum(float(s.metrics.get("runtime_s") or 0.0) for s in stages), 2),
-        latency_ms=measurements.get("latency_ms"),
+        latency_ms=measurements.get("latency_ms"), layer_weights=measurements.get("layer_weights"),
         loss_steps=steps, losses=losses, stage_ends=ends,
     )
 
@@ -301,7 +360,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     if not spec.archs or not spec.seeds:
         raise ValueError("A study needs at least one arch and one seed.")
     paths = {arch: config_path(spec, arch) for arch in spec.archs}
-    configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for a in spec.archs for s in spec.seeds}
+    # Seed-major order: an interrupted study already has every strategy at its first seeds.
+    configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for s in spec.seeds for a in spec.archs}
     if not spec.allow_unequal_budgets:
         check_budgets({a: run_budget(configs[(a, spec.seeds[0])]) for a in spec.archs}, paths)
     runs = []
@@ -327,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         "write results.md, results.csv, accuracy.png and loss.png.",
         epilog="Example: scripts/compare.py --archs llava igva --seeds 3 --out outputs/study",
     )
-    parser.add_argument("--archs", nargs="+", help="strategies (default: every registered one with a <scale>.yaml)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--archs", nargs="+", help="strategies (default: every registered one with a <scale>.yaml); "
+                       "ARCH:STEM takes configs/ARCH/STEM.yaml (an ablation variant)")
+    which.add_argument("--preset", help="a named study of configs/presets.yaml (the seed papers' ablations)")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     seeds.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds")
@@ -344,7 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed_list is None and args.seeds < 1:
         parser.error("--seeds must be >= 1")
     setup_logging()
-    archs = args.archs or default_archs(args.scale, args.config_dir)
+    if args.preset:
+        try:
+            archs = preset_archs(args.preset)
+        except KeyError as err:
+            parser.error(str(err.args[0]))
+    else:
+        archs = args.archs or default_archs(args.scale, args.config_dir)
     spec = StudySpec(
         archs=archs, seeds=args.seed_list or list(range(args.seeds)), out=args.out, scale=args.scale,
         config_dir=args.config_dir, overrides=args.overrides, max_eval=args.max_eval,

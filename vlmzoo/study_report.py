@@ -1,4 +1,5 @@
-"""The comparison study's outputs: results.csv, results.md (mean ± std over seeds) and two plots.
+"""The comparison study's outputs: results.csv, results.md (mean ± std over seeds) and the plots
+(accuracy, training loss, and layer weights per question type for strategies that return them).
 
 Rows come from :class:`vlmzoo.study.RunRecord` objects; :data:`CSV_DOC` documents the CSV columns.
 """
@@ -31,6 +32,7 @@ CSV_DOC = {
     "visual_tokens": "LLM input tokens per image",
     "train_time_s": "sum of the stages' training wall time, seconds",
     "latency_ms": "median time of one greedy answer (batch 1, eval.max_new_tokens tokens), ms",
+    "layer_weights": "strategies returning layer weights (IGVA): mean weight per group, ';'-separated, all questions",
     "reused": "1 if the run was found finished and nothing was trained or evaluated again",
     "run_dir": "the run folder",
 }
@@ -55,6 +57,8 @@ def run_row(r: RunRecord, types: Sequence[str]) -> dict[str, Any]:
     row.update(n_eval=r.n_eval, params_total=r.params_total, params_trainable=r.params_trainable,
                params_strategy=r.params_strategy, visual_tokens=r.visual_tokens, train_time_s=r.train_time_s,
                latency_ms=r.latency_ms, reused=int(r.reused), run_dir=str(r.run_dir))
+    overall = (r.layer_weights or {}).get("all")
+    row["layer_weights"] = ";".join(f"{w:.4f}" for w in overall["mean"]) if overall else ""
     return row
 
 
@@ -67,11 +71,11 @@ def aggregate_rows(runs: Sequence[RunRecord], types: Sequence[str]) -> list[dict
                                 "n_seeds": len(mine)}
         std = {**mean, "kind": "std"}
         for key, value in mine[0].items():
-            if key in mean or key in ("reused", "run_dir") or not (value is None or isinstance(value, (int, float))):
+            if key in mean or key in ("reused", "run_dir", "layer_weights") or not (value is None or isinstance(value, (int, float))):
                 continue
             mean[key], std[key] = _mean_std([m[key] for m in mine])
         mean["reused"] = std["reused"] = int(all(m["reused"] for m in mine))
-        mean["run_dir"] = std["run_dir"] = ""
+        mean["run_dir"] = std["run_dir"] = mean["layer_weights"] = std["layer_weights"] = ""
         rows += [mean, std]
     return rows
 
@@ -137,12 +141,44 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"]) -> tuple[str, 
         f"Configs: `{spec.config_dir or 'configs'}/<arch>/{spec.scale}.yaml`"
         + (f"; overrides: `{' '.join(_short(o) for o in spec.overrides)}`" if spec.overrides else "") + ".", "",
     ]
-    md_path = out / "results.md"
-    md_path.write_text("\n".join(intro) + table + "\n\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n")
-    files = {"results.md": md_path, "results.csv": csv_path}
+    files = {"results.csv": csv_path}
     files.update(plot_accuracy(runs, out / "accuracy.png"))
     files.update(plot_loss(runs, out / "loss.png"))
-    return table, files
+    files.update(plot_layer_weights(runs, out / "layer_weights.png"))
+    weights = layer_weights_table(runs)
+    body = table + "\n\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n"
+    if weights:
+        body += ("\n## Layer weights per question type\n\nMean weight of each tower layer group over the eval "
+                 "questions of each type (mean over seeds).\n\n" + weights + "\n\n![layer weights](layer_weights.png)\n")
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(intro) + body)
+    return table, {"results.md": md_path, **files}
+
+
+def mean_layer_weights(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[float]]]:
+    """``{arch: {question type: mean weights over seeds}}`` for the strategies that return layer weights."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for arch in dict.fromkeys(r.arch for r in runs):
+        mine = [r.layer_weights for r in runs if r.arch == arch and r.layer_weights]
+        if not mine:
+            continue
+        types = [t for t in mine[0] if all(t in m for m in mine)]
+        out[arch] = {t: [statistics.fmean(vals) for vals in zip(*(m[t]["mean"] for m in mine))] for t in types}
+    return out
+
+
+def layer_weights_table(runs: Sequence[RunRecord]) -> str:
+    """A markdown table: one row per (strategy, question type), one column per layer group."""
+    weights = mean_layer_weights(runs)
+    if not weights:
+        return ""
+    k = max(len(v) for per_type in weights.values() for v in per_type.values())
+    lines = ["| strategy | question type | " + " | ".join(f"w{i + 1}" for i in range(k)) + " |",
+             "|---|---|" + "---:|" * k]
+    for arch, per_type in weights.items():
+        for t, w in per_type.items():
+            lines.append(f"| {arch} | {t} | " + " | ".join(f"{x:.3f}" for x in w) + " |")
+    return "\n".join(lines)
 
 
 # ---- plots ---------------------------------------------------------------------------------------
@@ -183,6 +219,31 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
     fig.savefig(path)
     plt.close(fig)
     return {"accuracy.png": path}
+
+
+def plot_layer_weights(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
+    """One panel per strategy with layer weights: question types on x, one bar per layer group."""
+    weights = mean_layer_weights(runs)
+    if not weights:
+        return {}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(weights), figsize=(5.5 * len(weights), 3.6), dpi=100, squeeze=False)
+    for ax, (arch, per_type) in zip(axes[0], weights.items()):
+        types = list(per_type)
+        k = len(per_type[types[0]])
+        width = 0.8 / k
+        for i in range(k):
+            xs = [j + (i - (k - 1) / 2) * width for j in range(len(types))]
+            ax.bar(xs, [per_type[t][i] for t in types], width, label=f"w{i + 1}")
+        ax.set_xticks(range(len(types)), types, rotation=30)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean weight")
+        ax.set_title(f"{arch}: layer weights per question type")
+        ax.legend(fontsize=8, ncol=k)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return {"layer_weights.png": path}
 
 
 def plot_loss(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
