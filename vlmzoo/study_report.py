@@ -139,7 +139,7 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"]) -> tuple[str, 
         "with the most frequent training answer. Parameters: all / trained in the last stage / outside the "
         "vision tower, text encoder and LLM. Latency: median of one greedy answer at batch 1.",
         f"Configs: `{spec.config_dir or 'configs'}/<arch>/{spec.scale}.yaml`"
-        + (f"; overrides: `{' '.join(_short(o) for o in spec.overrides)}`" if spec.overrides else "") + ".", "",
+        + (f"; overrides: `{' '.join(_short(o) for o in spec.overrides)}`" if spec.overrides else "") + ".", "", "",
     ]
     files = {"results.csv": csv_path}
     files.update(plot_accuracy(runs, out / "accuracy.png"))
