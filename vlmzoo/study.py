@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 RUNS_DIRNAME = "runs"
 MEASUREMENTS_FILE = "study_measurements.json"
 #: Bump when measure_generation measures something new (older measurement files are redone).
-MEASUREMENTS_VERSION = 2
+MEASUREMENTS_VERSION = 3
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -267,11 +267,14 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
         return out
     records = load_eval_records(cfg.eval.data, cfg.eval.question_type_key, n_prompts)
     images_dir = cfg.eval.images or cfg.data.images or os.path.dirname(os.path.abspath(cfg.eval.data))
+    hr_dir = cfg.eval_high_res_images() if processor.high_res_factor > 1 else None  # as the evaluator reads them
     n_new = cfg.eval.max_new_tokens
     times = []
     for i, rec in enumerate([records[0], *records]):  # the first one warms up
         images = record_images(rec, images_dir)
-        batch = generation_batch(model, processor, [image_first_messages(rec.messages, len(rec.images))], [images])
+        high_res = [record_images(rec, hr_dir, "high-res image")] if hr_dir else None
+        batch = generation_batch(model, processor, [image_first_messages(rec.messages, len(rec.images))], [images],
+                                 high_res)
         start = time.perf_counter()
         greedy_generate(model, processor, batch, n_new, min_new_tokens=n_new)
         if i:
