@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, NUM_PATCHES, TINY_LLMS, left_pad, prompt_ids, tiny_clip_vision_spec, tiny_model
+from tiny import (
+    IMAGE_TOKEN_ID,
+    NUM_PATCHES,
+    TINY_LLMS,
+    left_pad,
+    prompt_ids,
+    run_count_params,
+    tiny_clip_vision_spec,
+    tiny_model,
+)
 from vlmzoo import VLMForConditionalGeneration
 from vlmzoo.multilayer import contiguous_groups
 
@@ -251,16 +260,6 @@ def test_dense_connector_save_load_and_bad_configs(tmp_path, pixels):
 
 
 # ---- reference scale on meta ---------------------------------------------------------------------------
-def _count_params(capsys, *argv: str) -> tuple[dict[str, int], str]:
-    import importlib.util
-    import re
-
-    spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts" / "count_params.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(list(argv)) == 0
-    out = capsys.readouterr().out
-    return {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}, out
 
 
 def _allocator_params(d_s=768, d_v=1024, k=4, blocks=4, ffn=1024):
@@ -270,15 +269,15 @@ def _allocator_params(d_s=768, d_v=1024, k=4, blocks=4, ffn=1024):
 
 def test_reference_scale_counts_on_meta(capsys):
     """`python scripts/count_params.py --arch igva --scale reference` (spec: allocator about 27M, 576 tokens)."""
-    counts, out = _count_params(capsys, "--arch", "igva", "--scale", "reference")
+    counts, out = run_count_params(capsys, "--arch", "igva", "--scale", "reference")
     assert counts["allocator"] == _allocator_params() == 27_047_940
     assert counts["connector"] == 2048 * 4096 + 4096 + 4096 * 4096 + 4096
     assert 109_000_000 < counts["text_encoder"] < 110_000_000  # all-mpnet-base-v2
     assert "visual tokens per image: 576" in out
-    counts, out = _count_params(capsys, "--arch", "dense_connector", "--scale", "reference")
+    counts, out = run_count_params(capsys, "--arch", "dense_connector", "--scale", "reference")
     assert counts["connector"] == 3072 * 4096 + 4096 + 4096 * 4096 + 4096 and "allocator" not in counts
     assert "visual tokens per image: 576" in out
-    counts, out = _count_params(capsys, "--arch", "dense_connector", "--scale", "reference_sti")
+    counts, out = run_count_params(capsys, "--arch", "dense_connector", "--scale", "reference_sti")
     assert counts["connector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert "visual tokens per image: 720" in out
 

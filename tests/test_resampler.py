@@ -6,9 +6,7 @@ reference scale is built on the meta device only.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,16 @@ from PIL import Image
 
 from test_templates import build_word_tokenizer
 from test_tg_llava import CLIP_TEXT
-from tiny import IMAGE_TOKEN_ID, NUM_PATCHES, TINY_LLMS, left_pad, prompt_ids, tiny_clip_vision_spec, tiny_model
+from tiny import (
+    IMAGE_TOKEN_ID,
+    NUM_PATCHES,
+    TINY_LLMS,
+    left_pad,
+    prompt_ids,
+    run_count_params,
+    tiny_clip_vision_spec,
+    tiny_model,
+)
 from vlmzoo import StrategyNeeds, VLMConfig, VLMForConditionalGeneration
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,13 +255,6 @@ def test_registered_through_the_entry_point_and_found_by_the_study():
 
 
 # ---- reference scale on meta ------------------------------------------------------------------------------
-def _count_params(capsys, *argv: str) -> tuple[dict[str, int], str]:
-    spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts" / "count_params.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(list(argv)) == 0
-    out = capsys.readouterr().out
-    return {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}, out
 
 
 def _resampler_params(d=1024, k=64, layers=2, heads=16, head_dim=64, ffn=4096, norm=2):
@@ -267,12 +267,12 @@ def _resampler_params(d=1024, k=64, layers=2, heads=16, head_dim=64, ffn=4096, n
 
 def test_reference_scale_counts_on_meta(capsys):
     """`python scripts/count_params.py --arch resampler --scale reference`: 64 tokens, 25.2M + 21.0M."""
-    counts, out = _count_params(capsys, "--arch", "resampler", "--scale", "reference")
+    counts, out = run_count_params(capsys, "--arch", "resampler", "--scale", "reference")
     assert counts["resampler"] == _resampler_params() == 25_245_696
     assert counts["connector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # = llava's
     assert counts["total"] == counts["resampler"] + counts["connector"] + counts["llm"] + counts["vision_tower"]
     assert "visual tokens per image: 64" in out
-    counts, out = _count_params(capsys, "--arch", "resampler", "--scale", "reference", "model.strategy_config.num_latents=32",
+    counts, out = run_count_params(capsys, "--arch", "resampler", "--scale", "reference", "model.strategy_config.num_latents=32",
                                 "model.strategy_config.num_layers=3", "model.strategy_config.norm=rmsnorm",
                                 "model.strategy_config.head_dim=96", "model.strategy_config.ffn_size=2048")
     assert counts["resampler"] == _resampler_params(k=32, layers=3, head_dim=96, ffn=2048, norm=1)

@@ -55,3 +55,18 @@ def left_pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torc
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
+
+
+def run_count_params(capsys, *argv: str) -> tuple[dict[str, int], str]:
+    """Run ``scripts/count_params.py`` with ``argv`` -> ({row name: parameter count}, printed text)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "count_params.py"
+    spec = importlib.util.spec_from_file_location("count_params", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(list(argv)) == 0
+    out = capsys.readouterr().out
+    return {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}, out
