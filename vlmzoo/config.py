@@ -94,7 +94,8 @@ class DataSection:
             only by naming its own ``high_res_images``; a missing high-res file is an error. Ignored by strategies
             without a high-res factor.
         max_length: truncate token sequences to this length (``None`` = no limit).
-        num_workers: data-loader worker processes.
+        num_workers: data-loader worker processes (kept alive across epochs); 0 loads in the
+            training process.
     """
 
     images: str | None = None

@@ -259,10 +259,13 @@ class VLMProcessor:
             return None
         if not (getattr(ip, "do_rescale", False) and getattr(ip, "do_normalize", False)):
             return None
-        arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))  # (N, H, W, 3)
+        arr = torch.from_numpy(np.stack([np.asarray(im) for im in images]))  # (N, H, W, 3) uint8
         mean = torch.tensor(ip.image_mean, dtype=torch.float32)
         std = torch.tensor(ip.image_std, dtype=torch.float32)
-        return ((arr * float(ip.rescale_factor) - mean) / std).permute(0, 3, 1, 2).contiguous()
+        # (x * rescale - mean) / std as one multiply-add, channels first: (N, 3, H, W)
+        scale, shift = float(ip.rescale_factor) / std, -mean / std
+        pixels = arr.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        return pixels.mul_(scale.view(3, 1, 1)).add_(shift.view(3, 1, 1))
 
     def _high_res_sizes(self) -> dict[str, dict[str, int]]:
         """The image processor's ``size`` / ``crop_size`` with every edge length times f."""

@@ -294,6 +294,7 @@ def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
         disable_tqdm=t.disable_tqdm,
         seed=cfg.seed,
         dataloader_num_workers=cfg.data.num_workers,
+        dataloader_persistent_workers=cfg.data.num_workers > 0,  # no worker restart per epoch
         remove_unused_columns=False,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         use_cpu=not torch.cuda.is_available(),
