@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 ARCHS = ("llava", "igva")
 
@@ -139,3 +140,34 @@ def test_default_archs_are_the_registered_strategies_with_a_config(tmp_path):
     (tmp_path / "llava").mkdir()
     (tmp_path / "llava" / "small.yaml").write_text("{}")
     assert default_archs("small", tmp_path) == ["llava"]
+
+
+def test_parallel_study_trains_every_run_in_worker_processes(small_world, tmp_path, capsys):
+    """``--jobs 2``: two runs train at once in their own processes; the table then holds each run's
+    own eval numbers and the latency measured afterwards in the main process."""
+    from vlmzoo.study import main
+
+    out = tmp_path / "study"
+    args = _study_args(small_world, out)
+    args[args.index("--archs") + 1: args.index("--seeds")] = ["llava"]
+    args[args.index("--seeds") + 1] = "2"
+    assert main([*args, "--jobs", "2"]) == 0
+    assert "2 runs (0 reused)" in capsys.readouterr().out
+    rows = [r for r in csv.DictReader(open(out / "results.csv")) if r["kind"] == "run"]
+    assert [(r["arch"], r["seed"]) for r in rows] == [("llava", "0"), ("llava", "1")]
+    for row in rows:
+        run_dir = Path(row["run_dir"])
+        metrics = json.loads((run_dir / "eval" / "eval_metrics.json").read_text())
+        assert float(row["accuracy"]) == pytest.approx(metrics["accuracy"]) and int(row["n_eval"]) == 12
+        assert len(list(run_dir.glob("*/final/stage_complete.json"))) == 2
+        assert float(row["latency_ms"]) > 0 and float(row["train_time_s"]) > 0
+    seeds = [yaml.safe_load((Path(r["run_dir"]) / "resolved_config.yaml").read_text())["seed"] for r in rows]
+    assert seeds == [0, 1]
+
+
+def test_jobs_must_be_positive(tmp_path, capsys):
+    from vlmzoo.study import main
+
+    with pytest.raises(SystemExit):
+        main(["--archs", "llava", "--jobs", "0", "--out", str(tmp_path)])
+    assert "--jobs must be >= 1" in capsys.readouterr().err

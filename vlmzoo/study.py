@@ -28,6 +28,12 @@ Layout of ``--out`` (default ``outputs/study``)::
     loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
     layer_weights.png         mean layer weights per question type (strategies returning them)
 
+Parallel runs: ``--jobs N`` trains and evaluates N runs at a time, each in its own process with
+``cores // N`` torch threads (on a small CPU two 1-thread runs get more done than one 2-thread
+run: a tiny model's ops are too small to keep two threads busy). The generation latency is then
+measured afterwards, one run at a time in the main process, so that no run is timed under
+another's load.
+
 Reuse: running the same study again skips the completed stages of every run (the runner's resume),
 re-uses ``eval/eval_metrics.json`` when no stage had to train and the ``eval`` section is unchanged,
 and re-uses ``study_measurements.json`` likewise. ``results.csv`` columns are listed in
@@ -76,6 +82,7 @@ class StudySpec:
         max_eval: evaluate only the first N questions (``eval.max_samples``); ``None``: the config's.
         latency_prompts: eval questions timed for the generation latency (0: not measured).
         allow_unequal_budgets: accept configs whose data / steps / eval questions differ.
+        jobs: runs trained and evaluated at the same time, each in its own process.
     """
 
     archs: Sequence[str] = ()
@@ -87,6 +94,7 @@ class StudySpec:
     max_eval: int | None = None
     latency_prompts: int = 5
     allow_unequal_budgets: bool = False
+    jobs: int = 1
 
 
 @dataclass
@@ -223,11 +231,14 @@ def _previous_eval_section(out: Path) -> dict[str, Any] | None:
     return (yaml.safe_load(path.read_text()) or {}).get("eval")
 
 
-def train_and_evaluate(cfg, latency_prompts: int = 5) -> tuple[dict[str, Any], dict[str, Any], list, bool]:
+def train_and_evaluate(
+    cfg, latency_prompts: int = 5, measure: bool = True
+) -> tuple[dict[str, Any], dict[str, Any] | None, list, bool]:
     """Train (resuming) and evaluate one run, re-using a finished run's files.
 
     -> ``(eval_metrics, measurements, stage results, reused)``; ``reused`` is True when no stage
-    trained and both the eval metrics and the measurements came from disk."""
+    trained and both the eval metrics and the measurements came from disk. ``measure=False``
+    skips the measurements (``None``)."""
     from .evaluation import METRICS_FILE, evaluate_run
     from .training.runner import run_training
 
@@ -241,6 +252,8 @@ def train_and_evaluate(cfg, latency_prompts: int = 5) -> tuple[dict[str, Any], d
         metrics, eval_reused = json.loads(eval_file.read_text()), True
     else:
         metrics, eval_reused = evaluate_run(cfg, result.final_model_dir, out / "eval"), False
+    if not measure:
+        return metrics, None, result.stages, False
 
     meas_file = out / MEASUREMENTS_FILE
     wanted = {"model": str(Path(result.final_model_dir).resolve()), "latency_prompts": latency_prompts,
@@ -367,6 +380,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for s in spec.seeds for a in spec.archs}
     if not spec.allow_unequal_budgets:
         check_budgets({a: run_budget(configs[(a, spec.seeds[0])]) for a in spec.archs}, paths)
+    if spec.jobs > 1:
+        train_in_parallel(spec, paths, list(configs))
     runs = []
     for (arch, seed), cfg in configs.items():
         logger.info("Study run %s seed %d -> %s", arch, seed, cfg.output.dir)
@@ -376,6 +391,43 @@ def run_study(spec: StudySpec) -> StudyResult:
                     else f"trained stages: {', '.join(runs[-1].trained_stages) or 'none'}")
     table, files = write_outputs(spec, runs)
     return StudyResult(spec=spec, runs=runs, table=table, files=files)
+
+
+def train_in_parallel(spec: StudySpec, paths: dict[str, Path], runs: list[tuple[str, int]]) -> None:
+    """Train and evaluate ``runs`` (``(arch, seed)`` pairs) ``spec.jobs`` at a time, each in a
+    fresh process with ``cores // jobs`` torch threads; the caller then collects them (reused)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // spec.jobs)
+    logger.info("Study: %d runs, %d at a time with %d torch thread(s) each", len(runs), spec.jobs, threads)
+    with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(_train_one, str(paths[a]), run_overrides(spec, a, s)): (a, s) for a, s in runs}
+        failed = []
+        for future, (arch, seed) in futures.items():
+            try:
+                future.result()
+            except Exception as exc:  # noqa: BLE001 - reported with the run's name, then raised below
+                logger.error("Study run %s seed %d failed: %s", arch, seed, exc)
+                failed.append(f"{arch} seed {seed}: {exc}")
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(runs)} study runs failed:\n  " + "\n  ".join(failed))
+
+
+def _init_worker(threads: int) -> None:
+    from .training.cli import setup_logging
+
+    setup_logging()
+    torch.set_num_threads(threads)
+
+
+def _train_one(config_path: str, overrides: list[str]) -> None:
+    from .config import load_run_config
+
+    cfg = load_run_config(config_path, overrides)
+    logger.info("Study run %s -> %s (worker %d)", cfg.output.name, cfg.output.dir, os.getpid())
+    train_and_evaluate(cfg, measure=False)
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -405,10 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-prompts", type=int, default=5, help="questions timed for latency (0: skip)")
     parser.add_argument("--allow-unequal-budgets", action="store_true",
                         help="accept configs whose training data / steps / eval questions differ")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process "
+                        "with cores/jobs torch threads (default 1; 2 is fastest on a 2-core CPU)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every run")
     args = parser.parse_args(argv)
     if args.seed_list is None and args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     setup_logging()
     if args.preset:
         try:
@@ -420,10 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     spec = StudySpec(
         archs=archs, seeds=args.seed_list or list(range(args.seeds)), out=args.out, scale=args.scale,
         config_dir=args.config_dir, overrides=args.overrides, max_eval=args.max_eval,
-        latency_prompts=args.latency_prompts, allow_unequal_budgets=args.allow_unequal_budgets,
+        latency_prompts=args.latency_prompts, allow_unequal_budgets=args.allow_unequal_budgets, jobs=args.jobs,
     )
+    start = time.perf_counter()
     result = run_study(spec)
     print(result.table)
     reused = sum(r.reused for r in result.runs)
-    print(f"\n{len(result.runs)} runs ({reused} reused). " + "  ".join(f"{k}: {v}" for k, v in result.files.items()))
+    print(f"\n{len(result.runs)} runs ({reused} reused) in {(time.perf_counter() - start) / 60:.1f} min wall time. "
+          + "  ".join(f"{k}: {v}" for k, v in result.files.items()))
     return 0
