@@ -284,6 +284,25 @@ def test_missing_or_mismatched_high_res_file_names_path_and_record(hr_folder, hr
         ds[2]
 
 
+def test_records_whose_features_are_cached_are_not_read(hr_folder, hr_processor):
+    ds = load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x")
+    keys = [ds[i]["image_keys"] for i in range(3)]
+    sq = f"{hr_folder / 'img' / 'sq.png'}|{hr_folder / 'img_2x' / 'sq.png'}"
+    assert keys == [[sq], [], [sq.replace("sq.png", "sub/wide.png")]]
+    batch = VLMDataCollator(hr_processor)([ds[i] for i in range(3)])
+    assert batch["image_keys"] == keys[0] + keys[2]  # row for row with pixel_values
+
+    ds.features_cached = lambda key: key == sq
+    (hr_folder / "img" / "sq.png").unlink()  # a cached record is never opened
+    item = ds[0]
+    assert item["pixel_values"].shape == (1, 3, SIZE, SIZE) and item["pixel_values"].isnan().all()
+    assert item["pixel_values_hr"].shape == (1, 3, 2 * SIZE, 2 * SIZE) and item["pixel_values_hr"].isnan().all()
+    assert not ds[2]["pixel_values"].isnan().any() and ds.reads_saved == 1  # not cached: read as always
+    ds.features_cached = None
+    with pytest.raises(LlavaDataError, match=r"record 'sq' \(#0\): image file not found"):
+        ds[0]
+
+
 def test_no_high_res_folder_or_factor_means_no_pixel_values_hr(hr_folder, hr_processor, processor):
     without_folder = load(hr_folder, hr_processor, HR_RECORDS)
     assert "pixel_values_hr" not in without_folder[0]

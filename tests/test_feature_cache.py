@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tiny import tiny_model
@@ -49,6 +50,30 @@ def test_a_changed_image_is_a_miss_and_high_res_is_cached_too(pixels) -> None:
     torch.testing.assert_close(out.high_res[-2][1:], plain.high_res[-2][1:])
     assert not torch.equal(out.high_res[-2][0], plain.high_res[-2][0])
     torch.testing.assert_close(out.layers[1][1:], plain.layers[1][1:])
+
+
+def test_file_keyed_images_are_served_from_the_cache_without_their_pixels(pixels) -> None:
+    model = tiny_model("llava", seed=2)
+    needs = StrategyNeeds(vision_layers=(-2,), high_res_factor=2, high_res_layers=(-2,))
+    hr = torch.nn.functional.interpolate(pixels, scale_factor=2.0)
+    keys = [f"img{i}.png|hr/img{i}.png" for i in range(pixels.shape[0])]
+    with torch.no_grad():
+        plain = model.encode_images(pixels, needs, hr)
+        model.vision_feature_cache = cache = VisionFeatureCache()
+        model.encode_images(pixels, needs, hr, image_keys=keys)
+        assert all(cache.contains(needs, k) for k in keys) and not cache.contains(needs, "other.png")
+        assert not cache.contains(StrategyNeeds(vision_layers=(-1,)), keys[0])  # other layers: another entry
+        seen = _count_tower_images(model)
+        holes = torch.full_like(pixels, float("nan")), torch.full_like(hr, float("nan"))
+        again = model.encode_images(*holes[:1], needs=needs, pixel_values_hr=holes[1], image_keys=keys)
+        assert seen == []
+        torch.testing.assert_close(again.layers[-2], plain.layers[-2])
+        torch.testing.assert_close(again.high_res[-2], plain.high_res[-2])
+        # a placeholder that is not in the cache is an error naming the image, never NaN features
+        with pytest.raises(RuntimeError, match=r"not in the vision feature cache.*new\.png"):
+            model.encode_images(holes[0][:1], needs, holes[1][:1], image_keys=["new.png"])
+        with pytest.raises(ValueError, match="2 image_keys for 1 images"):
+            model.encode_images(pixels[:1], needs, hr[:1], image_keys=keys[:2])
 
 
 def test_cache_is_bypassed_when_the_tower_trains(pixels) -> None:

@@ -370,6 +370,8 @@ def test_feature_cache_serves_every_stage_and_leaves_training_unchanged(world, t
     lines = [r.getMessage() for r in caplog.records if r.name == "vlmzoo.training.runner"]
     carried = [int(m) for line in lines for m in re.findall(r"^\[instruct\] frozen vision tower.* (\d+) images from earlier", line)]
     assert len(carried) == 1 and carried[0] > 0, lines  # stage 2 starts with stage 1's images
+    saved = [int(m) for line in lines for m in re.findall(r"^\[instruct\] vision feature cache: .* (\d+) records served without", line)]
+    assert len(saved) == 1 and saved[0] > 0, lines  # those records' image files were not read again
     ours = load_file(result.final_model_dir / "model.safetensors")
     ref = load_file(reference_run["result"].final_model_dir / "model.safetensors")
     assert ours.keys() == ref.keys()

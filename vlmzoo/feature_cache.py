@@ -5,8 +5,10 @@ LLaVA-style training never changes a frozen tower's input (no augmentation), so 
 again in a later epoch gives the same features. At tiny scale, where one tower pass costs as
 much as a tenth of a training step, and a high-res strategy runs it on ``f**2 + 1`` images each
 time, re-computing them is most of what separates two strategies' step times. The cache keys
-each image by a hash of its pixel values (and high-res pixels), so a changed image is a miss,
-never a stale hit. It lives in process memory; enable it with ``training.cache_vision_features``
+each image by the files it was read from when the batch names them (``image_keys``, from
+:class:`~vlmzoo.data.LlavaJsonDataset`; files do not change during a run), else by a hash of its
+pixel values (and high-res pixels). With file keys the dataset need not even read a cached
+image: it sends NaN placeholder pixels, and a placeholder that misses the cache is an error. It lives in process memory; enable it with ``training.cache_vision_features``
 (never at reference scale, where one image's features take megabytes). One cache serves every
 stage of a run (the tower's weights do not change between them); a stage that trains the tower
 clears it and runs without it.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -49,6 +51,14 @@ class VisionFeatureCache:
         self.bytes = 0
 
     @staticmethod
+    def _file_key(needs: StrategyNeeds, image_key: str) -> bytes:
+        return hashlib.blake2b(f"{needs!r}\0{image_key}".encode(), digest_size=16).digest()
+
+    def contains(self, needs: StrategyNeeds, image_key: str) -> bool:
+        """Whether the features of the image read from ``image_key``'s files are cached."""
+        return self._file_key(needs, image_key) in self._store
+
+    @staticmethod
     def _key(needs: StrategyNeeds, pixels: torch.Tensor, pixels_hr: torch.Tensor | None) -> bytes:
         digest = hashlib.blake2b(repr(needs).encode(), digest_size=16)
         for t in (pixels, pixels_hr):
@@ -63,21 +73,31 @@ class VisionFeatureCache:
         needs: StrategyNeeds,
         pixel_values: torch.Tensor,
         pixel_values_hr: torch.Tensor | None = None,
+        image_keys: Sequence[str] | None = None,
     ) -> VisionFeatures:
         """``compute(pixels (M, 3, H, W), pixels_hr)`` runs only on the images not cached yet;
-        returns the features of all N images in order."""
-        keys = [
-            self._key(needs, pixel_values[i], None if pixel_values_hr is None else pixel_values_hr[i])
-            for i in range(pixel_values.shape[0])
-        ]
+        returns the features of all N images in order. ``image_keys`` (N str) name the images'
+        files; without them each image is keyed by its pixels."""
+        n = pixel_values.shape[0]
+        if image_keys is not None:
+            if len(image_keys) != n:
+                raise ValueError(f"{len(image_keys)} image_keys for {n} images.")
+            keys = [self._file_key(needs, k) for k in image_keys]
+        else:
+            keys = [
+                self._key(needs, pixel_values[i], None if pixel_values_hr is None else pixel_values_hr[i])
+                for i in range(n)
+            ]
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         fresh: dict[bytes, dict[tuple[str, int], torch.Tensor]] = {}
         if missing:
             idx = torch.tensor(missing, device=pixel_values.device)
-            hr = None if pixel_values_hr is None else pixel_values_hr[idx]
-            computed = compute(pixel_values[idx], hr)
+            pixels, hr = pixel_values[idx], None if pixel_values_hr is None else pixel_values_hr[idx]
+            if image_keys is not None:
+                _check_loaded(pixels, hr, [image_keys[i] for i in missing])
+            computed = compute(pixels, hr)
             for row, i in enumerate(missing):
                 entry = {(kind, layer): t[row].detach().clone() for kind, part in _parts(computed) for layer, t in part.items()}
                 fresh[keys[i]] = entry
@@ -156,6 +176,18 @@ class InstructionFeatureCache:
             for i, (_, t) in enumerate(entries):
                 tokens[i, : t.shape[0]] = t
         return InstructionFeatures(pooled=pooled, tokens=tokens, mask=attention_mask)
+
+
+def _check_loaded(pixels: torch.Tensor, pixels_hr: torch.Tensor | None, names: list[str]) -> None:
+    """Raise if an image to encode is a NaN placeholder (not read because it was thought cached)."""
+    flat = pixels.flatten(1) if pixels_hr is None else torch.cat([pixels.flatten(1), pixels_hr.flatten(1)], dim=1)
+    placeholders = torch.isnan(flat).all(dim=1)
+    if placeholders.any():
+        bad = [name for name, p in zip(names, placeholders.tolist()) if p]
+        raise RuntimeError(
+            f"{len(bad)} image(s) were not read because their features were cached, but they are not in the "
+            f"vision feature cache (was it cleared during the stage?): {bad[:5]}"
+        )
 
 
 def _parts(features: VisionFeatures) -> list[tuple[str, dict[int, torch.Tensor]]]:

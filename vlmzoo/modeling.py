@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,6 +214,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor,
         needs: StrategyNeeds | None = None,
         pixel_values_hr: torch.Tensor | None = None,
+        image_keys: Sequence[str] | None = None,
     ) -> VisionFeatures:
         """``(N, 3, H, W)`` -> the features ``needs`` asks for (see :class:`VisionFeatures`).
 
@@ -221,13 +222,14 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         when given (an image resized to f times the tower's size), else from ``pixel_values``
         upsampled x f (TG-LLaVA's reference); all crops go through the tower in one batched pass.
         Tower passes stop at the deepest layer asked for. With ``vision_feature_cache`` set and
-        the tower frozen, images seen before are not encoded again.
+        the tower frozen, images seen before are not encoded again (keyed by ``image_keys``, the
+        N images' files, when given).
         """
         needs = needs or self.strategy.needs
         track_grad = torch.is_grad_enabled() and not self.config.freeze_vision_tower
         if self.vision_feature_cache is not None and not track_grad:
             compute = functools.partial(self._encode_images, needs=needs, track_grad=False)
-            return self.vision_feature_cache.encode(compute, needs, pixel_values, pixel_values_hr)
+            return self.vision_feature_cache.encode(compute, needs, pixel_values, pixel_values_hr, image_keys)
         return self._encode_images(pixel_values, pixel_values_hr, needs=needs, track_grad=track_grad)
 
     def _encode_images(
@@ -286,6 +288,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         instruction_attention_mask: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
         pixel_values_hr: torch.FloatTensor | None = None,
+        image_keys: Sequence[str] | None = None,
         output_strategy_extras: bool = False,
         **kwargs: Any,
     ) -> VLMCausalLMOutputWithPast:
@@ -300,6 +303,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             instruction_mask: ``(B, T)`` True at the instruction's tokens (strategies that need the span).
             pixel_values_hr: ``(N, 3, f*H, f*W)`` the images at f times the tower's size, for strategies
                 with a high-res factor f (else their crops come from ``pixel_values`` upsampled).
+            image_keys: N str, the files each image was read from: the keys of
+                ``vision_feature_cache`` (training); ignored without one.
             output_strategy_extras: return the strategy's extra tensors (e.g. layer weights).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -314,7 +319,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values need input_ids to locate the image placeholder tokens.")
             strategy_out = self._run_strategy(
                 input_ids, pixel_values, attention_mask, instruction_input_ids, instruction_attention_mask,
-                instruction_mask, pixel_values_hr,
+                instruction_mask, pixel_values_hr, image_keys,
             )
             image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
             visual = strategy_out.visual_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -372,6 +377,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         instruction_attention_mask: torch.Tensor | None,
         instruction_mask: torch.Tensor | None,
         pixel_values_hr: torch.Tensor | None = None,
+        image_keys: Sequence[str] | None = None,
     ):
         needs = self.strategy.needs
         image_token_mask = input_ids == self.config.image_token_id
@@ -389,7 +395,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs = GuidanceInputs(
-            vision=self.encode_images(pixel_values, needs, pixel_values_hr),
+            vision=self.encode_images(pixel_values, needs, pixel_values_hr, image_keys),
             image_batch_index=image_batch_index,
             input_ids=input_ids,
             attention_mask=attention_mask,

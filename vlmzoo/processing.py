@@ -13,6 +13,8 @@ Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
 * ``pixel_values_hr`` ``(N, 3, f*H, f*W)`` float: the same images, row for row, from their native
   high-resolution versions resized to f times the tower's size (f = ``high_res_factor``, the
   strategy's ``StrategyNeeds.high_res_factor``); only when f > 1 and high-res images are given;
+* ``image_keys`` list of N str: the files each image was read from, when every sample names them
+  (:class:`~vlmzoo.data.LlavaJsonDataset` items do); the frozen-feature cache's keys in training;
 * ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text (the
   last user message, i.e. the question being answered) of the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
   ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
@@ -299,7 +301,8 @@ class VLMProcessor:
 
         Each feature has ``input_ids``, ``labels`` and ``instruction_mask`` (lists of length T_i),
         ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str), and optionally
-        ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)`` (then every sample with images must have it).
+        ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)`` (then every sample with images must have it)
+        and ``image_keys`` (``n_i`` str).
         Returns the batch keys described in the module docstring, padded to the longest sample on
         ``padding_side``.
         """
@@ -338,6 +341,8 @@ class VLMProcessor:
                             "pixel_values_hr must hold every image of the batch or none."
                         )
                 data["pixel_values_hr"] = torch.cat([f["pixel_values_hr"] for _, f in with_images])
+            if all("image_keys" in f for _, f in with_images):
+                data["image_keys"] = [key for _, f in with_images for key in f["image_keys"]]
             if self.text_tokenizer is not None:
                 texts = [f["instruction_text"] for f in features for _ in range(len(f["pixel_values"]))]
                 ids, mask = self.tokenize_instructions(texts)

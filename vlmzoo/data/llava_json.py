@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, TextIO
 
 import datasets
 import torch
@@ -391,8 +391,14 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         num_proc: processes for tokenisation.
 
     ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
-    "pixel_values" (n_i, 3, H, W)}`` (+ ``"pixel_values_hr"`` with a high-res folder); batch those
-    with :class:`VLMDataCollator`.
+    "pixel_values" (n_i, 3, H, W), "image_keys"}`` (+ ``"pixel_values_hr"`` with a high-res
+    folder); batch those with :class:`VLMDataCollator`. ``image_keys`` names each image's files
+    (its path, and its high-res path after a ``|``).
+
+    ``features_cached``: optional ``image_key -> bool``, set by a training run whose frozen tower's
+    features are memoised (:mod:`vlmzoo.feature_cache`). A record all of whose images are cached
+    is not read from disk: its pixel rows are NaN placeholders, which the model never encodes (it
+    raises if it would). Only for loading in the training process (``num_workers=0``).
     """
 
     def __init__(
@@ -429,6 +435,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.max_length = max_length
         self.skipped: list[SkippedRecord] = []
         self.runtime_skipped: list[SkippedRecord] = []  # found in __getitem__ (this process only)
+        self.features_cached: Callable[[str], bool] | None = None
+        self.reads_saved = 0  # records served without reading their images (features_cached)
 
         records = read_llava_records(self.json_path, cache_dir=cache_dir)
         self.num_records = len(records)
@@ -537,16 +545,31 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                 logger.warning("%s (on_error='skip': using the next record; %d skipped in this process)", exc, len(self.runtime_skipped))
         raise LlavaDataError(self.json_path, "no record could be loaded.")
 
+    def image_key(self, rel: str) -> str:
+        """The files one image of a record is read from: ``path`` or ``path|high_res_path``."""
+        key = os.path.abspath(os.path.join(self.image_folder, rel))
+        if self.high_res_folder is not None:
+            key += "|" + os.path.abspath(os.path.join(self.high_res_folder, rel))
+        return key
+
     def _load(self, row: dict[str, Any]) -> dict[str, Any]:
-        images = [self._read(row, self.image_folder, rel, "image") for rel in row["images"]]
+        keys = [self.image_key(rel) for rel in row["images"]]
         item = {
             "id": row["id"],
             "input_ids": row["input_ids"],
             "labels": row["labels"],
             "instruction_mask": row["instruction_mask"],
             "instruction_text": row["instruction_text"],
-            "pixel_values": self.processor.preprocess_images(images),
+            "image_keys": keys,
         }
+        if keys and self.features_cached is not None and all(self.features_cached(k) for k in keys):
+            item["pixel_values"] = torch.full((len(keys), *self.processor.image_shape), float("nan"))
+            if self.high_res_folder is not None:
+                item["pixel_values_hr"] = torch.full((len(keys), *self.processor.high_res_shape), float("nan"))
+            self.reads_saved += 1
+            return item
+        images = [self._read(row, self.image_folder, rel, "image") for rel in row["images"]]
+        item["pixel_values"] = self.processor.preprocess_images(images)
         if self.high_res_folder is not None:
             high_res = []
             for rel, base in zip(row["images"], images):

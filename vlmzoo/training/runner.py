@@ -17,6 +17,7 @@ checkpoint with optimizer and scheduler state.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -338,6 +339,9 @@ def train_stage(
     with args.main_process_first(desc=f"{stage.name} dataset"):
         dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),
                                    high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length)
+    if model.vision_feature_cache is not None and cfg.data.num_workers == 0:
+        # a record whose images' features are cached is not read from disk (see LlavaJsonDataset)
+        dataset.features_cached = functools.partial(model.vision_feature_cache.contains, model.strategy.needs)
     trainer = VLMTrainer(
         model=model,
         args=args,
@@ -356,8 +360,9 @@ def train_stage(
 
     cache = model.vision_feature_cache
     if cache is not None:
-        logger.info("%s vision feature cache: %d images, %.0f MiB, %d hits / %d misses so far in this run",
-                    tag, len(cache), cache.bytes / 2**20, cache.hits, cache.misses)
+        logger.info("%s vision feature cache: %d images, %.0f MiB, %d hits / %d misses so far in this run; "
+                    "%d records served without reading their images", tag, len(cache), cache.bytes / 2**20, cache.hits,
+                    cache.misses, dataset.reads_saved)
         model.vision_feature_cache = None
     if model.text_feature_cache is not None:
         logger.info("%s text feature cache: %d instructions, %d hits / %d misses so far in this run",
