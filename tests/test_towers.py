@@ -8,6 +8,7 @@ checked against its library's own forward. Nothing is downloaded.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -301,12 +302,19 @@ def test_hf_clip_text_pooled_is_eos_feature() -> None:
     torch.testing.assert_close(features.pooled, features.tokens[torch.arange(N), eos])
 
 
-def test_hf_towers_load_from_full_clip_model_dir(tmp_path: Path) -> None:
+def test_hf_towers_load_from_full_clip_model_dir(tmp_path: Path, caplog, capsys) -> None:
     torch.manual_seed(0)
     clip = CLIPModel(CLIPConfig(text_config=CLIP_TEXT, vision_config=HF_VISION, projection_dim=16)).eval()
     clip.save_pretrained(tmp_path)
-    encoder = load_pretrained_text_encoder(str(tmp_path)).eval()
-    tower = load_pretrained_vision_tower(str(tmp_path), "hf").eval()
+    with caplog.at_level(logging.INFO, logger="vlmzoo.towers"):
+        encoder = load_pretrained_text_encoder(str(tmp_path)).eval()
+        tower = load_pretrained_vision_tower(str(tmp_path), "hf").eval()
+    # the other tower's weights: one counted line each, not transformers' per-key load report
+    lines = [r.getMessage() for r in caplog.records if r.name == "vlmzoo.towers.loading"]
+    assert len(lines) == 2 and "text-tower loaded" in lines[0] and "vision tower loaded" in lines[1], lines
+    not_vision = [k for k in clip.state_dict() if not k.startswith("vision_model.")]  # text tower, projections, scale
+    assert f"{len(not_vision)} other weights" in lines[1]
+    assert "LOAD REPORT" not in capsys.readouterr().err + "".join(r.getMessage() for r in caplog.records)
     pixels = _pixels()
     with torch.no_grad():
         features = encoder(IDS, MASK)
@@ -329,6 +337,11 @@ def test_hf_text_loading_rejects_incomplete_checkpoints(tmp_path: Path) -> None:
     encoder.model.save_pretrained(tmp_path / "text", state_dict=state)
     with pytest.raises(ValueError, match="lacks text-tower weights"):
         load_pretrained_text_encoder(str(tmp_path / "text"))
+    vision = CLIPVisionModel(CLIPVisionConfig(**HF_VISION))
+    state = {k: v.contiguous() for k, v in vision.state_dict().items() if "layers.0." not in k}
+    vision.save_pretrained(tmp_path / "partial_vision", state_dict=state)
+    with pytest.raises(ValueError, match=r"lacks vision tower weights .*layers\.0\."):
+        load_pretrained_vision_tower(str(tmp_path / "partial_vision"), "hf")
 
 
 def test_open_clip_text_loads_full_clip_checkpoint(tmp_path: Path) -> None:

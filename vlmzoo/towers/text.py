@@ -43,6 +43,7 @@ from torch.nn import functional as F
 
 from ..strategy import InstructionFeatures
 from ..utils import hf_config_spec, nearest_names
+from .loading import load_tower
 
 
 class TextEncoder(nn.Module):
@@ -164,23 +165,16 @@ def _hf_text_model_class(text_config: Any) -> type[nn.Module]:
 def load_hf_text_encoder(name_or_path: str, **kwargs: Any) -> HFTextEncoder:
     """Text tower of a full CLIP/SigLIP checkpoint (``CLIPModel`` dir) or of a text-only one.
 
-    Raises if any text-tower weight is missing from the checkpoint (vision weights are ignored).
+    Raises if any text-tower weight is missing from the checkpoint (vision weights are ignored:
+    :func:`~vlmzoo.towers.loading.load_tower`).
     """
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(name_or_path)
     text_config = getattr(config, "text_config", None) or config
     model_class = _hf_text_model_class(text_config)
-    model, info = model_class.from_pretrained(
-        name_or_path,
-        attn_implementation=kwargs.get("attn_implementation", "sdpa"),
-        output_loading_info=True,
-    )
-    if info.get("missing_keys"):
-        raise ValueError(
-            f"{name_or_path!r} lacks text-tower weights {sorted(info['missing_keys'])[:8]}"
-            f"{' ...' if len(info['missing_keys']) > 8 else ''}; is it a {model_class.__name__} checkpoint?"
-        )
+    model = load_tower(model_class, name_or_path, "text-tower",
+                       attn_implementation=kwargs.get("attn_implementation", "sdpa"))
     return HFTextEncoder(HFTextEncoder.spec_from_config(model.config), model=model)
 
 

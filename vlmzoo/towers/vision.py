@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..utils import hf_config_spec, nearest_names
+from .loading import load_tower
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -179,16 +180,16 @@ def build_vision_tower(spec: dict[str, Any]) -> VisionTower:
 def load_pretrained_vision_tower(name_or_path: str, backend: str = "hf", **kwargs: Any) -> VisionTower:
     """Load a pretrained tower by hub name or local directory; ``tower.spec`` describes it.
 
-    For ``hf``, a full CLIP/SigLIP checkpoint (vision + text) or a vision-only one both work.
+    For ``hf``, a full CLIP/SigLIP checkpoint (vision + text) or a vision-only one both work; a
+    missing vision weight is an error (:func:`~vlmzoo.towers.loading.load_tower`).
     """
     if backend == "hf":
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(name_or_path)
         vision_config = getattr(config, "vision_config", None) or config
-        model = _hf_vision_model_class(vision_config).from_pretrained(
-            name_or_path, attn_implementation=kwargs.get("attn_implementation", "sdpa")
-        )
+        model = load_tower(_hf_vision_model_class(vision_config), name_or_path, "vision tower",
+                           attn_implementation=kwargs.get("attn_implementation", "sdpa"))
         spec = HFVisionTower.spec_from_config(model.config)
         return HFVisionTower(spec, model=model)
     _ensure_backend(backend)
