@@ -31,18 +31,9 @@ def test_reference_llava_on_meta():
 
 def test_reference_yaml_builds_on_meta_and_counts(capsys):
     """configs/llava/reference.yaml builds without weights; the count script reports every group."""
-    import importlib.util
-    from pathlib import Path
+    from tiny import run_count_params
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "count_params.py"
-    spec = importlib.util.spec_from_file_location("count_params", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--arch", "llava", "--scale", "reference"]) == 0
-    import re
-
-    rows = re.findall(r"^(\w+) +([\d,]+)$", capsys.readouterr().out, flags=re.M)
-    counts = {k: int(v.replace(",", "")) for k, v in rows}
+    counts, _ = run_count_params(capsys, "--arch", "llava", "--scale", "reference")
     assert counts["connector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     # Vicuna-7B plus one appended <image> row in the embedding and the LM head.
     assert counts["llm"] == 6_738_415_616 + 2 * 4096

@@ -331,14 +331,9 @@ def test_reference_prefill_flops():
 
 
 def test_count_params_prints_flops(capsys):
-    import importlib.util
+    from tiny import run_count_params
 
-    spec = importlib.util.spec_from_file_location("count_params", REPO / "scripts" / "count_params.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--arch", "ta_llava", "--scale", "reference", "--flops", "40"]) == 0
-    out = capsys.readouterr().out
-    params = {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}
+    params, out = run_count_params(capsys, "--arch", "ta_llava", "--scale", "reference", "--flops", "40")
     assert set(params) >= {"projector", "prefix", "text_adapter", "vision_adapter", "llm", "total"}
     flops = {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+) +[\d.]+$", out, flags=re.M)}
     assert flops["total"] == flops["vision_tower"] + flops["strategy"] + flops["language_model"]

@@ -232,17 +232,9 @@ def _dp_params(d_v=1024, d_t=768, p=576, d_llm=4096, k=64, heads=16, kv_heads=4,
 def test_reference_scale_counts_on_meta(capsys):
     """configs/tg_llava/reference.yaml on meta: per-module counts (spec: FOM ~48.6M, DP ~59M; see the
     module docstring of architectures/tg_llava.py for the FOM difference)."""
-    import importlib.util
-    import re
-    from pathlib import Path
+    from tiny import run_count_params
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "count_params.py"
-    spec = importlib.util.spec_from_file_location("count_params", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main(["--arch", "tg_llava", "--scale", "reference"]) == 0
-    out = capsys.readouterr().out
-    counts = {k: int(v.replace(",", "")) for k, v in re.findall(r"^(\w+) +([\d,]+)$", out, flags=re.M)}
+    counts, out = run_count_params(capsys, "--arch", "tg_llava", "--scale", "reference")
     assert counts["connector"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert counts["fom"] == _fom_params() == 31_821_824
     assert counts["dp"] == _dp_params() == 59_328_512
