@@ -84,6 +84,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VLMZOO_CACHE") or Path.home() / ".cache" / "vlmzoo")
 
 
+_ANNOUNCED: set[Path] = set()
+
+
 def build_tiny_world(
     cache_dir: str | os.PathLike | None = None,
     config: TinyWorldConfig | dict[str, Any] | None = None,
@@ -109,7 +112,9 @@ def build_tiny_world(
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):
         if (root / MANIFEST).is_file() and not force:
-            log(f"[tinyworld] using cached world {root}")
+            if root not in _ANNOUNCED:  # once per process: a study resolves the world for every run
+                _ANNOUNCED.add(root)
+                log(f"[tinyworld] using cached world {root}")
             return paths
         log(f"[tinyworld] building the tiny world into {root} (once; cached afterwards)")
         tmp = root.with_name(root.name + ".building")
