@@ -8,8 +8,9 @@ time, re-computing them is most of what separates two strategies' step times. Th
 each image by the files it was read from when the batch names them (``image_keys``, from
 :class:`~vlmzoo.data.LlavaJsonDataset`; files do not change during a run), else by a hash of its
 pixel values (and high-res pixels). With file keys the dataset need not even read a cached
-image: it sends NaN placeholder pixels, and a placeholder that misses the cache is an error. It lives in process memory; enable it with ``training.cache_vision_features``
-(never at reference scale, where one image's features take megabytes). One cache serves every
+image: it sends NaN placeholder pixels, and a placeholder that misses the cache is an error.
+It lives in process memory; enable it with ``training.cache_vision_features`` (never at
+reference scale, where one image's features take megabytes). One cache serves every
 stage of a run (the tower's weights do not change between them); a stage that trains the tower
 clears it and runs without it.
 """
