@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class VisionFeatureCache:
-    """Per-image :class:`VisionFeatures` rows, keyed by pixel bytes and the strategy's needs.
+    """Per-image :class:`VisionFeatures` rows, keyed by the strategy's needs and the image's files or pixel bytes.
 
     Args:
         max_bytes: stop adding entries beyond this many bytes of stored features (hits still work).
@@ -40,7 +40,7 @@ class VisionFeatureCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._store: dict[bytes, dict[tuple[str, int], torch.Tensor]] = {}
+        self._store: dict[bytes | tuple[StrategyNeeds, str], dict[tuple[str, int], torch.Tensor]] = {}
         self._full_warned = False
 
     def __len__(self) -> int:
@@ -52,8 +52,8 @@ class VisionFeatureCache:
         self.bytes = 0
 
     @staticmethod
-    def _file_key(needs: StrategyNeeds, image_key: str) -> bytes:
-        return hashlib.blake2b(f"{needs!r}\0{image_key}".encode(), digest_size=16).digest()
+    def _file_key(needs: StrategyNeeds, image_key: str) -> tuple[StrategyNeeds, str]:
+        return needs, image_key  # both hashable: no digest needed
 
     def contains(self, needs: StrategyNeeds, image_key: str) -> bool:
         """Whether the features of the image read from ``image_key``'s files are cached."""
@@ -92,7 +92,7 @@ class VisionFeatureCache:
         missing = [i for i, k in enumerate(keys) if k not in self._store]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        fresh: dict[bytes, dict[tuple[str, int], torch.Tensor]] = {}
+        fresh: dict[Any, dict[tuple[str, int], torch.Tensor]] = {}
         if missing:
             idx = torch.tensor(missing, device=pixel_values.device)
             pixels, hr = pixel_values[idx], None if pixel_values_hr is None else pixel_values_hr[idx]
@@ -111,7 +111,7 @@ class VisionFeatureCache:
                     part[layer] = torch.stack([e[(kind, layer)] for e in entries])
         return out
 
-    def _remember(self, key: bytes, entry: dict[tuple[str, int], torch.Tensor]) -> None:
+    def _remember(self, key: Any, entry: dict[tuple[str, int], torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in entry.values())
         if self.bytes + size > self.max_bytes:
             if not self._full_warned:
