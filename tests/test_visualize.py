@@ -132,6 +132,25 @@ def test_token_weights_equal_an_independent_sum_of_attentions(saved, strategy):
     assert not torch.allclose(got["predicting"].token_weights, got["answer"].token_weights, rtol=1e-3)
 
 
+def test_a_high_res_image_feeds_the_crops_of_tg_llava_only(saved, tmp_path):
+    image = Image.open(saved["image"]).convert("RGB")
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8))  # 2x, other pixels
+    for strategy, changes in (("tg_llava", True), ("llava", False)):
+        model, processor = loaded(saved, strategy)
+        plain = vz.answer_attention(model, processor, image, QUESTION, max_new_tokens=3)
+        hr = vz.answer_attention(model, processor, image, QUESTION, max_new_tokens=3, high_res_image=other)
+        same = torch.equal(plain.token_weights, hr.token_weights)
+        assert same != changes, strategy  # only a strategy with crops reads the high-res picture
+    other.save(tmp_path / "hr.png")
+    out = tmp_path / "tg.png"
+    assert vz.main(["--model", str(saved["tg_llava"]), "--image", str(saved["image"]), "--high-res-image",
+                    str(tmp_path / "hr.png"), "--question", QUESTION, "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert out.is_file()
+    with pytest.raises(SystemExit):
+        vz.main(["--model", str(saved["tg_llava"]), "--image", str(saved["image"]), "--high-res-image",
+                 str(tmp_path / "missing.png"), "--question", QUESTION])
+
+
 def test_heat_map_lands_where_the_token_is():
     """A hot top-right cell on a 48 x 32 image padded to a 48 x 48 view (8 px above and below)."""
     processor = type("P", (), {"pad_to_square": True})()

@@ -156,17 +156,23 @@ def answer_attention(
     question: str,
     max_new_tokens: int = 32,
     rows: QueryRows = "predicting",
+    high_res_image: Image.Image | None = None,
 ) -> AnswerAttention:
     """Greedy answer to ``question`` about ``image`` and its attention to each visual token.
 
     See the module docstring for what is summed. The LLM runs eager attention for the attention
     pass only (:func:`eager_llm_attention`); generation uses the model's own implementation.
+    ``high_res_image``: the same picture at a higher resolution, for a strategy with a high-res
+    factor (else its crops come from ``image`` upsampled); ignored by the others.
     """
     if rows not in QUERY_ROWS:
         raise ValueError(f"rows must be one of {QUERY_ROWS}, got {rows!r}.")
     grids = spatial_grids(model)
     model.eval()
-    batch = generation_batch(model, processor, [question_messages(question)], [[image.convert("RGB")]])
+    high_res = None
+    if high_res_image is not None and processor.high_res_factor > 1:
+        high_res = [[high_res_image.convert("RGB")]]
+    batch = generation_batch(model, processor, [question_messages(question)], [[image.convert("RGB")]], high_res)
     answer = answer_tokens(greedy_generate(model, processor, batch, max_new_tokens)[0], processor)
     if answer.numel() == 0:
         raise VisualizationError(f"The model answered {question!r} with an empty answer; no answer token to attribute.")
@@ -285,17 +291,22 @@ def visualize(
     max_new_tokens: int = 32,
     rows: QueryRows = "predicting",
     template: str | None = None,
+    high_res_path: str | os.PathLike | None = None,
 ) -> tuple[Path, list[AnswerAttention]]:
     """Load each saved model + processor, compute its :class:`AnswerAttention`, draw all side by side."""
     from .evaluation import load_for_eval
 
     with Image.open(image_path) as im:
         image = im.convert("RGB")
+    high_res = None
+    if high_res_path is not None:
+        with Image.open(high_res_path) as im:
+            high_res = im.convert("RGB")
     results, processor = [], None
     for model_dir in model_dirs:
         model, processor = load_for_eval(model_dir, template)
         try:
-            result = answer_attention(model, processor, image, question, max_new_tokens, rows)
+            result = answer_attention(model, processor, image, question, max_new_tokens, rows, high_res)
         except VisualizationError as exc:
             raise type(exc)(f"{model_dir}: {exc}") from None
         results.append((_label(model_dir, model), result))
@@ -326,14 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", choices=QUERY_ROWS, default="predicting",
                         help="attention rows: positions predicting the answer tokens (default) or the answer tokens")
     parser.add_argument("--template", help="conversation template other than the saved processor's")
+    parser.add_argument("--high-res-image", metavar="FILE",
+                        help="the same picture at a higher resolution (e.g. the tiny world's images_2x/) for strategies "
+                        "with high-res crops (tg_llava); without it their crops come from --image upsampled")
     args = parser.parse_args(argv)
     model_dirs = [*args.model, *([args.compare] if args.compare else [])]
-    for path in (args.image, *model_dirs):
+    for path in (args.image, *model_dirs, *([args.high_res_image] if args.high_res_image else [])):
         if not os.path.exists(path):
             parser.error(f"{path} does not exist")
     try:
         out, results = visualize(model_dirs, args.image, args.question, args.out, args.max_new_tokens, args.rows,
-                                 args.template)
+                                 args.template, args.high_res_image)
     except VisualizationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
