@@ -169,9 +169,7 @@ def answer_attention(
         raise ValueError(f"rows must be one of {QUERY_ROWS}, got {rows!r}.")
     grids = spatial_grids(model)
     model.eval()
-    high_res = None
-    if high_res_image is not None and processor.high_res_factor > 1:
-        high_res = [[high_res_image.convert("RGB")]]
+    high_res = None if high_res_image is None else [[high_res_image.convert("RGB")]]  # the processor ignores it at f = 1
     batch = generation_batch(model, processor, [question_messages(question)], [[image.convert("RGB")]], high_res)
     answer = answer_tokens(greedy_generate(model, processor, batch, max_new_tokens)[0], processor)
     if answer.numel() == 0:
