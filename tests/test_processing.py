@@ -60,6 +60,22 @@ def test_image_token_expansion_and_keys(processor):
     assert batch["instruction_attention_mask"].shape == batch["instruction_input_ids"].shape
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_instruction_tokens_equal_the_tokenizers_batch_call(side):
+    """tokenize_instructions remembers each text's ids; its padded batch is exactly the text
+    tokenizer's own batch call, on either padding side, for repeated and truncated texts."""
+    text_tok = build_word_tokenizer(auto_bos=True)
+    text_tok.padding_side = side
+    p = VLMProcessor(build_word_tokenizer(), image_processor=make_image_processor(SIZE), text_tokenizer=text_tok,
+                     template="qwen2", num_visual_tokens=N_VIS, text_max_length=6)
+    texts = ["one two", "What is in the picture?", "one two", " ".join(["one"] * 9), "two"]
+    for _ in range(2):  # the second call is served from memory
+        ids, mask = p.tokenize_instructions(texts)
+        ref = text_tok(texts, padding=True, truncation=True, max_length=6, return_tensors="pt")
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    assert len(p._instruction_ids) == 4
+
+
 def test_text_only_batch_has_no_image_keys(processor):
     batch = processor([conv("Hello"), conv("one")])
     assert "pixel_values" not in batch and "instruction_input_ids" not in batch
