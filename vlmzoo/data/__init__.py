@@ -1,14 +1,7 @@
 """Data: conversation templates, LLaVA-format JSON loading, collation."""
 
-from .llava_json import (
-    LlavaDataError,
-    LlavaJsonDataset,
-    SkippedRecord,
-    VLMDataCollator,
-    iter_json_records,
-    normalize_record,
-    read_llava_records,
-)
+from .llava_json import LlavaJsonDataset, VLMDataCollator
+from .records import LlavaDataError, SkippedRecord, iter_json_records, normalize_record, read_llava_records
 from .templates import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
