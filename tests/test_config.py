@@ -15,13 +15,11 @@ from vlmzoo.config import (
     RunConfig,
     arch_config_path,
     config_hash,
-    deep_merge,
     load_config_tree,
     load_run_config,
-    load_yaml_tree,
-    parse_override,
     run_config_from_dict,
 )
+from vlmzoo.config_tree import deep_merge, load_yaml_tree, parse_override
 from vlmzoo.utils import ConfigKeyError
 
 REPO = Path(__file__).resolve().parent.parent

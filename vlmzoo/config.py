@@ -21,18 +21,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
 import yaml
 
+from .config_tree import apply_override, build_section, interpolate, load_yaml_tree, parse_override
 from .utils import ConfigKeyError, nearest_names, unknown_key_error
-
-BASE_KEY = "_base_"
 CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
@@ -289,178 +285,6 @@ def _high_res_folder(own_images: str | None, own_high_res: str | None, data: Dat
     if own_images and os.path.normpath(own_images) != os.path.normpath(data.images or ""):
         return None
     return data.high_res_images
-
-
-# ---- YAML with proper floats ---------------------------------------------------------------------
-class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where ``1e-3`` is a string; read it as the float everyone means."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-
-
-# ---- loading and merging -------------------------------------------------------------------------
-def load_yaml_tree(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read ``path`` and its ``_base_`` files (relative to it), deep-merged; cycles are errors."""
-    path = Path(path).resolve()
-    if path in _chain:
-        raise ValueError(f"Config inheritance cycle: {' -> '.join(str(p) for p in (*_chain, path))}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file not found: {path}")
-    data = parse_yaml(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"Config file {path} must hold a mapping at the top level, got {type(data).__name__}.")
-    bases = data.pop(BASE_KEY, [])
-    if isinstance(bases, str):
-        bases = [bases]
-    merged: dict[str, Any] = {}
-    for base in bases:
-        merged = deep_merge(merged, load_yaml_tree(path.parent / base, (*_chain, path)), where=str(path))
-    return deep_merge(merged, data, where=str(path))
-
-
-def deep_merge(base: Any, update: Any, where: str = "config") -> Any:
-    """``update`` on top of ``base``: mappings merge recursively, a mapping with integer keys
-    patches items of a list, anything else replaces. Neither input is modified."""
-    if isinstance(base, dict) and isinstance(update, dict):
-        out = dict(base)
-        for key, value in update.items():
-            out[key] = deep_merge(base[key], value, f"{where}.{key}") if key in base else copy.deepcopy(value)
-        return out
-    if isinstance(base, list) and isinstance(update, dict) and all(isinstance(k, int) for k in update):
-        out_list = list(base)
-        for idx, value in update.items():
-            if not -len(out_list) <= idx < len(out_list):
-                raise IndexError(f"{where}: item {idx} patched, but the list has {len(out_list)} items.")
-            out_list[idx] = deep_merge(out_list[idx], value, f"{where}.{idx}")
-        return out_list
-    return copy.deepcopy(update)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"a.b.0.c=1e-3"`` -> (``["a", "b", "0", "c"]``, ``0.001``)."""
-    if "=" not in text:
-        raise ValueError(f"Override {text!r} must look like dotted.key=value (e.g. training.stages.0.lr=1e-3).")
-    key, raw = text.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ValueError(f"Override {text!r} has an empty key segment.")
-    return parts, parse_yaml(raw) if raw.strip() else ""
-
-
-def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
-    """Set ``tree[parts[0]][parts[1]]... = value`` in place; integer segments index lists.
-
-    Missing mapping keys are created (the typed build then checks them against the schema)."""
-    node: Any = tree
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        here = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            try:
-                idx = int(part)
-            except ValueError:
-                raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {here!r} indexes a list; use an integer.") from None
-            if not -len(node) <= idx < len(node):
-                raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {here!r} is out of range (the list has {len(node)} items).")
-            if last:
-                node[idx] = value
-            else:
-                node = node[idx]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {'.'.join(parts[:depth])!r} is a value, not a section.")
-
-
-# ---- typed build ---------------------------------------------------------------------------------
-def build_section(cls: type, values: Any, where: str) -> Any:
-    """Recursively build dataclass ``cls`` from plain data; unknown keys and wrong types are errors."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise TypeError(f"{where} must be a mapping, got {values!r}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            raise unknown_key_error(str(key), fields, where)
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in values.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for arg in non_none:
-            try:
-                return _coerce(arg, value, where)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}.")
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where} must be a list, got {value!r}.")
-        return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{where} must be a mapping, got {value!r}.")
-        vtype = args[1] if args else Any
-        return {k: _coerce(vtype, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be true or false, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} must be a number, got {value!r}.")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise TypeError(f"{where} must be an integer, got {value!r}.")
-        return int(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}.")
-        return value
-    return value
-
-
-# ---- interpolation -------------------------------------------------------------------------------
-_VAR = re.compile(r"\$\{([A-Za-z_][\w]*)(?:\.([A-Za-z_]\w*))?\}")
-
-
-def interpolate(tree: Any, resolve: Callable[[str, str | None], str]) -> Any:
-    """Replace ``${name}`` / ``${name.field}`` in every string of ``tree`` by ``resolve(name, field)``."""
-    if isinstance(tree, dict):
-        return {k: interpolate(v, resolve) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [interpolate(v, resolve) for v in tree]
-    if isinstance(tree, str) and "${" in tree:
-        return _VAR.sub(lambda m: str(resolve(m.group(1), m.group(2))), tree)
-    return tree
 
 
 class _Resolver:
