@@ -1,17 +1,14 @@
 """LLaVA-format JSON data: cached tokenisation, a torch dataset and a collator.
 
-A LLaVA file is a JSON array (JSON Lines also work) of records::
+The file format is described in :mod:`vlmzoo.data.records`. Pipeline (every step bounded in
+memory, so a 665K-record file is fine):
 
-    {"id": "000001", "image": "coco/train2017/000001.jpg",   # relative to the image folder; absent = text-only
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}
-
-Pipeline (every step bounded in memory, so a 665K-record file is fine):
-
-1. :func:`~vlmzoo.data.records.iter_json_records` parses the array incrementally (a ~1 MB window); malformed JSON is an
-   error with its line/column.
-2. :func:`~vlmzoo.data.records.read_llava_records` normalises each record (roles -> ``user``/``assistant``/``system``,
-   ``image`` -> a list) into an Arrow dataset cached by ``datasets`` (keyed by path, size and mtime).
-   Records that fail validation are kept with an ``error`` column so both error modes share the cache.
+1. :func:`~vlmzoo.data.records.iter_json_records` parses the array incrementally (a ~1 MB
+   window); malformed JSON is an error with its line/column.
+2. :func:`~vlmzoo.data.records.read_llava_records` normalises each record (roles ->
+   ``user``/``assistant``/``system``, ``image`` -> a list) into an Arrow dataset cached by
+   ``datasets`` (keyed by path, size and mtime). Records that fail validation are kept with an
+   ``error`` column so both error modes share the cache.
 3. :class:`LlavaJsonDataset` checks the image files, tokenises every record with the processor's
    template (cached ``Dataset.map``), counts truncations (one summary warning), and raises on the
    first bad record (``on_error="raise"``) or skips bad records and reports them by id
