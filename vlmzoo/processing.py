@@ -63,6 +63,12 @@ _MAX_REMEMBERED_INSTRUCTIONS = 200_000  # tokenize_instructions' memory of disti
 Messages = Sequence[Mapping[str, str]]
 
 
+def _padded(row: Sequence[Any], width: int, value: Any, left: bool) -> list[Any]:
+    """``row`` filled with ``value`` to ``width`` items, on the left or on the right."""
+    fill = [value] * (width - len(row))
+    return fill + list(row) if left else list(row) + fill
+
+
 def make_image_processor(
     image_size: int = 336,
     image_mean: Sequence[float] = CLIP_MEAN,
@@ -133,7 +139,7 @@ class VLMProcessor:
         self.high_res_factor = int(high_res_factor)
         # Validates that the image token and the template's markers are single tokens.
         self.encoder = TemplateEncoder(tokenizer, self.template, image_token, self.num_visual_tokens)
-        self._instruction_ids: dict[str, list[int]] = {}  # text -> text-encoder ids (tokenize_instructions)
+        self._instruction_ids: dict[tuple[str, int], list[int]] = {}  # tokenize_instructions' memory
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -302,26 +308,22 @@ class VLMProcessor:
         if tok is None:
             raise ValueError("This processor has no text_tokenizer.")
         pad_id = getattr(tok, "pad_token_id", None)
-        if not isinstance(tok, PreTrainedTokenizerBase) or pad_id is None:
+        if not texts or not isinstance(tok, PreTrainedTokenizerBase) or pad_id is None:
             out = tok(list(texts), padding=True, truncation=True, max_length=self.text_max_length, return_tensors="pt")
             return out["input_ids"], out["attention_mask"]
         rows = []
         for text in texts:
-            ids = self._instruction_ids.get(text)
+            key = (text, self.text_max_length)
+            ids = self._instruction_ids.get(key)
             if ids is None:
                 ids = tok(text, truncation=True, max_length=self.text_max_length)["input_ids"]
                 if len(self._instruction_ids) < _MAX_REMEMBERED_INSTRUCTIONS:
-                    self._instruction_ids[text] = ids
+                    self._instruction_ids[key] = ids
             rows.append(ids)
         width = max(len(r) for r in rows)
         left = tok.padding_side == "left"
-
-        def padded(row: list[int], value: int) -> list[int]:
-            pad = [value] * (width - len(row))
-            return pad + row if left else row + pad
-
-        ids = torch.tensor([padded(r, pad_id) for r in rows], dtype=torch.long)
-        mask = torch.tensor([padded([1] * len(r), 0) for r in rows], dtype=torch.long)
+        ids = torch.tensor([_padded(r, width, pad_id, left) for r in rows], dtype=torch.long)
+        mask = torch.tensor([_padded([1] * len(r), width, 0, left) for r in rows], dtype=torch.long)
         return ids, mask
 
     def pad(
@@ -347,10 +349,10 @@ class VLMProcessor:
         if pad_id is None:
             raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its unk or eos token).")
         width = max(len(f["input_ids"]) for f in features)
+        left = padding_side == "left"
 
         def padded(row: Sequence[Any], value: Any) -> list[Any]:
-            fill = [value] * (width - len(row))
-            return fill + list(row) if padding_side == "left" else list(row) + fill
+            return _padded(row, width, value, left)
 
         data: dict[str, Any] = {
             "input_ids": torch.tensor([padded(f["input_ids"], pad_id) for f in features], dtype=torch.long),
