@@ -287,6 +287,7 @@ def _high_res_folder(own_images: str | None, own_high_res: str | None, data: Dat
     return data.high_res_images
 
 
+# ---- ${var} values -------------------------------------------------------------------------------
 class _Resolver:
     """Resolves ``${configs_dir}`` and ``${tiny_world.FIELD}`` (building the tiny world once)."""
 
