@@ -237,15 +237,14 @@ def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, im
 def record_images(record: EvalRecord, images_dir: str | os.PathLike, what: str = "image") -> list[Any]:
     """The record's images (paths relative to ``images_dir``) as RGB PIL images, in order; a
     missing file raises ``FileNotFoundError`` naming it (``what``) and the record."""
-    from PIL import Image
+    from .data.llava_json import open_rgb_image
 
     loaded = []
     for rel in record.images:
         path = os.path.join(images_dir, rel)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Eval record {record.id!r}: {what} file not found: {path}")
-        with Image.open(path) as im:
-            loaded.append(im.convert("RGB"))
+        loaded.append(open_rgb_image(path))
     return loaded
 
 

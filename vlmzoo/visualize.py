@@ -292,14 +292,11 @@ def visualize(
     high_res_path: str | os.PathLike | None = None,
 ) -> tuple[Path, list[AnswerAttention]]:
     """Load each saved model + processor, compute its :class:`AnswerAttention`, draw all side by side."""
+    from .data.llava_json import open_rgb_image
     from .evaluation import load_for_eval
 
-    with Image.open(image_path) as im:
-        image = im.convert("RGB")
-    high_res = None
-    if high_res_path is not None:
-        with Image.open(high_res_path) as im:
-            high_res = im.convert("RGB")
+    image = open_rgb_image(image_path)
+    high_res = None if high_res_path is None else open_rgb_image(high_res_path)
     results, processor = [], None
     for model_dir in model_dirs:
         model, processor = load_for_eval(model_dir, template)

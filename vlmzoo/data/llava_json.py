@@ -240,7 +240,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                         break
                     if decode:
                         try:
-                            _open_image(full)
+                            open_rgb_image(full)
                         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
                             self._bad(errors, index, rid, f"cannot read {what} {full}: {exc}")
                             break
@@ -322,7 +322,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         if not os.path.isfile(full):
             raise LlavaDataError(self.json_path, f"{what} file not found: {full}", row["id"], row["index"])
         try:
-            return _open_image(full)
+            return open_rgb_image(full)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
             raise LlavaDataError(self.json_path, f"cannot read {what} {full}: {exc}", row["id"], row["index"]) from exc
 
@@ -336,7 +336,8 @@ def high_res_size_problem(base: tuple[int, int], high_res: tuple[int, int]) -> s
     return None
 
 
-def _open_image(path: str) -> Image.Image:
+def open_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path``, fully read and converted to RGB (the file is closed on return)."""
     with Image.open(path) as im:
         im.load()
         return im.convert("RGB")
