@@ -198,7 +198,8 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
     types = [*question_types(runs), "overall"]
     archs = list(dict.fromkeys(r.arch for r in runs))
     width = 0.8 / len(archs)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(types) * max(1, len(archs)) / 2), 4.0), dpi=100)
+    # ~0.3 in per bar, between 6 and 14 in wide: six strategies x seven groups stay readable in a page.
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.0, 0.3 * len(types) * len(archs))), 4.5), dpi=100)
     for i, arch in enumerate(archs):
         mine = [r for r in runs if r.arch == arch]
         stats = [_mean_std([r.accuracy if t == "overall" else r.per_type.get(t) for r in mine]) for t in types]
@@ -214,7 +215,7 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 105)
     ax.set_title("Accuracy per question type (mean ± std over seeds)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=min(7, len(archs) + 1), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
