@@ -152,6 +152,10 @@ def test_dotted_overrides_apply(chain):
         ("training.bf16=1", TypeError, r"config\.training\.bf16 must be true or false"),
         ("training.stages.0.batch_size=2.5", TypeError, r"batch_size must be an integer"),
         ("training.stages=5", TypeError, r"config\.training\.stages must be a list"),
+        # strategy fields are typed by the strategy's config dataclass, checked when the config loads
+        ("model.strategy_config.connector_depth=abc", TypeError, r"strategy_config\[llava\]\.connector_depth must be an integer, got 'abc'"),
+        ("training.stages.1.strategy_config={vision_layer: [2]}", TypeError,
+         r"training\.stages\.1\.strategy_config: strategy_config\[llava\]\.vision_layer must be an integer"),
     ],
 )
 def test_bad_overrides(chain, override, error, match):
@@ -168,7 +172,7 @@ def test_bad_overrides(chain, override, error, match):
         ("training.stages.0.grup_lr={llm: 1.0}", "grup_lr", r"config\.training\.stages\.0", "group_lr"),
         ("eval.batchsize=3", "batchsize", r"config\.eval", "batch_size"),
         ("tiny_world.cache=/x", "cache", r"config\.tiny_world", "cache_dir"),
-        ("model.strategy_config.vison_layer=-3", "vison_layer", "strategy_config of 'llava'", "vision_layer"),
+        ("model.strategy_config.vison_layer=-3", "vison_layer", r"strategy_config\[llava\]", "vision_layer"),
     ],
 )
 def test_unknown_keys_name_the_nearest_valid_key(chain, override, key, where, near):

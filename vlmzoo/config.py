@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config_tree import apply_override, build_section, interpolate, load_yaml_tree, parse_override
-from .utils import ConfigKeyError, nearest_names, unknown_key_error
+from .config_tree import apply_override, interpolate, load_yaml_tree, parse_override
+from .utils import ConfigKeyError, build_dataclass, nearest_names, unknown_key_error
 CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
@@ -352,7 +352,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (
     to ``outputs/<name>-<hash of the merged config>``.
     """
     tree = load_config_tree(path, overrides)
-    build_section(RunConfig, tree, "config")  # schema errors before any tiny world is built
+    build_dataclass(RunConfig, tree, "config")  # schema errors before any tiny world is built
     tree["output"] = dict(tree.get("output") or {})
     if not tree["output"].get("name"):
         tree["output"]["name"] = f"{Path(path).resolve().parent.name}-{Path(path).stem}" if path else "run"
@@ -360,14 +360,14 @@ def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (
         tree["output"]["dir"] = str(Path("outputs") / f"{tree['output']['name']}-{config_hash(tree)}")
     if resolve_vars:
         tree = interpolate(tree, _Resolver(tree))
-    cfg = build_section(RunConfig, tree, "config")
+    cfg = build_dataclass(RunConfig, tree, "config")
     validate(cfg)
     return cfg
 
 
 def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Type and check an already merged config (e.g. a ``resolved_config.yaml``)."""
-    cfg = build_section(RunConfig, values, "config")
+    cfg = build_dataclass(RunConfig, values, "config")
     validate(cfg)
     return cfg
 
@@ -390,7 +390,7 @@ def validate(cfg: RunConfig) -> None:
             strategy_cls = get_strategy_class(cfg.model.strategy)
         except UnknownStrategyError as exc:
             raise ConfigKeyError(f"model.strategy: {exc.args[0]}") from None
-        strategy_cls.build_config(dict(cfg.model.strategy_config))  # unknown fields -> ConfigKeyError
+        strategy_cls.build_config(dict(cfg.model.strategy_config))  # unknown fields, wrong types
     names = [s.name for s in cfg.training.stages]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -401,8 +401,8 @@ def validate(cfg: RunConfig) -> None:
         if stage.strategy_config and strategy_cls is not None:
             try:
                 strategy_cls.build_config(cfg.stage_strategy_config(stage))
-            except ConfigKeyError as exc:
-                raise ConfigKeyError(f"training.stages.{i}.strategy_config: {exc}") from None
+            except (ConfigKeyError, TypeError) as exc:
+                raise type(exc)(f"training.stages.{i}.strategy_config: {exc}") from None
 
 
 def save_resolved_config(cfg: RunConfig, directory: str | os.PathLike) -> Path:

@@ -1,21 +1,18 @@
-"""Config trees: YAML files with ``_base_`` inheritance, deep merge, dotted overrides, ``${var}``
-interpolation, and the typed build of dataclass sections (unknown keys and wrong types are
-errors that name the key and where it is). The run-config schema is :mod:`vlmzoo.config`."""
+"""Config trees: YAML files with ``_base_`` inheritance, deep merge, dotted overrides and ``${var}``
+interpolation. The run-config schema is :mod:`vlmzoo.config`; its typed build (unknown keys and
+wrong types are errors that name the key) is :func:`vlmzoo.utils.build_dataclass`."""
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 import re
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 import yaml
 
-from .utils import ConfigKeyError, unknown_key_error
+from .utils import ConfigKeyError
 
 BASE_KEY = "_base_"
 
@@ -113,68 +110,6 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
                 node = node[part]
         else:
             raise ConfigKeyError(f"Override {'.'.join(parts)!r}: {'.'.join(parts[:depth])!r} is a value, not a section.")
-
-
-# ---- typed build ---------------------------------------------------------------------------------
-def build_section(cls: type, values: Any, where: str) -> Any:
-    """Recursively build dataclass ``cls`` from plain data; unknown keys and wrong types are errors."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise TypeError(f"{where} must be a mapping, got {values!r}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            raise unknown_key_error(str(key), fields, where)
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in values.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for arg in non_none:
-            try:
-                return _coerce(arg, value, where)
-            except (TypeError, ValueError) as exc:
-                errors.append(str(exc))
-        raise TypeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}.")
-    if dataclasses.is_dataclass(tp):
-        return build_section(tp, value, where)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where} must be a list, got {value!r}.")
-        return [_coerce(args[0], v, f"{where}.{i}") for i, v in enumerate(value)] if args else list(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{where} must be a mapping, got {value!r}.")
-        vtype = args[1] if args else Any
-        return {k: _coerce(vtype, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where} must be true or false, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} must be a number, got {value!r}.")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise TypeError(f"{where} must be an integer, got {value!r}.")
-        return int(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}.")
-        return value
-    return value
 
 
 # ---- interpolation -------------------------------------------------------------------------------

@@ -218,10 +218,11 @@ class GuidanceStrategy(nn.Module):
 
     @classmethod
     def build_config(cls, values: dict[str, Any] | StrategyConfig | None) -> StrategyConfig:
-        """Turn a plain dict into the strategy's config dataclass; unknown keys are errors."""
+        """Turn a plain dict into the strategy's config dataclass; unknown keys and values of the
+        wrong type are errors naming the field."""
         if isinstance(values, cls.config_class):
             return values
-        return build_dataclass(cls.config_class, values or {}, where=f"strategy_config of {cls.strategy_name!r}")
+        return build_dataclass(cls.config_class, values, where=f"strategy_config[{cls.strategy_name}]")
 
     # ---- declarations -------------------------------------------------------------------
     @property

@@ -1,9 +1,10 @@
-"""Small helpers shared across the core: strict dataclass construction and name suggestions."""
+"""Small helpers shared across the core: strict, typed dataclass construction and name suggestions."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -29,22 +30,76 @@ def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> Conf
     return ConfigKeyError(f"Unknown key {key!r} in {where}.{hint} Valid keys: {', '.join(valid)}.")
 
 
-def build_dataclass(cls: type[_T], values: dict[str, Any], where: str) -> _T:
-    """Instantiate dataclass ``cls`` from ``values``; unknown keys raise :class:`ConfigKeyError`.
+def build_dataclass(cls: type[_T], values: Any, where: str) -> _T:
+    """Build dataclass ``cls`` from plain (JSON/YAML) data, recursively and by its type hints.
 
-    Lists are turned into tuples for tuple-typed fields so configs read from JSON/YAML
-    compare equal to the defaults.
+    Unknown keys raise :class:`ConfigKeyError`; a value of the wrong type raises ``TypeError``
+    naming ``where.key``. Lists become tuples for tuple fields (so a config read back from JSON
+    equals the defaults), integers become floats for float fields; ``None`` means no values.
     """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise TypeError(f"{where} must be a mapping, got {values!r}.")
     names = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in names:
-            raise unknown_key_error(key, names, where)
+            raise unknown_key_error(str(key), names, where)
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        origin = typing.get_origin(hints.get(key))
-        kwargs[key] = tuple(value) if origin is tuple and isinstance(value, list) else value
-    return cls(**kwargs)
+    return cls(**{key: coerce_value(hints[key], value, f"{where}.{key}") for key, value in values.items()})
+
+
+def coerce_value(tp: Any, value: Any, where: str) -> Any:
+    """``value`` checked against (and, where lossless, converted to) type hint ``tp``; types it
+    cannot check (``Any``, ``Literal``, classes) pass through."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce_value(arg, value, where)
+            except (TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise TypeError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}.")
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else build_dataclass(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list, got {value!r}.")
+        if origin is list or (len(args) == 2 and args[1] is Ellipsis):
+            items = [coerce_value(args[0], v, f"{where}.{i}") for i, v in enumerate(value)] if args else list(value)
+        elif args:
+            if len(args) != len(value):
+                raise TypeError(f"{where} must have {len(args)} items, got {value!r}.")
+            items = [coerce_value(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            items = list(value)
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {value!r}.")
+        vtype = args[1] if args else Any
+        return {k: coerce_value(vtype, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise TypeError(f"{where} must be an integer, got {value!r}.")
+        return int(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}.")
+        return value
+    return value
 
 
 def hf_config_spec(hf_config: Any) -> dict[str, Any]:
