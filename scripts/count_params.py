@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "--flops", type=int, metavar="N_TEXT", default=None,
         help="also count the FLOPs of one prefill forward (1 image + N_TEXT text tokens), by module",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     if args.config is None and args.arch is None:
         parser.error("give --arch NAME or --config FILE")
     from vlmzoo.build import build_on_meta

@@ -236,7 +236,8 @@ def test_arch_lookup_names_what_exists():
 def test_train_cli_config_file_and_overrides(chain, capsys):
     from vlmzoo.training.cli import main
 
-    assert main(["--config", str(chain), "training.stages.0.lr=7e-3", "eval.batch_size=5", "--output-dir", "/tmp/somewhere",
+    # overrides before and after the flags (argparse's plain parse_args rejects the second group)
+    assert main(["--config", str(chain), "training.stages.0.lr=7e-3", "--output-dir", "/tmp/somewhere", "eval.batch_size=5",
                  "--print-config"]) == 0
     # (transformers prints "[INFO] Running in WANDB offline mode" on import when WANDB_MODE=offline)
     out = capsys.readouterr().out
@@ -267,7 +268,11 @@ def test_eval_cli_config_file_and_overrides(chain, tmp_path, monkeypatch):
         return {"per_type": {}, "n": 0, "accuracy": 0.0, "macro_accuracy": 0.0}
 
     monkeypatch.setattr(evaluation, "evaluate_run", fake_evaluate_run)
-    assert evaluation.main(["--model", str(tmp_path / "m"), "--config", str(chain), "eval.batch_size=3",
+    with pytest.raises(SystemExit):  # no such model folder: a usage error before any config is read
+        evaluation.main(["--model", str(tmp_path / "m"), "--config", str(chain)])
+    assert not calls
+    (tmp_path / "m").mkdir()
+    assert evaluation.main(["--model", str(tmp_path / "m"), "eval.batch_size=3", "--config", str(chain),
                             "eval.max_samples=10", "--data", "q.json", "--images", "img"]) == 0
     (cfg, model_dir, out_dir), = calls
     assert isinstance(cfg, RunConfig)

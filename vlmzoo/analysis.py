@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", help="write the statistics as JSON here too")
     add_config_arguments(parser, arch=False)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     setup_logging()
     cfg = config_from_args(args)
     data = args.data or cfg.eval.data

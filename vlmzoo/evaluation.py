@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-data", help="training JSON for the blind control (default: the config's last stage)")
     parser.add_argument("--output-dir", help="where eval_metrics.json and predictions.jsonl go (default: <model>/eval)")
     add_config_arguments(parser, arch=False)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such folder (give a saved model, e.g. <run>/<stage>/final)")
     setup_logging()
     cfg = config_from_args(args)
     for key in ("data", "images", "high_res_images", "train_data"):

@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process "
                         "with cores/jobs torch threads (default 1; 2 is fastest on a 2-core CPU)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every run")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     if args.seed_list is None and args.seeds < 1:
         parser.error("--seeds must be >= 1")
     if args.jobs < 1:

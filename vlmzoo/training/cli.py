@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="run folder (default: outputs/<name>-<config hash>)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     if args.config is None and args.arch is None:
         parser.error("give --arch NAME or --config FILE")
     setup_logging()
