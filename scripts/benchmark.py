@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", default="llava", help="strategy the others are compared with (default: llava)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    archs = args.archs or [a for a in available_strategies() if (bench.CONFIGS_DIR / a / "tiny.yaml").is_file()]
+    known = [a for a in available_strategies() if (bench.CONFIGS_DIR / a / "tiny.yaml").is_file()]
+    unknown = [a for a in args.archs or [] if a not in known]
+    if unknown:
+        parser.error(f"--archs {' '.join(unknown)}: not a strategy with configs/<arch>/tiny.yaml; "
+                     f"available: {', '.join(known)}")
+    archs = args.archs or known
     if args.baseline in archs:
         archs = [args.baseline] + [a for a in archs if a != args.baseline]
 

@@ -73,3 +73,12 @@ def test_report_writes_json_and_markdown_with_the_measured_numbers(tmp_path, cap
     assert tg["peak_memory_mib"] > 0
     row = next(line for line in markdown.splitlines() if line.startswith("| `tg_llava`"))
     assert f"{1000 * tg['train_step']:.1f}" in row and f"{tg['cache_speedup_batch']:.1f}x" in row
+
+
+def test_an_unknown_strategy_is_a_usage_error_naming_the_available_ones(tmp_path, capsys):
+    main = _script_main()
+    with pytest.raises(SystemExit):
+        main(["--parts", "reference", "--archs", "llava", "nope", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "--archs nope" in err and "available: " in err and "tg_llava" in err
+    assert not (tmp_path / "benchmark.json").exists()  # nothing measured for a partial list
