@@ -258,7 +258,7 @@ def test_train_cli_config_file_and_overrides(chain, capsys):
         main(["--config", str(chain), "training.stages.0.max_step=3", "--print-config"])
 
 
-def test_eval_cli_config_file_and_overrides(chain, tmp_path, monkeypatch):
+def test_eval_cli_config_file_and_overrides(chain, tmp_path, monkeypatch, capsys):
     import vlmzoo.evaluation as evaluation
 
     calls = []
@@ -270,7 +270,7 @@ def test_eval_cli_config_file_and_overrides(chain, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate_run", fake_evaluate_run)
     with pytest.raises(SystemExit):  # no such model folder: a usage error before any config is read
         evaluation.main(["--model", str(tmp_path / "m"), "--config", str(chain)])
-    assert not calls
+    assert not calls and f"argument --model: {tmp_path / 'm'}: no such folder" in capsys.readouterr().err
     (tmp_path / "m").mkdir()
     assert evaluation.main(["--model", str(tmp_path / "m"), "eval.batch_size=3", "--config", str(chain),
                             "eval.max_samples=10", "--data", "q.json", "--images", "img"]) == 0

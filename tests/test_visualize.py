@@ -86,6 +86,11 @@ def test_cli_writes_a_png_per_model_and_side_by_side(saved, tmp_path, strategy, 
         assert im.size == expected_size(2)
         assert abs(im.size[0] - 2 * expected_size(1)[0]) <= 2 and im.size[1] == expected_size(1)[1]
 
+    missing = tmp_path / "no_model"
+    with pytest.raises(SystemExit):
+        vz.main(["--model", str(saved[strategy]), "--compare", str(missing), *common, "--out", str(pair)])
+    assert f"argument --compare: {missing}: no such folder" in capsys.readouterr().err
+
 
 # ---- the weights are the attention from the answer to the image tokens -----------------------------
 @pytest.mark.parametrize("strategy", ["llava", "tg_llava"])

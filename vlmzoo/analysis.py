@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from .config import add_config_arguments, config_from_args
-    from .evaluation import load_eval_records, load_for_eval
+    from .evaluation import load_eval_records, load_for_eval, model_folder
     from .training.cli import setup_logging
 
     parser = argparse.ArgumentParser(description="Mean of a strategy's extra output (IGVA: layer weights) per question type.")
-    parser.add_argument("--model", required=True, help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
+    parser.add_argument("--model", required=True, type=model_folder,
+                        help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
     parser.add_argument("--data", help="evaluation JSON (default: eval.data of the config)")
     parser.add_argument("--images", help="its image folder (default: eval.images or data.images of the config)")
     parser.add_argument("--key", default="layer_weights", help="which extra to average (default: layer_weights)")

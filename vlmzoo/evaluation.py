@@ -413,6 +413,15 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def model_folder(path: str) -> str:
+    """argparse ``type`` of a ``--model`` option: an existing folder, else a usage error naming it."""
+    import argparse
+
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: no such folder (give a saved model, e.g. <run>/<stage>/final)")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """``scripts/eval.py``: evaluate a saved model; flags override the config's ``eval`` section."""
     import argparse
@@ -421,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     from .training.cli import setup_logging
 
     parser = argparse.ArgumentParser(description="Evaluate a saved vlmzoo model on a LLaVA-format question file.")
-    parser.add_argument("--model", required=True, help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
+    parser.add_argument("--model", required=True, type=model_folder,
+                        help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
     parser.add_argument("--data", help="evaluation JSON (default: eval.data of the config)")
     parser.add_argument("--images", help="its image folder (default: eval.images, data.images, or the JSON's folder)")
     parser.add_argument("--high-res-images",
@@ -431,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="where eval_metrics.json and predictions.jsonl go (default: <model>/eval)")
     add_config_arguments(parser, arch=False)
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
-    if not Path(args.model).is_dir():
-        parser.error(f"--model {args.model}: no such folder (give a saved model, e.g. <run>/<stage>/final)")
     setup_logging()
     cfg = config_from_args(args)
     for key in ("data", "images", "high_res_images", "train_data"):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.templates import DEFAULT_IMAGE_TOKEN
-from .evaluation import generation_batch, greedy_generate, image_first_messages
+from .evaluation import generation_batch, greedy_generate, image_first_messages, model_folder
 from .strategy import TokenGrid
 
 QueryRows = Literal["predicting", "answer"]
@@ -322,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Overlay the attention from a model's answer to its visual tokens on the image (summed over "
         "layers, heads and answer tokens)."
     )
-    parser.add_argument("--model", nargs="+", required=True, metavar="DIR",
+    parser.add_argument("--model", nargs="+", required=True, metavar="DIR", type=model_folder,
                         help="folder(s) of a saved model + processor; two folders are drawn side by side")
-    parser.add_argument("--compare", metavar="DIR", help="a second model drawn next to the first (same as a second --model)")
+    parser.add_argument("--compare", metavar="DIR", type=model_folder, help="a second model drawn next to the first (same as a second --model)")
     parser.add_argument("--image", required=True, help="image file")
     parser.add_argument("--question", required=True, help="question about the image")
     parser.add_argument("--out", default="attention.png", help="output PNG (default: attention.png)")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                         "with high-res crops (tg_llava); without it their crops come from --image upsampled")
     args = parser.parse_args(argv)
     model_dirs = [*args.model, *([args.compare] if args.compare else [])]
-    for path in (args.image, *model_dirs, *([args.high_res_image] if args.high_res_image else [])):
+    for path in (args.image, *([args.high_res_image] if args.high_res_image else [])):
         if not os.path.exists(path):
             parser.error(f"{path} does not exist")
     try:
