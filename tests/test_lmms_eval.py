@@ -259,6 +259,9 @@ def test_bad_visuals_and_args_are_clear_errors(plugin_class, saved):
         type(lm).create_from_arg_string(f"pretrained={path},temperature=0.2")
     with pytest.raises(NotImplementedError, match="multi-round"):
         lm.generate_until_multi_round([_gen(0)])
+    missing = f"{path}_missing"  # a local path, not a hub repo id transformers would try to resolve
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{missing}: no such folder")):
+        type(lm).create_from_arg_string(f"pretrained={missing}")
 
 
 def test_importing_vlmzoo_does_not_import_lmms_eval():

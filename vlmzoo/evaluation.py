@@ -360,12 +360,20 @@ def write_eval_outputs(out_dir, metrics, records, predictions, blind_answers) ->
             f.write(json.dumps(row) + "\n")
 
 
+def require_model_folder(path: str | os.PathLike) -> None:
+    """A saved vlmzoo model is a local folder (its processor is read from there too); anything else is
+    a ``FileNotFoundError`` naming it, not transformers' attempt to read the path as a hub repo id."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no such folder (give a saved model, e.g. <run>/<stage>/final)")
+
+
 def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dtype: torch.dtype | None = None):
     """A saved model + processor (with another template if asked), on GPU when there is one."""
     from .modeling import VLMForConditionalGeneration
     from .processing import VLMProcessor
     from .training.runner import processor_with_template
 
+    require_model_folder(model_dir)
     model = VLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype or torch.float32)
     if torch.cuda.is_available():
         model = model.cuda()
@@ -417,8 +425,10 @@ def model_folder(path: str) -> str:
     """argparse ``type`` of a ``--model`` option: an existing folder, else a usage error naming it."""
     import argparse
 
-    if not Path(path).is_dir():
-        raise argparse.ArgumentTypeError(f"{path}: no such folder (give a saved model, e.g. <run>/<stage>/final)")
+    try:
+        require_model_folder(path)
+    except FileNotFoundError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return path
 
 

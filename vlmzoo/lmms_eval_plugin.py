@@ -35,7 +35,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .evaluation import generate_texts, image_first_messages
+from .evaluation import generate_texts, image_first_messages, require_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ class VLMZooLMM(lmms):
         self._device = torch.device(device or "cpu")
         self.batch_size_per_gpu = max(1, int(batch_size))
         self.max_new_tokens = int(max_new_tokens)
+        require_model_folder(pretrained)
         self._model = VLMForConditionalGeneration.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(self._device).eval()
         overrides = {"template": template} if template else {}
         self._processor = VLMProcessor.from_pretrained(pretrained, **overrides)
