@@ -3,6 +3,7 @@ errors, the command-line parsers of both scripts, and the shipped config files."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from vlmzoo.config import (
     run_config_from_dict,
 )
 from vlmzoo.config_tree import deep_merge, load_yaml_tree, parse_override
-from vlmzoo.utils import ConfigKeyError
+from vlmzoo.utils import ConfigKeyError, build_dataclass
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -347,3 +348,29 @@ def test_tiny_config_without_resolving_builds_nothing(tmp_path, small_world):
     # An unknown field of the tiny world names the nearest one (the cached world is reused).
     with pytest.raises(ConfigKeyError, match=r"Unknown key 'clip_dirr' in \$\{tiny_world\.\*\}\. Did you mean 'clip_dir'"):
         load_run_config(REPO / "configs" / "llava" / "tiny.yaml", [*small_world["overrides"], "model.vision_tower=${tiny_world.clip_dirr}"])
+
+
+@dataclasses.dataclass
+class _Inner:
+    rgb: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclasses.dataclass
+class _Outer:
+    names: tuple[str, ...] = ()
+    inner: _Inner = dataclasses.field(default_factory=_Inner)
+    scale: float | None = None
+
+
+def test_build_dataclass_types_nested_fields_and_names_the_bad_one():
+    built = build_dataclass(_Outer, {"names": ["a", "b"], "inner": {"rgb": [1, 2.0, 3]}, "scale": 2}, "x")
+    assert built == _Outer(names=("a", "b"), inner=_Inner(rgb=(1, 2, 3)), scale=2.0)
+    assert isinstance(built.scale, float) and isinstance(built.inner.rgb[1], int)
+    with pytest.raises(TypeError, match=r"x\.inner\.rgb must have 3 items"):
+        build_dataclass(_Outer, {"inner": {"rgb": [1, 2]}}, "x")
+    with pytest.raises(TypeError, match=r"x\.names\.1 must be a string, got 3"):
+        build_dataclass(_Outer, {"names": ["a", 3]}, "x")
+    with pytest.raises(TypeError, match=r"x\.scale must be a number, got 'big'"):
+        build_dataclass(_Outer, {"scale": "big"}, "x")
+    with pytest.raises(ConfigKeyError, match=r"Unknown key 'rbg' in x\.inner\. Did you mean 'rgb'"):
+        build_dataclass(_Outer, {"inner": {"rbg": [1, 2, 3]}}, "x")
