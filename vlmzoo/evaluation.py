@@ -367,16 +367,19 @@ def require_model_folder(path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"{path}: no such folder (give a saved model, e.g. <run>/<stage>/final)")
 
 
-def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dtype: torch.dtype | None = None):
-    """A saved model + processor (with another template if asked), on GPU when there is one."""
+def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None):
+    """A saved model (eval mode) + processor (with another template if asked), on ``device``
+    (default: the GPU when there is one)."""
     from .modeling import VLMForConditionalGeneration
     from .processing import VLMProcessor
     from .training.runner import processor_with_template
 
     require_model_folder(model_dir)
     model = VLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype or torch.float32)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
     # A processor saved before it recorded high_res_factor: take it from the model's strategy.
     processor = VLMProcessor.from_pretrained(model_dir, high_res_factor=model.strategy.needs.high_res_factor)
     if template:

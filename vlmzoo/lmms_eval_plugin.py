@@ -35,7 +35,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .evaluation import generate_texts, image_first_messages, require_model_folder
+from .evaluation import generate_texts, image_first_messages, load_for_eval
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +73,6 @@ class VLMZooLMM(lmms):
         if unknown:
             raise TypeError(f"vlmzoo lmms-eval model: unknown model_args {sorted(unknown)}; "
                             "known: pretrained, device, batch_size, max_new_tokens, dtype, template.")
-        from .modeling import VLMForConditionalGeneration
-        from .processing import VLMProcessor
-
         if str(batch_size).startswith("auto"):
             raise ValueError("vlmzoo lmms-eval model: batch_size='auto' is not supported; give a number.")
         if dtype not in DTYPES:
@@ -83,10 +80,7 @@ class VLMZooLMM(lmms):
         self._device = torch.device(device or "cpu")
         self.batch_size_per_gpu = max(1, int(batch_size))
         self.max_new_tokens = int(max_new_tokens)
-        require_model_folder(pretrained)
-        self._model = VLMForConditionalGeneration.from_pretrained(pretrained, dtype=DTYPES[dtype]).to(self._device).eval()
-        overrides = {"template": template} if template else {}
-        self._processor = VLMProcessor.from_pretrained(pretrained, **overrides)
+        self._model, self._processor = load_for_eval(pretrained, template, DTYPES[dtype], self._device)
 
     # ---- properties lmms-eval reads ---------------------------------------------------------------
     @property
