@@ -25,7 +25,9 @@ from vlmzoo.data import LlavaJsonDataset
 from vlmzoo.processing import VLMProcessor
 from vlmzoo.tinyworld import QUESTION_TYPES, build_tiny_world, small_test_config
 from vlmzoo.tinyworld.generate import generate_world
-from vlmzoo.tinyworld.pretrain import base_view, check_word_embeddings, embedding_cosines, normalize
+from vlmzoo.tinyworld.pretrain import (
+    base_view, check_word_embeddings, embedding_cosines, normalize, question_word_groups, word_groups,
+)
 from vlmzoo.tinyworld.questions import NUMBER_WORDS, POPE_SPLITS, answer_choices, plural, question_types
 from vlmzoo.tinyworld.scene import (
     MARK_RGB,
@@ -487,3 +489,17 @@ def test_embedding_collapse_check(world, tokenizer):
     with pytest.raises(RuntimeError, match=r"colour=") as info:
         check_word_embeddings(llm, tokenizer, strict)
     assert "shape=" not in str(info.value)  # only the collapsed group is named
+
+
+def test_embedding_check_spares_answer_only_words(world, tokenizer):
+    """Mark and number words never occur in questions: their input embeddings may merge."""
+    strict = dataclasses.replace(CFG, llm=dataclasses.replace(CFG.llm, max_embedding_cosine=0.5))
+    assert question_word_groups(CFG) == ["colour", "shape"]
+    llm = AutoModelForCausalLM.from_pretrained(world.llm_dir)
+    weight = llm.get_input_embeddings().weight
+    with torch.no_grad():
+        for group in ("mark", "count"):
+            ids = tokenizer.convert_tokens_to_ids(word_groups(CFG)[group])
+            weight[ids] = weight[ids[0]].clone()
+    cos = check_word_embeddings(llm, tokenizer, strict)  # does not raise
+    assert cos["mark"] == pytest.approx(1.0) and cos["count"] == pytest.approx(1.0)

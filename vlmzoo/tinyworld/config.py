@@ -72,10 +72,15 @@ class TinyLLMConfig:
 
     Attributes:
         hidden_size, layers, heads, intermediate_size, max_positions: model shape.
-        steps, batch_size, lr, warmup_frac, weight_decay: optimisation.
+        steps, batch_size, lr, warmup_frac, weight_decay: optimisation (linear warm-up, cosine decay).
+        continue_steps, continue_lr: then a warm restart: pretraining continues this many steps on
+            fresh documents, with a new optimiser and a new warm-up/cosine cycle peaking at
+            ``continue_lr`` (0 steps = none, the first two worlds' LLM). The longer-read LLM copies
+            answers from its context more reliably, which the VLM's baseline needs (docs/tiny_world.md).
         max_len: documents are cut to this many tokens.
-        max_embedding_cosine: the built LLM must keep colour / shape / mark / count word
-            embeddings apart: mean pairwise cosine in each group below this, or the build fails.
+        max_embedding_cosine: the built LLM must keep the words that questions are made of
+            (colour and shape names) apart: mean pairwise input-embedding cosine in each such
+            group below this, or the build fails.
     """
 
     hidden_size: int = 128
@@ -88,6 +93,8 @@ class TinyLLMConfig:
     lr: float = 2e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.0
+    continue_steps: int = 2000
+    continue_lr: float = 1e-3
     max_len: int = 128
     max_embedding_cosine: float = 0.5
 
@@ -233,7 +240,7 @@ def small_test_config(**overrides: Any) -> TinyWorldConfig:
             text_heads=2, projection_dim=32, steps=3, batch_size=16, hires_images_per_step=4,
         ),
         "llm": TinyLLMConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, steps=3, batch_size=8,
-                             max_embedding_cosine=1.01),
+                             continue_steps=2, max_embedding_cosine=1.01),
     }
     base.update(overrides)
     return TinyWorldConfig(**base)

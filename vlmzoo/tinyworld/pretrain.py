@@ -43,7 +43,7 @@ from transformers import (
 
 from .config import TinyWorldConfig
 from .corpus import Document, make_corpus
-from .questions import NUMBER_WORDS, caption
+from .questions import NUMBER_WORDS, TEMPLATES, caption, plural
 from .scene import Scene, render
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -389,13 +389,26 @@ def embedding_cosines(model: nn.Module, tokenizer: PreTrainedTokenizerFast, cfg:
     return out
 
 
+def question_word_groups(cfg: TinyWorldConfig) -> list[str]:
+    """The :func:`word_groups` whose words occur in the question templates (colour, shape).
+
+    The VLM reads these words, so their input embeddings must stay apart. Mark and number words
+    occur only as answers: the VLM writes them through the untied output head, and their input
+    embeddings only feed the prediction of the token after an answer.
+    """
+    fields = {"colour": cfg.colour_names[0], "shape": cfg.shapes[0], "shapes": plural(cfg.shapes[0])}
+    words = {w.strip("?") for t in TEMPLATES.values() for w in t.format(**fields).split()}
+    return [g for g, ws in word_groups(cfg).items() if any(w in words for w in ws)]
+
+
 def check_word_embeddings(model: nn.Module, tokenizer: PreTrainedTokenizerFast, cfg: TinyWorldConfig) -> dict[str, float]:
-    """Raise if any answer-word group's input embeddings collapsed (mean cosine >= threshold)."""
+    """Mean pairwise input-embedding cosine of every :func:`word_groups` group; raises if a group
+    the questions are made of (:func:`question_word_groups`) collapsed (cosine >= threshold)."""
     cos = embedding_cosines(model, tokenizer, cfg)
-    bad = {g: v for g, v in cos.items() if v >= cfg.llm.max_embedding_cosine}
+    bad = {g: cos[g] for g in question_word_groups(cfg) if cos[g] >= cfg.llm.max_embedding_cosine}
     if bad:
         raise RuntimeError(
-            "Tiny LLM pretraining collapsed answer-word embeddings (mean pairwise cosine "
+            "Tiny LLM pretraining collapsed the input embeddings of question words (mean pairwise cosine "
             + ", ".join(f"{g}={v:.2f}" for g, v in bad.items())
             + f" >= {cfg.llm.max_embedding_cosine}). Such an LLM cannot learn visual questions; fix the "
             "pretraining text (answers must be grounded in context) before using it."
@@ -426,38 +439,59 @@ def context_qa_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerF
     return {t: float(np.mean(h)) for t, h in hits.items() if h}
 
 
+def _train_llm_cycle(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor, lr: float, cfg: TinyWorldConfig,
+                     name: str, log: Log) -> float:
+    """One warm-up/cosine cycle with a fresh AdamW over ``ids``/``mask`` ``(steps * batch, max_len)``,
+    a batch per step; returns the last step's loss."""
+    m = cfg.llm
+    steps = ids.shape[0] // m.batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=m.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, m.warmup_frac))
+    log_every = max(1, steps // 6)
+    model.train()
+    t1 = time.perf_counter()
+    for step in range(steps):
+        sl = slice(step * m.batch_size, (step + 1) * m.batch_size)
+        bm = mask[sl]
+        width = int(bm.sum(1).max())
+        b_ids, bm = ids[sl, :width], bm[:, :width]
+        labels = b_ids.masked_fill(bm == 0, -100)
+        loss = model(input_ids=b_ids, attention_mask=bm, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            el = time.perf_counter() - t1
+            log(f"[tinyworld]   llm {name} step {step + 1}/{steps} loss={loss.item():.3f} ({el:.0f}s, {(step + 1) / el:.2f} it/s)")
+    return loss.item()
+
+
 def pretrain_llm(cfg: TinyWorldConfig, tokenizer: PreTrainedTokenizerFast, out_dir: str, log: Log = print) -> dict[str, float]:
-    """Train, check and save the tiny Llama (with its tokenizer); returns metrics and timing."""
+    """Train, check and save the tiny Llama (with its tokenizer); returns metrics and timing.
+
+    Two cycles, each on its own documents: ``llm.steps`` at ``llm.lr``, then (a warm restart)
+    ``llm.continue_steps`` at ``llm.continue_lr``.
+    """
     m = cfg.llm
     t0 = time.perf_counter()
     with _Threads(cfg.threads):
         torch.manual_seed(cfg.seed + 1)
-        docs = make_corpus(cfg, m.steps * m.batch_size)
         held_out = make_corpus(cfg, 256, stream=5)
-        ids, mask = _encode(docs, tokenizer, m.max_len)
-        log(f"[tinyworld]   llm corpus: {len(docs)} documents, {int(mask.sum())} tokens "
-            f"({time.perf_counter() - t0:.1f}s)")
         model = LlamaForCausalLM(llm_config(cfg, tokenizer))
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=m.lr, weight_decay=m.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(m.steps, m.warmup_frac))
-        log_every = max(1, m.steps // 6)
-        t1 = time.perf_counter()
-        for step in range(m.steps):
-            sl = slice(step * m.batch_size, (step + 1) * m.batch_size)
-            bm = mask[sl]
-            width = int(bm.sum(1).max())
-            b_ids, bm = ids[sl, :width], bm[:, :width]
-            labels = b_ids.masked_fill(bm == 0, -100)
-            loss = model(input_ids=b_ids, attention_mask=bm, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            if (step + 1) % log_every == 0 or step == m.steps - 1:
-                el = time.perf_counter() - t1
-                log(f"[tinyworld]   llm step {step + 1}/{m.steps} loss={loss.item():.3f} ({el:.0f}s, {(step + 1) / el:.2f} it/s)")
+        final_loss = float("nan")
+        cycles = [("", m.steps, m.lr, 4), ("continued", m.continue_steps, m.continue_lr, 7)]
+        for name, steps, lr, stream in cycles:
+            if steps <= 0:
+                continue
+            t = time.perf_counter()
+            docs = make_corpus(cfg, steps * m.batch_size, stream=stream)
+            ids, mask = _encode(docs, tokenizer, m.max_len)
+            log(f"[tinyworld]   llm {name + ' ' if name else ''}corpus: {len(docs)} documents, {int(mask.sum())} tokens "
+                f"({time.perf_counter() - t:.1f}s)")
+            final_loss = _train_llm_cycle(model, ids, mask, lr, cfg, name or "pretraining", log)
+            del docs, ids, mask
         model.eval()
         qa = context_qa_accuracy(model, tokenizer, held_out, m.max_len)
         cos_in = check_word_embeddings(model, tokenizer, cfg)
@@ -472,5 +506,5 @@ def pretrain_llm(cfg: TinyWorldConfig, tokenizer: PreTrainedTokenizerFast, out_d
         )
         model.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    return {"seconds": time.perf_counter() - t0, "final_loss": loss.item(),
+    return {"seconds": time.perf_counter() - t0, "final_loss": final_loss,
             **{f"qa_{k}": v for k, v in qa.items()}, **{f"cos_{k}": v for k, v in cos_in.items()}}
