@@ -481,16 +481,17 @@ def pretrain_llm(cfg: TinyWorldConfig, tokenizer: PreTrainedTokenizerFast, out_d
         held_out = make_corpus(cfg, 256, stream=5)
         model = LlamaForCausalLM(llm_config(cfg, tokenizer))
         final_loss = float("nan")
-        cycles = [("", m.steps, m.lr, 4), ("continued", m.continue_steps, m.continue_lr, 7)]
+        # (name, steps, peak lr, document stream); the held-out documents above are stream 5
+        cycles = (("first cycle", m.steps, m.lr, 4), ("continued", m.continue_steps, m.continue_lr, 7))
         for name, steps, lr, stream in cycles:
             if steps <= 0:
                 continue
             t = time.perf_counter()
             docs = make_corpus(cfg, steps * m.batch_size, stream=stream)
             ids, mask = _encode(docs, tokenizer, m.max_len)
-            log(f"[tinyworld]   llm {name + ' ' if name else ''}corpus: {len(docs)} documents, {int(mask.sum())} tokens "
+            log(f"[tinyworld]   llm {name}: {len(docs)} documents, {int(mask.sum())} tokens "
                 f"({time.perf_counter() - t:.1f}s)")
-            final_loss = _train_llm_cycle(model, ids, mask, lr, cfg, name or "pretraining", log)
+            final_loss = _train_llm_cycle(model, ids, mask, lr, cfg, name, log)
             del docs, ids, mask
         model.eval()
         qa = context_qa_accuracy(model, tokenizer, held_out, m.max_len)
