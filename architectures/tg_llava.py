@@ -1,7 +1,9 @@
 """TG-LLaVA: text-guided feature mask (TG-FOM) and text-guided detail perceiver (TG-DP).
 
-Built from /work/shared/specs/methods.md, section 1. Shapes at the reference scale (CLIP-L/336:
-P = 576 patches of D_v = 1024; CLIP text tower D_t = 768; Vicuna-7B d_llm = 4096)::
+The method of "TG-LLaVA: Text Guided LLaVA via Learnable Latent Embeddings" (Yan et al., AAAI
+2025, arXiv:2409.09564); where the paper and the authors' code (AIDC-AI/TG-LLaVA) differ, the defaults follow the
+code (docs/tg_llava.md, "Faithfulness"). Shapes at the reference scale (CLIP-L/336: P = 576
+patches of D_v = 1024; CLIP text tower D_t = 768; Vicuna-7B d_llm = 4096)::
 
     F_v   = tower layer -2 patches                          (N, P, D_v)
     TG-FOM: M = fom(pooled text (N, D_t))                   (N, P, D_v), exactly 0 at init
@@ -10,16 +12,16 @@ P = 576 patches of D_v = 1024; CLIP text tower D_t = 768; Vicuna-7B d_llm = 4096
            dp(hr, text tokens (N, L, D_t), mask (N, L))     (N, K, d_llm)
     visual_embeds = CAT(base, dp)                           (N, P + K, d_llm) = 576 + 64
 
-The instruction text is the core's (frozen) text encoder output for the sample's instruction
-(see vlmzoo/processing.py for which turn): ``pooled`` feeds TG-FOM, ``tokens`` (padding masked)
+The instruction text is the core's (frozen) text encoder output for the sample's last user turn
+(image placeholders removed; see vlmzoo/data/templates.py): ``pooled`` feeds TG-FOM, ``tokens``
 feed TG-DP. The base connector is named ``connector`` as in `llava`, so a `llava` checkpoint's
 weights load into it and only ``fom.*`` / ``dp.*`` start fresh. Module groups (training stages):
 ``connector``, ``fom``, ``dp`` (each present only when switched on).
 
-Parameter counts at the reference scale: TG-DP 59,328,512 (spec: about 59M). TG-FOM 31,821,824 with
-the spec's 2 layers x FFN 4096: the spec's 48.6M also counts the text-branch FFN that each BLIP-2
-Q-Former layer carries (2 x 8,395,776 more = 48,613,376) but which queries-only inputs never use;
-we do not build those unused weights.
+Parameter counts at the reference scale: TG-DP 59,328,512 and TG-FOM 31,821,824, the weights the
+reference's modules run. Its BLIP-2 Q-Former builds 81,474,362: also a text-branch FFN in each
+layer, word and position embeddings and an MLM head, which a queries-only input never runs; we do
+not build those.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from vlmzoo import (
     patch_grid,
     register_strategy,
 )
-from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, SwiGLU, ZeroLinear
+from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, NormalLinear, SwiGLU, ZeroLinear
 
 
 @dataclass
 class TGLlavaConfig(StrategyConfig):
-    """Every size of TG-LLaVA; the defaults are the reference (paper) values.
+    """Every size and switch of TG-LLaVA; the defaults compute what the authors' code computes.
 
     Args:
         vision_layer: tower hidden state for the base tokens and the high-res crops (-2).
@@ -56,11 +58,21 @@ class TGLlavaConfig(StrategyConfig):
         fom_heads: attention heads at width D_v (16); ``fom_ffn_size``: FFN width (0 = 4 x D_v = 4096).
         fom_dropout: dropout of the Q-Former (BERT's 0.1) on embeddings, attention probs and outputs.
         fom_norm_eps: LayerNorm eps (BERT's 1e-12).
+        fom_init_std: std of the Q-Former's Linear weights (BERT's ``initializer_range`` 0.02;
+            biases zero).
         dp_num_latents: TG-DP output tokens K (64; the paper's ablation: 32/64/128/256).
         dp_upscale: upsampling factor of the image before cropping (2 -> 4 crops).
         dp_heads / dp_kv_heads / dp_head_dim: perceiver attention (16 heads x 96, 4 key/value heads).
-        dp_ffn_size: Bind Network hidden width (0 = 4 x D_v = 4096).
-        dp_norm_eps: RMSNorm eps.
+        dp_ffn_size: SwiGLU feed-forward hidden width (0 = 4 x D_v = 4096).
+        dp_norm_eps: RMSNorm eps (1e-5, the reference's Idefics2 perceiver).
+        dp_pos_std: std of the high-res position embedding's N(0, std) init (1.0: ``nn.Embedding``'s).
+        dp_mask_text_padding: mask the instruction's padding positions in TG-DP's text attention.
+            Off (the reference): the latents attend to every one of the batch's L text positions,
+            padding included, so a sample's DP tokens depend on how long the other instructions of
+            its batch are; padding positions enter as zero features (the reference's hold its text
+            tower's states of the padding, which the frozen-feature cache does not keep; zeros keep
+            results the same with and without that cache). On: they attend to the sample's own
+            tokens only.
         dp_connector_depth / dp_connector_act: TG-DP's own connector C^h (``mlp2x_gelu``).
     """
 
@@ -75,13 +87,16 @@ class TGLlavaConfig(StrategyConfig):
     fom_ffn_size: int = 0
     fom_dropout: float = 0.1
     fom_norm_eps: float = 1e-12
+    fom_init_std: float = 0.02
     dp_num_latents: int = 64
     dp_upscale: int = 2
     dp_heads: int = 16
     dp_kv_heads: int = 4
     dp_head_dim: int = 96
     dp_ffn_size: int = 0
-    dp_norm_eps: float = 1e-6
+    dp_norm_eps: float = 1e-5
+    dp_pos_std: float = 1.0
+    dp_mask_text_padding: bool = False
     dp_connector_depth: int = 2
     dp_connector_act: str = "gelu"
 
@@ -90,18 +105,19 @@ class QFormerLayer(nn.Module):
     """Post-LN BERT/Q-Former layer on queries ``(N, Q, D)``: self-attn -> [cross-attn] -> FFN.
 
     Each sub-block is ``x = LayerNorm(x + Dropout(sublayer(x)))``; cross-attention reads
-    ``context (N, S, D)``.
+    ``context (N, S, D)``. Every Linear starts N(0, ``init_std``) with zero bias (BERT's init).
     """
 
-    def __init__(self, dim: int, heads: int, ffn: int, cross: bool, dropout: float, eps: float) -> None:
+    def __init__(self, dim: int, heads: int, ffn: int, cross: bool, dropout: float, eps: float,
+                 init_std: float) -> None:
         super().__init__()
-        self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        self.self_attn = MultiHeadAttention(dim, heads, dropout=dropout, init_std=init_std)
         self.self_norm = nn.LayerNorm(dim, eps=eps)
-        self.cross_attn = MultiHeadAttention(dim, heads, dropout=dropout) if cross else None
+        self.cross_attn = MultiHeadAttention(dim, heads, dropout=dropout, init_std=init_std) if cross else None
         self.cross_norm = nn.LayerNorm(dim, eps=eps) if cross else None
-        self.ffn_in = nn.Linear(dim, ffn)
+        self.ffn_in = NormalLinear(dim, ffn, std=init_std)
         self.ffn_act = nn.GELU()
-        self.ffn_out = nn.Linear(ffn, dim)
+        self.ffn_out = NormalLinear(ffn, dim, std=init_std)
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
@@ -115,9 +131,9 @@ class QFormerLayer(nn.Module):
 class TextGuidedFOM(nn.Module):
     """TG-FOM: pooled text ``(N, D_t)`` -> additive feature mask ``M (N, P, D_v)``.
 
-    ``pooled -> Linear(D_t, D_v)`` is one key/value token; P learnable queries (N(0, 0.02)) pass
-    LayerNorm + dropout, then the Q-Former layers; ``mask_head`` is a zero-initialised
-    ``Linear(D_v, D_v)``, so M = 0 until it trains.
+    ``pooled -> Linear(D_t, D_v)`` (PyTorch's init) is one key/value token; P learnable queries
+    (N(0, 0.02)) pass LayerNorm + dropout, then the Q-Former layers (BERT-initialised);
+    ``mask_head`` is a zero-initialised ``Linear(D_v, D_v)``, so M = 0 until it trains.
     """
 
     def __init__(self, cfg: TGLlavaConfig, num_queries: int, dim: int, text_dim: int) -> None:
@@ -129,7 +145,7 @@ class TextGuidedFOM(nn.Module):
         self.query_drop = nn.Dropout(cfg.fom_dropout)
         self.layers = nn.ModuleList(
             QFormerLayer(dim, cfg.fom_heads, ffn, i % cfg.fom_cross_attention_freq == 0, cfg.fom_dropout,
-                         cfg.fom_norm_eps)
+                         cfg.fom_norm_eps, cfg.fom_init_std)
             for i in range(cfg.fom_layers)
         )
         self.mask_head = ZeroLinear(dim, dim)
@@ -146,8 +162,8 @@ class PerceiverLayer(nn.Module):
     """One TG-DP perceiver layer on latents ``(N, K, D)`` with ``context (N, S, D)``.
 
     ``h = RMSNorm(latents)``; keys/values = ``CAT(RMSNorm(context), h)``; bias-free GQA attention;
-    ``x = latents + attn``; then ``x = x + BN(RMSNorm(x))`` with the Bind Network
-    ``BN(y) = y + SwiGLU(y)`` (its own skip, as in the reference code).
+    ``x = latents + attn``; then ``x = x + SwiGLU(RMSNorm(x))`` (an Idefics2 perceiver layer, as
+    the reference code builds it; the feed-forward has no skip of its own).
     """
 
     def __init__(self, dim: int, cfg: TGLlavaConfig) -> None:
@@ -158,30 +174,34 @@ class PerceiverLayer(nn.Module):
         self.attn = MultiHeadAttention(dim, cfg.dp_heads, head_dim=cfg.dp_head_dim, num_kv_heads=cfg.dp_kv_heads,
                                        bias=False)
         self.ffn_norm = nn.RMSNorm(dim, eps=eps)
-        self.bind = SwiGLU(dim, cfg.dp_ffn_size or 4 * dim, residual=True)
+        self.mlp = SwiGLU(dim, cfg.dp_ffn_size or 4 * dim)
 
     def forward(self, latents: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """``latents (N, K, D)``, ``context (N, S, D)``, ``context_mask (N, S)`` (1 = attend; ``None``:
+        all) -> ``(N, K, D)``."""
         h = self.latent_norm(latents)
         kv = torch.cat([self.context_norm(context), h], dim=1)  # (N, S + K, D)
         mask = None
         if context_mask is not None:
             mask = torch.cat([context_mask.bool(), context_mask.new_ones(h.shape[:2], dtype=torch.bool)], dim=1)
         x = latents + self.attn(h, kv, mask)
-        return x + self.bind(self.ffn_norm(x))
+        return x + self.mlp(self.ffn_norm(x))
 
 
 class TextGuidedDP(nn.Module):
     """TG-DP: high-res crop features ``(N, S, D_v)`` (S = upscale^2 x P) and text tokens
     ``(N, L, D_t)`` with mask ``(N, L)`` -> K visual tokens ``(N, K, d_llm)``.
 
-    ``V = MLP(hr + pos_embed)`` (Linear-GELU-Linear at D_v); ``T = Linear(D_t, D_v)(tokens)``;
-    K latents (N(0, 0.02)) -> perceiver layer on T -> perceiver layer on V -> RMSNorm ->
-    ``connector`` (TG-DP's own C^h).
+    ``V = MLP(hr + pos_embed)`` (Linear-GELU-Linear at D_v; ``pos_embed`` N(0, ``dp_pos_std``));
+    ``T = Linear(D_t, D_v)(tokens)``; K latents (N(0, 0.02)) -> perceiver layer on T (padding
+    attended as zero features, or masked with ``dp_mask_text_padding``) -> perceiver layer on V ->
+    RMSNorm -> ``connector`` (TG-DP's own C^h).
     """
 
     def __init__(self, cfg: TGLlavaConfig, num_hr_tokens: int, dim: int, text_dim: int, llm_dim: int) -> None:
         super().__init__()
-        self.pos_embed = LearnedTokens(num_hr_tokens, dim)
+        self.mask_text_padding = cfg.dp_mask_text_padding
+        self.pos_embed = LearnedTokens(num_hr_tokens, dim, std=cfg.dp_pos_std)
         self.vision_mlp = MLPConnector(dim, dim, depth=2, act="gelu")
         self.text_proj = nn.Linear(text_dim, dim)
         self.latents = LearnedTokens(cfg.dp_num_latents, dim)
@@ -193,9 +213,12 @@ class TextGuidedDP(nn.Module):
     def forward(self, high_res: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         n = high_res.shape[0]
         vision = self.vision_mlp(high_res + self.pos_embed(n))  # (N, S, D_v)
+        attend_mask = text_mask if self.mask_text_padding else None
+        if text_mask is not None and not self.mask_text_padding:  # padding attended, as zero features
+            text_tokens = text_tokens * text_mask[..., None].to(text_tokens.dtype)
         text = self.text_proj(text_tokens)  # (N, L, D_v)
         x = self.latents(n)  # (N, K, D_v)
-        x = self.text_layer(x, text, text_mask)
+        x = self.text_layer(x, text, attend_mask)
         x = self.vision_layer(x, vision, None)
         return self.connector(self.final_norm(x))  # (N, K, d_llm)
 

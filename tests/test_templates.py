@@ -150,9 +150,21 @@ def test_plain_template_drops_user_text(tok):
     enc = encode_conversation(tok, "plain", messages, num_visual_tokens=N_VIS)
     assert decode(tok, enc.input_ids) == f"<s>{IMG}A dog runs in the park.</s>"
     assert [decode(tok, r) for r in target_runs(enc.labels)] == ["A dog runs in the park.</s>"]
-    assert not any(enc.instruction_mask) and enc.instruction_text == ""
+    assert not any(enc.instruction_mask)
     with pytest.raises(ValueError, match="exactly one user message"):
         encode_conversation(tok, "plain", CONV, num_visual_tokens=N_VIS)
+
+
+@pytest.mark.parametrize("content", ["Describe the image.\n<image>", "<image>\nDescribe the image.", "Describe <image> the image."])
+def test_plain_template_instruction_text_is_the_human_turn(tok, content):
+    """Stage 1 (``plain``): the LLM never sees the user's text, but the text encoder's instruction is
+    still that turn's text with the image placeholder removed (and stripped), wherever it sits."""
+    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "A dog runs in the park."}]
+    enc = encode_conversation(tok, "plain", messages, num_visual_tokens=N_VIS)
+    assert enc.instruction_text == content.replace("<image>", "").strip()
+    assert "Describe" not in decode(tok, enc.input_ids)  # the LLM's tokens still drop it
+    image_only = [{"role": "user", "content": "<image>\n"}, {"role": "assistant", "content": "A dog."}]
+    assert encode_conversation(tok, "plain", image_only, num_visual_tokens=N_VIS).instruction_text == ""
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -3,6 +3,8 @@ so that ``from_pretrained`` can initialise modules missing from a checkpoint cor
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +33,19 @@ class ZeroLinear(nn.Linear):
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class NormalLinear(nn.Linear):
+    """A linear layer initialised N(0, std) with zero bias (BERT's init; ``initializer_range`` 0.02)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float = 0.02) -> None:
+        self.std = std  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -70,11 +85,14 @@ class MultiHeadAttention(nn.Module):
         dropout: dropout on the attention probabilities (training only).
         scale: logit scale (default ``head_dim ** -0.5``; Gemma-2 uses ``query_pre_attn_scalar ** -0.5``).
         softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma-2's soft-capping).
+        init_std: if set, the four projections are initialised N(0, init_std) with zero bias
+            (:class:`NormalLinear`, BERT-style); else PyTorch's ``nn.Linear`` default.
     """
 
     def __init__(self, query_dim: int, num_heads: int, head_dim: int | None = None, kv_dim: int | None = None,
                  num_kv_heads: int | None = None, bias: bool = True, dropout: float = 0.0,
-                 out_bias: bool | None = None, scale: float | None = None, softcap: float | None = None) -> None:
+                 out_bias: bool | None = None, scale: float | None = None, softcap: float | None = None,
+                 init_std: float | None = None) -> None:
         super().__init__()
         head_dim = head_dim or query_dim // num_heads
         num_kv_heads = num_kv_heads or num_heads
@@ -86,10 +104,11 @@ class MultiHeadAttention(nn.Module):
         kv_dim = kv_dim or query_dim
         self.num_heads, self.num_kv_heads, self.head_dim, self.dropout = num_heads, num_kv_heads, head_dim, dropout
         self.scale, self.softcap = scale, softcap
-        self.q_proj = nn.Linear(query_dim, num_heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(kv_dim, num_kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, query_dim, bias=bias if out_bias is None else out_bias)
+        linear = nn.Linear if init_std is None else partial(NormalLinear, std=init_std)
+        self.q_proj = linear(query_dim, num_heads * head_dim, bias=bias)
+        self.k_proj = linear(kv_dim, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = linear(kv_dim, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = linear(num_heads * head_dim, query_dim, bias=bias if out_bias is None else out_bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``context_mask (N, S)``: 1/True = attend, 0/False = padding (ignored)."""
@@ -119,19 +138,17 @@ class MultiHeadAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``x -> (SiLU(x W1) * x W2) W3`` with bias-free ``W1, W2: dim -> hidden``, ``W3: hidden -> dim``.
+    """``x -> (SiLU(x W1) * x W2) W3`` with bias-free ``W1, W2: dim -> hidden``, ``W3: hidden -> dim``
+    (LLaMA's MLP: W1 = gate, W2 = up, W3 = down).
 
-    ``(..., dim)`` -> ``(..., dim)``. With ``residual=True`` the input is added (ImageBind-LLM's and
-    TG-LLaVA's "Bind Network" block: ``x + (x W2 * SiLU(x W1)) W3``).
+    ``(..., dim)`` -> ``(..., dim)``; no skip (the caller's block adds its residual).
     """
 
-    def __init__(self, dim: int, hidden: int, residual: bool = False, bias: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.residual = residual
         self.w1 = nn.Linear(dim, hidden, bias=bias)
         self.w2 = nn.Linear(dim, hidden, bias=bias)
         self.w3 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.w3(F.silu(self.w1(x)) * self.w2(x))
-        return x + out if self.residual else out
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))

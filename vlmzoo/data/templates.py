@@ -83,7 +83,8 @@ class ConversationTemplate:
         assistant_end: literal end-of-turn marker, trained on (e.g. ``"<|eot_id|>"``).
         assistant_end_eos: end each assistant turn with the tokenizer's EOS id, trained on.
         assistant_suffix: untrained text after the end marker (e.g. ``"\\n"``).
-        drop_user_text: keep only the images of user messages (LLaVA's ``plain`` format).
+        drop_user_text: keep only the images of user messages in the tokens (LLaVA's ``plain``
+            format); :attr:`EncodedConversation.instruction_text` still carries their text.
         single_turn: exactly one user message (and one assistant answer) per conversation.
         required_tokens: literal markers that must each be a single token of the tokenizer.
     """
@@ -330,9 +331,9 @@ class EncodedConversation:
         truncated: the sample was cut to ``max_length``.
         num_images: image placeholders in the sample.
         instruction_text: the *last* user message's text (image placeholders removed, stripped):
-            the question being answered, which text encoders of instruction-guided strategies read
-            (TG-LLaVA's reference uses the last human turn; in a generation prompt it is the turn
-            being answered). ``""`` for templates that drop user text (``plain``).
+            the question being answered (in a generation prompt, the turn being answered), which
+            text encoders of instruction-guided strategies read. Templates that drop user text
+            from ``input_ids`` (``plain``) still give it here.
     """
 
     input_ids: list[int]
@@ -386,9 +387,11 @@ class TemplateEncoder:
             raise ValueError(f"Template {self.template.name!r} ends answers with EOS, but the tokenizer has no eos_token.")
 
     def _query_text(self, messages: Sequence[Message]) -> str:
-        """The last user message's text, image placeholders removed (``""`` if the template drops it)."""
+        """The last user message's text, image placeholders removed and stripped. Also under a
+        template that drops user text from the LLM's input (``plain``): the text encoder still
+        reads the instruction that came with the image."""
         users = [m["content"] for m in messages if m.get("role") == "user"]
-        if not users or self.template.drop_user_text:
+        if not users:
             return ""
         return "".join(users[-1].split(self.image_token)).strip()
 
