@@ -1,20 +1,23 @@
 """IGVA: instruction-guided weighting of the tower's layer groups.
 
-Built from /work/shared/specs/methods.md, section 3. Shapes at the reference scale (CLIP-L/336:
-L = 24 layers, P = 576 patches of D_v = 1024; all-mpnet-base-v2 instruction embedding D_s = 768;
-Vicuna-7B d_llm = 4096; K = 4 groups)::
+Li et al., "Instruction-Guided Fusion of Multi-Layer Visual Features in Large Vision-Language
+Models" (arXiv 2501.08443); where the paper and the authors' code (YiZheng-zy/IGVA) differ, the
+defaults follow the code. Shapes at the reference scale (CLIP-L/336: L = 24 layers, P = 576
+patches of D_v = 1024; all-mpnet-base-v2 instruction embedding D_s = 768; Vicuna-7B d_llm = 4096;
+K = 4 groups)::
 
     hidden states 1..L in K groups, averaged:  patch_k (N, K, P, D_v), cls_k (N, K, D_v)
     allocator(s (N, D_s), cls_k)                -> logits (N, K) -> softmax -> w (N, K)
         (no allocator: w = 1/K, the plain mean of the groups; stage 1 of the recipe)
     F = sum_k w_k patch_k                       (N, P, D_v)
-    connector(CAT(F, layer -2 patches))         (N, P, 2 D_v) -> (N, P, d_llm) = 576 tokens
+    connector(CAT(layer -2 patches, F))         (N, P, 2 D_v) -> (N, P, d_llm) = 576 tokens
 
 The allocator: query ``Linear(D_s, D_v)(s)`` (one token); keys/values ``Linear(D_v, D_v)(cls_k)``
 (K tokens, shared by every block); N post-LN blocks ``x = LN(x + MHA(x, c, c))``,
-``x = LN(x + FFN(x))`` (FFN Linear-ReLU-Linear); head ``Linear(D_v, K)``. Choice: the head is
-zero-initialised (``zero_init_head``), so a fresh allocator gives exactly the uniform weights of
-stage 1 and stage 2 starts at the stage-1 model. Reference-scale size: 27,047,940 parameters.
+``x = LN(x + FFN(x))`` (FFN Linear-ReLU-Linear); head ``Linear(D_v, K)``. Initialisation as the
+authors' modules: PyTorch's defaults, and the attention initialised as ``nn.MultiheadAttention``
+(q, k, v: Xavier-uniform over the packed ``(3 D_v, D_v)`` in-projection; zero q, k, v and output
+biases). Reference-scale size: 27,047,940 parameters.
 
 Instruction embedding ``s`` (``instruction_source``): ``text_encoder`` = the core's frozen text
 encoder's pooled output (sentence-transformers: mean pooled, L2-normalised; CLIP: EOS feature);
@@ -22,9 +25,13 @@ encoder's pooled output (sentence-transformers: mean pooled, L2-normalised; CLIP
 (``instruction_mask``), detached. Towers without a CLS token use each group's mean patch as cls_k.
 
 The weights are returned in ``StrategyOutput.extras["layer_weights"]`` (N, K) (the model returns
-them with ``output_strategy_extras=True``). ``entropy_weight`` (lambda) adds
-``lambda * mean_n KL(w_n || uniform) = lambda * mean_n (log K - H(w_n))`` as ``aux_loss``.
+them with ``output_strategy_extras=True``). ``entropy_weight`` (lambda > 0) adds an entropy
+regulariser on the weights as ``aux_loss`` (``entropy_form``, see :meth:`IGVAStrategy.entropy_loss`).
 Module groups: ``connector``, ``allocator`` (when present).
+
+Switches whose non-default value is our choice (docs/igva.md, "Faithfulness"): ``concat_order``
+``fused_first`` (the paper's formula), ``zero_init_head`` (a fresh allocator starts exactly uniform),
+``entropy_form`` ``kl_uniform`` (the regulariser on the weights themselves).
 """
 
 from __future__ import annotations
@@ -51,11 +58,13 @@ from vlmzoo.layers import MLPConnector, MultiHeadAttention, ZeroLinear
 from vlmzoo.multilayer import check_groups, contiguous_groups, mean_of_layers, unique_layers
 
 INSTRUCTION_SOURCES = ("text_encoder", "llm_embeddings")
+CONCAT_ORDERS = ("base_first", "fused_first")
+ENTROPY_FORMS = ("double_softmax", "kl_uniform")
 
 
 @dataclass
 class IGVAConfig(StrategyConfig):
-    """Every size of IGVA; the defaults are the reference (paper) values.
+    """Every size and choice of IGVA; the defaults reproduce the authors' code.
 
     Args:
         vision_layer: tower hidden state concatenated with the fused features (-2).
@@ -68,8 +77,14 @@ class IGVAConfig(StrategyConfig):
         allocator_ffn_size: FFN hidden width (0 = D_v).
         allocator_dropout: dropout on the attention probabilities and sub-block outputs.
         allocator_norm_eps: LayerNorm eps.
-        zero_init_head: start the allocator head at zero (uniform weights) - a choice, see docs.
-        entropy_weight: lambda of the regulariser toward uniform weights (0 = off; paper: 0.02).
+        concat_order: connector input ``CAT(layer -2, F)`` (``base_first``, the authors' code: the
+            first D_v input channels are layer -2) or ``CAT(F, layer -2)`` (``fused_first``, the
+            order of the paper's formula).
+        zero_init_head: False = PyTorch's default init (the authors' code); True = the head starts at
+            zero, so a fresh allocator gives exactly the uniform weights of stage 1.
+        entropy_weight: lambda of the regulariser (0 = off; the authors' stage-2 script passes 0.02).
+        entropy_form: ``double_softmax`` (the authors' code: minus the entropy of softmax(w), a second
+            softmax over the weights) or ``kl_uniform`` (KL(w || uniform) on the weights themselves).
         connector_depth / connector_act: the ``mlp2x_gelu`` connector on 2 D_v channels.
     """
 
@@ -83,10 +98,32 @@ class IGVAConfig(StrategyConfig):
     allocator_ffn_size: int = 0
     allocator_dropout: float = 0.0
     allocator_norm_eps: float = 1e-5
-    zero_init_head: bool = True
+    concat_order: str = "base_first"
+    zero_init_head: bool = False
     entropy_weight: float = 0.0
+    entropy_form: str = "double_softmax"
     connector_depth: int = 2
     connector_act: str = "gelu"
+
+
+class PackedInProjLinear(nn.Linear):
+    """A q, k or v projection initialised as its third of ``nn.MultiheadAttention``'s packed
+    in-projection: Xavier-uniform over a ``(3 out, in)`` matrix, zero bias."""
+
+    def reset_parameters(self) -> None:
+        bound = math.sqrt(6.0 / (self.in_features + 3 * self.out_features))
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class ZeroBiasLinear(nn.Linear):
+    """PyTorch's default weight init, zero bias (``nn.MultiheadAttention``'s output projection)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
 
 class AllocatorBlock(nn.Module):
@@ -96,6 +133,9 @@ class AllocatorBlock(nn.Module):
     def __init__(self, dim: int, heads: int, ffn: int, dropout: float, eps: float) -> None:
         super().__init__()
         self.attn = MultiHeadAttention(dim, heads, dropout=dropout)
+        # nn.MultiheadAttention's initialisation (the authors' module), in our q/k/v/o layout.
+        self.attn.q_proj, self.attn.k_proj, self.attn.v_proj = (PackedInProjLinear(dim, dim) for _ in range(3))
+        self.attn.o_proj = ZeroBiasLinear(dim, dim)
         self.attn_norm = nn.LayerNorm(dim, eps=eps)
         self.ffn = nn.Sequential(nn.Linear(dim, ffn), nn.ReLU(), nn.Linear(ffn, dim))
         self.ffn_norm = nn.LayerNorm(dim, eps=eps)
@@ -130,7 +170,7 @@ class WeightAllocator(nn.Module):
 
 @register_strategy("igva")
 class IGVAStrategy(GuidanceStrategy):
-    """K layer-group means weighted per instruction, ``CAT`` layer -2 -> ``(N, P, d_llm)``."""
+    """Layer -2 ``CAT`` the K layer-group means weighted per instruction -> ``(N, P, d_llm)``."""
 
     config_class = IGVAConfig
 
@@ -140,10 +180,11 @@ class IGVAStrategy(GuidanceStrategy):
             self.groups = check_groups(config.layer_groups, "igva layer_groups")
         else:
             self.groups = contiguous_groups(range(1, dims.vision_num_layers + 1), config.num_groups)
-        if config.instruction_source not in INSTRUCTION_SOURCES:
-            raise ValueError(
-                f"igva instruction_source {config.instruction_source!r} is not one of {', '.join(INSTRUCTION_SOURCES)}."
-            )
+        for field, value, allowed in (("instruction_source", config.instruction_source, INSTRUCTION_SOURCES),
+                                      ("concat_order", config.concat_order, CONCAT_ORDERS),
+                                      ("entropy_form", config.entropy_form, ENTROPY_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"igva {field} {value!r} is not one of {', '.join(allowed)}.")
         d_v = dims.vision_hidden_size
         self.connector = MLPConnector(2 * d_v, dims.llm_hidden_size, depth=config.connector_depth,
                                       act=config.connector_act)
@@ -212,8 +253,20 @@ class IGVAStrategy(GuidanceStrategy):
         return self.allocator(s, cls).float().softmax(dim=-1).to(cls.dtype)
 
     def entropy_loss(self, weights: torch.Tensor) -> torch.Tensor:
-        """``lambda * mean_n (log K - H(w_n))`` for ``weights (N, K)``: 0 at uniform weights."""
+        """The regulariser for ``weights (N, K)`` (rows sum to 1), a scalar; lambda = ``entropy_weight``.
+
+        ``double_softmax`` (the authors' code): ``-lambda * mean_n H(softmax(w_n))`` with
+        ``H(p) = -sum_k p_k log(p_k + 1e-12)``: the softmax is applied a second time, to weights
+        already in [0, 1], so ``softmax(w_n)`` stays close to uniform and the pull toward uniform is
+        weaker than on ``w`` itself (minimum ``-lambda log K``, at uniform weights).
+        ``kl_uniform``: ``lambda * mean_n KL(w_n || uniform) = lambda * mean_n (log K - H(w_n))``
+        (0 at uniform weights).
+        """
         w = weights.float()
+        if self.config.entropy_form == "double_softmax":
+            p = w.softmax(dim=-1)
+            entropy = -(p * torch.log(p + 1e-12)).sum(dim=-1)  # (N,)
+            return -self.config.entropy_weight * entropy.mean()
         entropy = torch.special.entr(w).sum(dim=-1)  # (N,)
         return self.config.entropy_weight * (math.log(w.shape[-1]) - entropy).mean()
 
@@ -223,7 +276,8 @@ class IGVAStrategy(GuidanceStrategy):
         weights = self.layer_weights(inputs, cls)  # (N, K)
         fused = (weights[:, :, None, None] * patches).sum(dim=1)  # (N, P, D_v)
         base = inputs.vision.layers[self.config.vision_layer]  # (N, P, D_v)
-        tokens = self.connector(torch.cat([fused, base], dim=-1))  # (N, P, d_llm)
+        pair = [base, fused] if self.config.concat_order == "base_first" else [fused, base]
+        tokens = self.connector(torch.cat(pair, dim=-1))  # (N, P, 2 D_v) -> (N, P, d_llm)
         aux = None
         if self.allocator is not None and self.config.entropy_weight > 0:
             aux = self.entropy_loss(weights)

@@ -61,7 +61,7 @@ def _batch(model, pixels, same_image: bool = False, text_ids=None):
 
 
 def _perturb_head(model, seed: int = 5, scale: float = 0.5) -> None:
-    """Give the zero-initialised allocator head non-zero weights, so the weights leave uniform."""
+    """Give the allocator head large random weights, so the layer weights are far from uniform."""
     g = torch.Generator().manual_seed(seed)
     head = model.strategy.allocator.head
     with torch.no_grad():
@@ -87,12 +87,13 @@ def test_default_groups():
 
 
 @pytest.mark.parametrize("groups", [4, 3])
-def test_uniform_allocator_equals_stage1_mean(pixels, groups):
-    """Allocator weights forced uniform (head zero, everything else random) give exactly the tokens
-    and logits of the stage-1 model without an allocator (K = 3: uneven groups, w = 1/3)."""
+def test_zero_init_head_switch_starts_exactly_at_stage1(pixels, groups):
+    """``zero_init_head: true``: a fresh allocator (head zero, everything else random) gives exactly
+    uniform weights, hence exactly the tokens and logits of the stage-1 model without an allocator
+    (K = 3: uneven groups, w = 1/3)."""
     stage1 = igva_model(seed=0, num_groups=groups, use_allocator=False)
     assert stage1.strategy.allocator is None and stage1.strategy.needs.instruction_text == ()
-    stage2 = igva_model(seed=1, num_groups=groups)
+    stage2 = igva_model(seed=1, num_groups=groups, zero_init_head=True)
     result = stage2.load_state_dict(stage1.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert {k.split(".")[1] for k in result.missing_keys if k.startswith("strategy.")} == {"allocator"}
@@ -106,8 +107,32 @@ def test_uniform_allocator_equals_stage1_mean(pixels, groups):
     assert not torch.allclose(_forward(stage2, batch).image_hidden_states, a.image_hidden_states)
 
 
+def test_allocator_init_follows_the_reference(pixels):
+    """Default init = the authors' modules: a PyTorch-default head (a fresh allocator is not uniform),
+    and attention initialised as nn.MultiheadAttention (q, k, v Xavier-uniform over the packed
+    (3 D, D) in-projection, zero q/k/v/output biases) - also after the core's reset pass."""
+    model = igva_model()
+    assert model.strategy.config.zero_init_head is False
+    allocator = model.strategy.allocator
+    d = allocator.head.in_features
+    w = _forward(model, _batch(model, pixels)).strategy_extras["layer_weights"]
+    assert (w - 1.0 / LAYERS).abs().max() > 1e-3  # stage 2 does not start exactly uniform
+    for module in model.strategy.modules():  # pre-order, as when a model is assembled on meta
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    head = allocator.head
+    assert 0.8 / math.sqrt(d) < head.weight.abs().max() <= 1 / math.sqrt(d) and head.bias.abs().sum() > 0
+    packed = math.sqrt(6 / (d + 3 * d))  # > 1 / sqrt(d), the bound of a plain Linear
+    for block in allocator.blocks:
+        for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
+            assert 1.05 / math.sqrt(d) < proj.weight.abs().max() <= packed
+            assert proj.bias.abs().sum() == 0
+        assert block.attn.o_proj.bias.abs().sum() == 0 and block.attn.o_proj.weight.abs().max() <= 1 / math.sqrt(d)
+
+
 def test_fusion_by_hand(pixels):
-    """visual tokens = connector(CAT(sum_k w_k mean(layers of group k), layer -2)) from the tower's states."""
+    """visual tokens = connector(CAT(layer -2, sum_k w_k mean(layers of group k))) from the tower's states."""
     model = igva_model(num_groups=2)
     _perturb_head(model)
     batch = _batch(model, pixels)
@@ -117,9 +142,32 @@ def test_fusion_by_hand(pixels):
         states = model.vision_tower(batch["pixel_values"])
         patch = [(states[1][:, 1:] + states[2][:, 1:]) / 2, (states[3][:, 1:] + states[4][:, 1:]) / 2]
         fused = w[:, 0, None, None] * patch[0] + w[:, 1, None, None] * patch[1]
-        expected = model.strategy.connector(torch.cat([fused, states[-2][:, 1:]], dim=-1))
+        expected = model.strategy.connector(torch.cat([states[-2][:, 1:], fused], dim=-1))
     assert out.image_hidden_states.shape == (2, NUM_PATCHES, D_LLM)
     torch.testing.assert_close(out.image_hidden_states, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["base_first", "fused_first", None])
+def test_connector_input_columns_follow_concat_order(pixels, order):
+    """Default (the authors' code): the connector's first D_v input channels are layer -2's patches,
+    the last D_v the fused features; ``concat_order: fused_first`` swaps the halves."""
+    model = igva_model(**({} if order is None else {"concat_order": order}))
+    _perturb_head(model)
+    seen = []
+    model.strategy.connector.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    batch = _batch(model, pixels)
+    _forward(model, batch)
+    d_v = VISION["hidden_size"]
+    with torch.no_grad():
+        base = model.vision_tower(batch["pixel_values"])[-2][:, 1:]
+    (x,) = seen
+    assert x.shape == (2, NUM_PATCHES, 2 * d_v)
+    first, second = x[..., :d_v], x[..., d_v:]
+    base_half, fused_half = (second, first) if order == "fused_first" else (first, second)
+    torch.testing.assert_close(base_half, base, rtol=0, atol=0)
+    assert not torch.allclose(fused_half, base, atol=1e-3)
+    with pytest.raises(ValueError, match="concat_order 'base_last' is not one of base_first, fused_first"):
+        igva_model(concat_order="base_last")
 
 
 @pytest.mark.parametrize("source", ["text_encoder", "llm_embeddings"])
@@ -147,9 +195,27 @@ def test_weights_sum_to_one_and_follow_only_the_instruction(pixels, source):
         torch.testing.assert_close(_forward(model, other).strategy_extras["layer_weights"], w.flip(0))
 
 
-def test_entropy_regulariser_adds_the_hand_computed_aux_loss(pixels):
+def _entropy_by_hand(rows: list[list[float]], form: str, lam: float) -> float:
+    """The regulariser from plain floats: the authors' ``load_balancing_loss`` (a second softmax, then
+    minus the entropy with log(p + 1e-12)) or KL(w || uniform)."""
+    values = []
+    for r in rows:
+        if form == "double_softmax":
+            e = [math.exp(x) for x in r]
+            p = [x / sum(e) for x in e]
+            values.append(sum(q * math.log(q + 1e-12) for q in p))  # -H(softmax(w))
+        else:
+            values.append(math.log(len(r)) + sum(q * math.log(q) for q in r))  # KL(w || uniform)
+    return lam * sum(values) / len(values)
+
+
+@pytest.mark.parametrize("form", ["double_softmax", "kl_uniform", None])
+def test_entropy_regulariser_adds_the_hand_computed_aux_loss(pixels, form):
+    """Default form = the authors' code (second softmax); ``kl_uniform`` = KL to uniform on w itself."""
     lam = 0.02
-    model = igva_model(entropy_weight=lam)
+    form_cfg = {} if form is None else {"entropy_form": form}
+    model = igva_model(entropy_weight=lam, **form_cfg)
+    assert model.strategy.config.entropy_form == (form or "double_softmax")
     _perturb_head(model, scale=2.0)
     plain = igva_model(seed=3, entropy_weight=0.0)
     plain.load_state_dict(model.state_dict())
@@ -157,29 +223,34 @@ def test_entropy_regulariser_adds_the_hand_computed_aux_loss(pixels):
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100)
     with_reg, without = _forward(model, batch, labels=labels), _forward(plain, batch, labels=labels)
     rows = with_reg.strategy_extras["layer_weights"].tolist()
-    kl = [math.log(len(r)) + sum(p * math.log(p) for p in r) for r in rows]  # KL(w || uniform)
-    expected = lam * sum(kl) / len(kl)
-    assert expected > 1e-4
+    expected = _entropy_by_hand(rows, form or "double_softmax", lam)
+    other = _entropy_by_hand(rows, "kl_uniform" if form in (None, "double_softmax") else "double_softmax", lam)
+    assert abs(expected - other) > 1e-3  # the two forms are told apart at these weights
     assert abs((with_reg.loss - without.loss).item() - expected) < 1e-6
-    # Zero at uniform weights; no aux loss without an allocator (stage 1).
-    assert model.strategy.entropy_loss(torch.full((3, 4), 0.25)).abs() < 1e-7
-    stage1 = igva_model(entropy_weight=lam, use_allocator=False)
+    # At uniform weights: KL is 0; the authors' form is at its minimum, -lambda log K.
+    at_uniform = model.strategy.entropy_loss(torch.full((3, 4), 0.25)).item()
+    assert abs(at_uniform - (0.0 if form == "kl_uniform" else -lam * math.log(4))) < 1e-7
+    # No aux loss without an allocator (stage 1).
+    stage1 = igva_model(entropy_weight=lam, use_allocator=False, **form_cfg)
     stage1_plain = igva_model(seed=4, entropy_weight=0.0, use_allocator=False)
     stage1_plain.load_state_dict(stage1.state_dict())
     assert _forward(stage1, batch, labels=labels).loss == _forward(stage1_plain, batch, labels=labels).loss
+    with pytest.raises(ValueError, match="entropy_form 'kl' is not one of double_softmax, kl_uniform"):
+        igva_model(entropy_form="kl")
 
 
-def test_gradients_reach_the_allocator_not_the_towers(pixels):
-    model = igva_model(entropy_weight=0.02).train()
+@pytest.mark.parametrize("zero_head", [False, True])
+def test_gradients_reach_the_allocator_not_the_towers(pixels, zero_head):
+    model = igva_model(entropy_weight=0.02, zero_init_head=zero_head).train()
     batch = _batch(model, pixels)
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100).masked_fill(batch["attention_mask"] == 0, -100)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(2):
         opt.zero_grad()
         model(**batch, labels=labels).loss.backward()
-        if step == 0:  # zero head: only it learns on the first step (uniform weights, zero regulariser)
+        if step == 0:  # zero head: only it learns on the first step; default head: everything does
             assert model.strategy.allocator.head.weight.grad.abs().sum() > 0
-            assert model.strategy.allocator.query_proj.weight.grad.abs().sum() == 0
+            assert (model.strategy.allocator.query_proj.weight.grad.abs().sum() == 0) == zero_head
             opt.step()
     for name, p in model.strategy.allocator.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -293,6 +364,9 @@ def test_reference_config_recipe():
     assert cfg.model.text_encoder_backend == "sentence_transformers"
     model = build_on_meta(cfg)
     assert model.strategy.groups == contiguous_groups(range(1, 25), 4)
+    c = model.strategy.config  # the authors' code: CAT(layer -2, F), default-init head, their regulariser
+    assert (c.concat_order, c.zero_init_head, c.entropy_form) == ("base_first", False, "double_softmax")
+    assert c.allocator_ffn_size == 1024 and c.entropy_weight == 0.0
     assert model.text_encoder.normalize and model.text_encoder.pooling == "mean" and model.text_encoder.max_length == 384
 
 
@@ -456,7 +530,7 @@ def test_tiny_configs_train_two_stages_and_evaluate(small_world, tmp_path, caplo
     first = VLMForConditionalGeneration.from_pretrained(stage1)
     assert first.strategy.allocator is None and model.strategy.allocator is not None
     assert "New (fresh init): strategy.allocator.*" in caplog.text
-    assert model.strategy.allocator.head.weight.abs().sum() > 0  # trained away from uniform
+    assert model.strategy.config.zero_init_head is False  # the authors' default-init head
     assert not torch.equal(first.strategy.connector.layers[0].weight, model.strategy.connector.layers[0].weight)
     eval_model, processor = load_for_eval(stage2)
     records = load_eval_records(_eval_json(result), max_samples=40)
