@@ -1,6 +1,6 @@
 """DenseConnector: static multi-layer fusion, the instruction-free control for IGVA.
 
-From /work/shared/specs/methods.md, section 4. Shapes at the reference scale (CLIP-L/336: L = 24,
+From the DenseConnector paper (Yao et al., NeurIPS 2024, arXiv:2405.13800). Shapes at the reference scale (CLIP-L/336: L = 24,
 P = 576 patches of D_v = 1024; Vicuna-7B d_llm = 4096)::
 
     mode "dci" (dense channel integration, the default):
