@@ -260,12 +260,12 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
 
     def encode_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> InstructionFeatures:
         """``(N, L)`` instruction ids (right padded) -> the frozen text encoder's features; through
-        ``text_feature_cache`` when one is set."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        ``text_feature_cache`` when one is set. ``attention_mask`` ``None`` means every token is
+        real; it reaches the encoder as ``None`` (a meta-device FLOP count has no mask values to read)."""
         with torch.no_grad():
             if self.text_feature_cache is not None:
-                return self.text_feature_cache.encode(self.text_encoder, input_ids, attention_mask)
+                mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+                return self.text_feature_cache.encode(self.text_encoder, input_ids, mask)
             return self.text_encoder(input_ids, attention_mask)
 
     @property
