@@ -33,9 +33,9 @@ def ta_model(llm: str = "llama", seed: int = 0, layers: int = 6, **strategy) -> 
 
 
 def sample(instruction: list[int], response: list[int] = ()) -> tuple[list[int], list[bool]]:
-    """BOS, user marker, prefix placeholders, instruction, assistant marker, response -> ids, instruction flags."""
-    ids = [1, 4] + [IMAGE_TOKEN_ID] * PREFIX + instruction + [3] + list(response)
-    flags = [False] * (2 + PREFIX) + [True] * len(instruction) + [False] * (1 + len(response))
+    """Prefix placeholders, BOS, user marker, instruction, assistant marker, response -> ids, instruction flags."""
+    ids = [IMAGE_TOKEN_ID] * PREFIX + [1, 4] + instruction + [3] + list(response)
+    flags = [False] * (PREFIX + 2) + [True] * len(instruction) + [False] * (1 + len(response))
     return ids, flags
 
 
@@ -137,7 +137,7 @@ def _guidance_inputs(model, inputs):
         vision=model.encode_images(inputs["pixel_values"]),
         image_batch_index=torch.arange(inputs["pixel_values"].shape[0]),
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], image_token_mask=image_mask,
-        instruction_mask=inputs["instruction_mask"],
+        instruction_mask=inputs["instruction_mask"], llm_embed_tokens=model.get_input_embeddings(),
     )
 
 
