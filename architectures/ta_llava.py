@@ -302,7 +302,9 @@ class TALlavaStrategy(GuidanceStrategy):
         if layer_idx in self.text_layers:
             if context.instruction_index.shape[1] == 0:  # no instruction anywhere in the batch
                 return hidden_states
-            keys = flat[context.instruction_index.to(device)]  # (N, L, d)
+            # (N, L, d) in sequence order: the adapter's keys sit at 0..L-1, which under the
+            # reference's span (it starts at BOS, the text's first token) are their text positions.
+            keys = flat[context.instruction_index.to(device)]
             valid = context.instruction_valid.to(device)
             has_text = valid.any(dim=1)  # (N,)
             # A sample without instruction tokens attends to its placeholder entries and keeps its Y:

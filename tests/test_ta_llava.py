@@ -444,6 +444,8 @@ def test_reference_curriculum_has_three_phases():
         assert [p.lr for p in phases] == [1e-3, 5e-5, 2e-5]
         assert [p.train for p in phases] == [["strategy"], ["strategy"], ["strategy", "llm"]]
         assert phases[0].epochs == 2 and all(p.weight_decay == 0 for p in phases)
+        # The reference's images: centre-cropped in phases 1-2 (its default aspect ratio), padded in phase 3.
+        assert [p.pad_to_square for p in phases] == [False, False, True]
 
 
 @pytest.mark.parametrize("enable", ["gradient_checkpointing_enable", "activation_checkpointing_enable"])
