@@ -235,3 +235,52 @@ def test_images_already_at_the_tower_size_are_only_normalised_as_the_image_proce
     other = [image(w=SIZE + 8, h=SIZE + 8, seed=4)]
     assert processor._normalize_only(other, (3, SIZE, SIZE)) is None
     torch.testing.assert_close(processor.preprocess_images(other), ip(other, return_tensors="pt")["pixel_values"])
+
+
+def test_strategy_layout_settings_come_from_the_model_and_are_saved(processor, tmp_path):
+    """instruction_rule and visual_tokens_first follow the strategy's needs (a conflicting value
+    is an error), are saved with the processor, and survive processor_with_template."""
+    from vlmzoo.processing import processor_options
+    from vlmzoo.training.runner import processor_with_template
+
+    tok = processor.tokenizer
+    config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"), strategy="x",
+                             vision_config={"image_size": SIZE})
+    tower = SimpleNamespace(image_size=SIZE, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    needs = StrategyNeeds(instruction_span=True, instruction_span_rule="before_reply_role", visual_tokens_first=True)
+    model = SimpleNamespace(config=config, vision_tower=tower, strategy=SimpleNamespace(num_visual_tokens=N_VIS, needs=needs))
+    p = VLMProcessor.for_model(model, tok, template="qwen2")
+    assert (p.instruction_rule, p.visual_tokens_first) == ("before_reply_role", True)
+    with pytest.raises(ValueError, match="visual_tokens_first=False differs from the model strategy's True"):
+        VLMProcessor.for_model(model, tok, template="qwen2", visual_tokens_first=False)
+    batch = p([conv("What is in the picture? <image>", None)], images=[[image()]], add_generation_prompt=True)
+    ids = batch["input_ids"][0]
+    assert (ids[:N_VIS] == p.image_token_id).all() and not (ids[N_VIS:] == p.image_token_id).any()
+    header = tok("<|im_start|>", add_special_tokens=False)["input_ids"]
+    assert batch["instruction_mask"][0].tolist() == [False] * N_VIS + [True] * (len(ids) - N_VIS - 2) + [False] * 2
+    assert ids[-3].item() == header[0]  # the last flagged token: the header's <|im_start|> (then "assistant", "\n")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vlmzoo"}))
+    p.save_pretrained(tmp_path)
+    loaded = VLMProcessor.from_pretrained(tmp_path)
+    assert (loaded.instruction_rule, loaded.visual_tokens_first) == ("before_reply_role", True)
+    assert torch.equal(loaded([conv("What is in the picture? <image>")], images=[[image()]])["input_ids"],
+                       p([conv("What is in the picture? <image>")], images=[[image()]])["input_ids"])
+    again = processor_with_template(p, "vicuna_v1")
+    assert (again.instruction_rule, again.visual_tokens_first) == ("before_reply_role", True)
+    assert processor_options(StrategyNeeds()) == {"high_res_factor": 1, "instruction_rule": "first_user_text",
+                                                  "visual_tokens_first": False}
+
+
+def test_a_stage_can_centre_crop_instead_of_padding(processor):
+    """processor_with_template(..., pad_to_square=False) (a stage's pad_to_square: false) lets the
+    image processor resize the short side and centre-crop; True pads with the mean colour."""
+    from vlmzoo.training.runner import processor_with_template
+
+    wide = image(2 * SIZE, SIZE, seed=7)
+    crop = processor_with_template(processor, "qwen2", pad_to_square=False)
+    assert not crop.pad_to_square and processor.pad_to_square
+    centre = wide.crop((SIZE // 2, 0, SIZE // 2 + SIZE, SIZE))  # the middle SIZE x SIZE square
+    torch.testing.assert_close(crop.preprocess_images([wide]), processor.preprocess_images([centre]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(processor.preprocess_images([wide]), processor.preprocess_images([centre]))
+    assert processor_with_template(processor, "qwen2") is processor
+    assert processor_with_template(crop, "qwen2", pad_to_square=True).pad_to_square

@@ -251,3 +251,47 @@ def test_template_spec_replaces_fields_of_a_builtin():
         get_template({"default_system": None})
     with pytest.raises(Exception, match="default_sytem"):
         get_template({"base": "vicuna_v1", "default_sytem": None})
+
+
+# What "before_reply_role" marks, written out per template: the text before the first answer's
+# role name (the header's leading special markers included), with the image left out.
+BEFORE_REPLY_ROLE = {
+    "vicuna_v1": f"<s>{VICUNA_SYSTEM} USER: \n{Q1} ",
+    "llama3": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+              f"<|start_header_id|>user<|end_header_id|>\n\n\n{Q1}<|eot_id|><|start_header_id|>",
+    "qwen2": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+             f"<|im_start|>user\n\n{Q1}<|im_end|>\n<|im_start|>",
+    "gemma2": f"<bos><start_of_turn>user\nBe brief.\n\n\n{Q1}<end_of_turn>\n<start_of_turn>",
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_before_reply_role_marks_the_prompt_through_the_headers_opening_marker(tok, name):
+    messages, full_text, _, _ = CASES[name]
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for first in (False, True):
+        enc = encode_conversation(tok, name, messages, num_visual_tokens=N_VIS, instruction_rule="before_reply_role",
+                                  visual_tokens_first=first)
+        plain = encode_conversation(tok, name, messages, num_visual_tokens=N_VIS)
+        masked = [t for t, m in zip(enc.input_ids, enc.instruction_mask) if m]
+        assert decode(tok, masked) == BEFORE_REPLY_ROLE[name]
+        positions = [i for i, m in enumerate(enc.instruction_mask) if m]
+        text_positions = [i for i, t in enumerate(enc.input_ids) if t != image_id]
+        assert positions == text_positions[: len(positions)]  # one run of text, from the first text token
+        assert enc.labels.count(IGNORE_INDEX) == plain.labels.count(IGNORE_INDEX)  # same targets
+        if first:  # the image opens the sequence; the text around its placeholder joins
+            assert enc.input_ids[:N_VIS] == [image_id] * N_VIS
+            assert decode(tok, enc.input_ids[N_VIS:]) == full_text.replace(IMG, "")
+        else:
+            assert enc.input_ids == plain.input_ids
+    prompt = encode_conversation(tok, name, messages[:-3], num_visual_tokens=N_VIS, add_generation_prompt=True,
+                                 instruction_rule="before_reply_role")
+    assert decode(tok, [t for t, m in zip(prompt.input_ids, prompt.instruction_mask) if m]) == BEFORE_REPLY_ROLE[name]
+
+
+def test_before_reply_role_with_the_plain_template_marks_bos(tok):
+    messages = [{"role": "user", "content": "Describe the image.\n<image>"}, {"role": "assistant", "content": "A dog runs in the park."}]
+    enc = encode_conversation(tok, "plain", messages, num_visual_tokens=N_VIS, instruction_rule="before_reply_role")
+    assert [t for t, m in zip(enc.input_ids, enc.instruction_mask) if m] == [tok.bos_token_id]
+    with pytest.raises(ValueError, match="instruction_rule must be one of"):
+        encode_conversation(tok, "plain", messages, instruction_rule="everything")

@@ -98,13 +98,17 @@ def tiny_world_config(strategy: str, vocab_size: int = 96):
 
 
 def synthetic_batch(model, batch: int, n_text: int = N_TEXT, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``batch`` rows of ``[image placeholders] + n_text`` random text tokens, one image each, labels
-    on the text; instruction inputs when the strategy reads instruction text."""
+    """``batch`` rows of ``n_text`` random text tokens with one image's placeholders after the first
+    (before it, for a strategy whose visual tokens open the sequence); instruction inputs when the
+    strategy reads instruction text."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     text = torch.randint(3, cfg.image_token_id, (batch, n_text), generator=g)
     image = torch.full((batch, model.strategy.num_visual_tokens), cfg.image_token_id)
-    ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+    if model.strategy.needs.visual_tokens_first:
+        ids = torch.cat([image, text], dim=1)
+    else:
+        ids = torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
     size = model.vision_tower.image_size
     inputs = {
         "input_ids": ids,

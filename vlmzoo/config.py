@@ -112,6 +112,10 @@ class StageConfig:
             ``data.images``.
         template: conversation template (``plain`` for alignment, ``vicuna_v1`` for instructions), or
             a built-in one with fields replaced: ``{base: vicuna_v1, default_system: null}``.
+        pad_to_square: ``true`` pads each image to a square with the mean colour before resizing
+            (LLaVA-1.5); ``false`` resizes its short side and centre-crops (the image processor's
+            own steps); ``null`` (default) keeps the previous stage's choice (at the start: pad).
+            The processor saved with the stage keeps it, so a run's evaluation follows its last stage.
         train: module groups that train; every other group is frozen. Groups: ``vision_tower``,
             ``text_encoder``, ``llm``, the strategy's ``module_groups()`` names, and ``strategy``
             (all of the strategy's groups).
@@ -135,6 +139,7 @@ class StageConfig:
     images: str | None = None
     high_res_images: str | None = None
     template: str | dict[str, Any] = "plain"
+    pad_to_square: bool | None = None
     train: list[str] = field(default_factory=lambda: ["strategy"])
     lr: float = 1e-3
     group_lr: dict[str, float] = field(default_factory=dict)

@@ -372,7 +372,7 @@ def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dty
     """A saved model (eval mode) + processor (with another template if asked), on ``device``
     (default: the GPU when there is one)."""
     from .modeling import VLMForConditionalGeneration
-    from .processing import VLMProcessor
+    from .processing import VLMProcessor, processor_options
     from .training.runner import processor_with_template
 
     require_model_folder(model_dir)
@@ -380,8 +380,8 @@ def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dty
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
-    # A processor saved before it recorded high_res_factor: take it from the model's strategy.
-    processor = VLMProcessor.from_pretrained(model_dir, high_res_factor=model.strategy.needs.high_res_factor)
+    # A processor saved before it recorded the strategy's settings: take them from the model's strategy.
+    processor = VLMProcessor.from_pretrained(model_dir, **processor_options(model.strategy.needs))
     if template:
         processor = processor_with_template(processor, template)
     return model, processor

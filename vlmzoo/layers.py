@@ -69,6 +69,17 @@ class MLPConnector(nn.Module):
         return self.layers(x)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``(..., D)`` -> ``(..., D)``: ``cat(-x[D/2:], x[:D/2])`` (rotary embeddings' pairing of channels)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding: ``x (N, H, L, D)`` with ``cos, sin (N or 1, L, D)`` -> ``(N, H, L, D)``."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with optional grouped key/value heads (GQA).
 
@@ -110,13 +121,28 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = linear(kv_dim, num_kv_heads * head_dim, bias=bias)
         self.o_proj = linear(num_heads * head_dim, query_dim, bias=bias if out_bias is None else out_bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``context_mask (N, S)``: 1/True = attend, 0/False = padding (ignored)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        query_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``context_mask (N, S)``: 1/True = attend, 0/False = padding (ignored).
+
+        ``query_rotary`` / ``key_rotary``: ``(cos, sin)``, each ``(N or 1, Q or S, head_dim)``: rotary
+        position embeddings applied to the projected queries / keys (as a RoPE decoder layer does).
+        """
         n, q_len, _ = x.shape
         s_len = context.shape[1]
         q = self.q_proj(x).view(n, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(context).view(n, s_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(context).view(n, s_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if query_rotary is not None:
+            q = apply_rotary(q, *query_rotary)
+        if key_rotary is not None:
+            k = apply_rotary(k, *key_rotary)
         mask = None if context_mask is None else context_mask.bool()[:, None, None, :]
         dropout = self.dropout if self.training else 0.0
         grouped = self.num_kv_heads != self.num_heads

@@ -394,6 +394,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             raise ValueError(f"Strategy {self.config.strategy!r} needs instruction_mask (from the VLMProcessor).")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if needs.visual_tokens_first and attention_mask.dim() == 2:
+            _check_visual_tokens_first(image_token_mask, attention_mask, self.config.strategy)
         inputs = GuidanceInputs(
             vision=self.encode_images(pixel_values, needs, pixel_values_hr, image_keys),
             image_batch_index=image_batch_index,
@@ -445,6 +447,21 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             mask = kwargs["instruction_mask"]
             kwargs["instruction_mask"] = F.pad(mask, (0, input_ids.shape[1] - mask.shape[1]), value=False)
         return super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+
+
+def _check_visual_tokens_first(image_token_mask: torch.Tensor, attention_mask: torch.Tensor, strategy: str) -> None:
+    """``(B, T)`` masks: every row's image tokens must be its first real tokens (after left padding)."""
+    start = attention_mask.long().argmax(dim=1, keepdim=True)  # first real token (0 with right padding)
+    position = torch.arange(image_token_mask.shape[1], device=image_token_mask.device)[None, :]
+    expected = (position >= start) & (position < start + image_token_mask.sum(dim=1, keepdim=True))
+    bad = (expected != image_token_mask).any(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"Strategy {strategy!r} puts its visual tokens at the start of the sequence "
+            f"(StrategyNeeds.visual_tokens_first), but sample {row}'s image tokens are not its first tokens. "
+            "Build the processor for this model: VLMProcessor.for_model(model, ...)."
+        )
 
 
 def _patch_tokens(states: torch.Tensor, has_cls: bool, drop_cls: bool) -> torch.Tensor:

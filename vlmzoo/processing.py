@@ -3,11 +3,13 @@
 Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
 
 * ``input_ids`` ``(B, T)`` long: each ``<image>`` is expanded to ``num_visual_tokens`` copies of
-  the image token id (as transformers' Llava processor does);
+  the image token id (as transformers' Llava processor does), where the placeholder stands or, with
+  ``visual_tokens_first``, at the start of the sequence (before BOS);
 * ``attention_mask`` ``(B, T)`` long: 1 = real token, 0 = padding;
 * ``labels`` ``(B, T)`` long: -100 except at the template's target tokens (training only, i.e.
   absent with ``add_generation_prompt=True``);
-* ``instruction_mask`` ``(B, T)`` bool: True at the tokens of the first user message's text;
+* ``instruction_mask`` ``(B, T)`` bool: True at the instruction span's tokens (``instruction_rule``:
+  the first user message's text, or every text token before the first reply's role name);
 * ``pixel_values`` ``(N, 3, H, W)`` float: one entry per ``<image>``, in row-major order (sample 0's
   images first); absent when the batch has no image;
 * ``pixel_values_hr`` ``(N, 3, f*H, f*W)`` float: the same images, row for row, from their native
@@ -52,6 +54,7 @@ from .data.templates import (
     _BUILTIN,
     get_template,
 )
+from .strategy import InstructionSpanRule, StrategyNeeds
 from .towers.vision import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,16 @@ def _padded(row: Sequence[Any], width: int, value: Any, left: bool) -> list[Any]
     """``row`` filled with ``value`` to ``width`` items, on the left or on the right."""
     fill = [value] * (width - len(row))
     return fill + list(row) if left else list(row) + fill
+
+
+def processor_options(needs: StrategyNeeds) -> dict[str, Any]:
+    """The processor settings a strategy's needs fix: ``high_res_factor``, ``instruction_rule``,
+    ``visual_tokens_first`` (e.g. ``VLMProcessor.from_pretrained(d, **processor_options(model.strategy.needs))``)."""
+    return {
+        "high_res_factor": needs.high_res_factor,
+        "instruction_rule": needs.instruction_span_rule,
+        "visual_tokens_first": needs.visual_tokens_first,
+    }
 
 
 def make_image_processor(
@@ -112,6 +125,11 @@ class VLMProcessor:
         high_res_factor: the strategy's ``StrategyNeeds.high_res_factor`` f. When f > 1, high-res
             images passed along with the images become ``pixel_values_hr`` ``(N, 3, f*H, f*W)``;
             with f = 1 they are ignored.
+        instruction_rule: which tokens ``instruction_mask`` marks: the strategy's
+            ``StrategyNeeds.instruction_span_rule`` (see ``vlmzoo.data.templates.INSTRUCTION_SPAN_RULES``).
+        visual_tokens_first: the strategy's ``StrategyNeeds.visual_tokens_first``: each sample's
+            image tokens open its sequence (before BOS, after left padding) and the ``<image>``
+            placeholders leave the text.
     """
 
     def __init__(
@@ -125,6 +143,8 @@ class VLMProcessor:
         text_max_length: int = 77,
         pad_to_square: bool = True,
         high_res_factor: int = 1,
+        instruction_rule: InstructionSpanRule = "first_user_text",
+        visual_tokens_first: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor if image_processor is not None else make_image_processor()
@@ -137,8 +157,10 @@ class VLMProcessor:
         if int(high_res_factor) != high_res_factor or high_res_factor < 1:
             raise ValueError(f"high_res_factor must be an integer >= 1, got {high_res_factor!r}.")
         self.high_res_factor = int(high_res_factor)
-        # Validates that the image token and the template's markers are single tokens.
-        self.encoder = TemplateEncoder(tokenizer, self.template, image_token, self.num_visual_tokens)
+        # Validates that the image token and the template's markers are single tokens, and the rule.
+        self.encoder = TemplateEncoder(
+            tokenizer, self.template, image_token, self.num_visual_tokens, instruction_rule, visual_tokens_first
+        )
         self._instruction_ids: dict[tuple[str, int], list[int]] = {}  # tokenize_instructions' memory
 
     # ---- construction -----------------------------------------------------------------------------
@@ -156,11 +178,12 @@ class VLMProcessor:
     ) -> "VLMProcessor":
         """A processor matching a model (or its ``VLMConfig``).
 
-        From a model: ``num_visual_tokens`` is ``model.strategy.num_visual_tokens``,
-        ``high_res_factor`` is ``model.strategy.needs.high_res_factor`` and the image processor
+        From a model: ``num_visual_tokens`` is ``model.strategy.num_visual_tokens``, the settings
+        of :func:`processor_options` (``high_res_factor``, ``instruction_rule``,
+        ``visual_tokens_first``) come from ``model.strategy.needs`` and the image processor
         follows ``model.vision_tower`` (size, mean, std). From a config the strategy is not built,
-        so ``num_visual_tokens`` must be given (and ``high_res_factor``, default 1, for a strategy
-        with high-res crops); the image size comes from ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
+        so ``num_visual_tokens`` must be given (and those settings, when the strategy's differ from
+        the defaults); the image size comes from ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
         ``config.image_token_id``. ``text_max_length`` defaults to the model's text encoder limit
         (at most 77). Remaining ``kwargs`` go to the constructor.
         """
@@ -182,6 +205,9 @@ class VLMProcessor:
             if high_res_factor is not None and high_res_factor != needs.high_res_factor:
                 raise ValueError(f"high_res_factor={high_res_factor} differs from the model strategy's {needs.high_res_factor}.")
             high_res_factor = needs.high_res_factor
+            for key, value in processor_options(needs).items():
+                if key != "high_res_factor" and kwargs.setdefault(key, value) != value:
+                    raise ValueError(f"{key}={kwargs[key]!r} differs from the model strategy's {value!r}.")
         if strategy is not None and strategy.needs.instruction_text and text_tokenizer is None:
             raise ValueError(f"Strategy {config.strategy!r} needs instruction text features: pass text_tokenizer=...")
 
@@ -221,6 +247,14 @@ class VLMProcessor:
     @property
     def image_token_id(self) -> int:
         return self.encoder.image_token_id
+
+    @property
+    def instruction_rule(self) -> InstructionSpanRule:
+        return self.encoder.instruction_rule  # type: ignore[return-value]
+
+    @property
+    def visual_tokens_first(self) -> bool:
+        return self.encoder.visual_tokens_first
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -473,6 +507,8 @@ class VLMProcessor:
             "text_max_length": self.text_max_length,
             "pad_to_square": self.pad_to_square,
             "high_res_factor": self.high_res_factor,
+            "instruction_rule": self.instruction_rule,
+            "visual_tokens_first": self.visual_tokens_first,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -516,7 +552,8 @@ class VLMProcessor:
         return (
             f"{type(self).__name__}(template={self.template.name!r}, image_token={self.image_token!r}, "
             f"num_visual_tokens={self.num_visual_tokens}, image_shape={self.image_shape}, "
-            f"high_res_factor={self.high_res_factor}, "
+            f"high_res_factor={self.high_res_factor}, instruction_rule={self.instruction_rule!r}, "
+            f"visual_tokens_first={self.visual_tokens_first}, "
             f"text_tokenizer={'yes' if self.text_tokenizer is not None else 'no'})"
         )
 

@@ -26,6 +26,7 @@ from torch import nn
 from .utils import build_dataclass
 
 TextFeatureKind = Literal["pooled", "tokens"]
+InstructionSpanRule = Literal["first_user_text", "before_reply_role"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,14 @@ class StrategyNeeds:
         high_res_layers: which tower layers to return for the crops.
         instruction_text: which text-encoder outputs are needed (``()`` = no text encoder).
         instruction_span: the strategy reads the instruction's token positions in the LLM sequence.
+        instruction_span_rule: which tokens ``instruction_mask`` marks (the processor applies it):
+            ``"first_user_text"``: the text of the first user message, nothing else;
+            ``"before_reply_role"``: every text token before the role name of the first assistant
+            header -- BOS, template markers, a system prompt, the first user turn and the header's
+            opening special marker (Gemma: ``<start_of_turn>``); never an image token.
+        visual_tokens_first: each sample's visual tokens open its sequence (before BOS, after any
+            left padding), images in order, and the ``<image>`` placeholders leave the text; else
+            they stand where the placeholders are.
     """
 
     vision_layers: tuple[int, ...] = (-2,)
@@ -49,6 +58,8 @@ class StrategyNeeds:
     high_res_layers: tuple[int, ...] = (-2,)
     instruction_text: tuple[TextFeatureKind, ...] = ()
     instruction_span: bool = False
+    instruction_span_rule: InstructionSpanRule = "first_user_text"
+    visual_tokens_first: bool = False
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         encoder = processor.encoder
         fingerprint = Hasher.hash(
             [CACHE_VERSION, records._fingerprint, encoder.template.to_dict(), encoder.image_token,
-             encoder.num_visual_tokens, max_length, move_image_to_front, _tokenizer_state(encoder.tokenizer)]
+             encoder.num_visual_tokens, encoder.instruction_rule, encoder.visual_tokens_first, max_length,
+             move_image_to_front, _tokenizer_state(encoder.tokenizer)]
         )
         encoded = records.map(
             _encode_batch,

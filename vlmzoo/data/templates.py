@@ -4,9 +4,9 @@ A :class:`ConversationTemplate` is a frozen description of a chat format (role p
 markers, system-prompt handling). :meth:`ConversationTemplate.render` turns a list of messages
 ``[{"role": "user" | "assistant" | "system", "content": str}]`` into an ordered list of
 :class:`Segment` s, each flagged as *target* (contributes to the loss) and/or *instruction*
-(text of the first user turn). :class:`TemplateEncoder` tokenises each segment separately and
-concatenates, so labels and the instruction mask come straight from the segment flags (never from
-re-searching separators in the token stream).
+(inside the instruction span, by one of :data:`INSTRUCTION_SPAN_RULES`). :class:`TemplateEncoder`
+tokenises each segment separately and concatenates, so labels and the instruction mask come
+straight from the segment flags (never from re-searching separators in the token stream).
 
 Built-in templates (see :func:`available_templates`): ``plain`` (LLaVA stage-1 captioning),
 ``vicuna_v1`` (LLaVA-1.5), ``llama3``, ``qwen2`` and ``gemma2``. A custom format is simply another
@@ -24,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence, get_args
 
+from ..strategy import InstructionSpanRule
 from ..utils import build_dataclass, nearest_names
 
 IGNORE_INDEX = -100
@@ -37,6 +38,17 @@ SegmentKind = Literal["text", "image", "bos", "eos"]
 SystemMode = Literal["turn", "fold", "drop"]
 Message = Mapping[str, str]
 
+INSTRUCTION_SPAN_RULES: tuple[str, ...] = get_args(InstructionSpanRule)
+"""Which tokens the instruction mask marks (``vlmzoo.StrategyNeeds.instruction_span_rule``):
+
+* ``"first_user_text"``: the text of the first user message (no marker, no image, no system prompt);
+* ``"before_reply_role"``: every text token before the role name of the first assistant header:
+  BOS, the template's markers, a system prompt, the first user turn, and the header's leading
+  special markers (those of ``required_tokens``; Gemma-2: ``<start_of_turn>`` of
+  ``<start_of_turn>model``). Never an image token. With a header that is empty (``plain``): every
+  text token before the first answer. TA-LLaVA's reference marks this span (on Gemma-2: every
+  token before the first ``model`` token)."""
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -47,7 +59,7 @@ class Segment:
             ``"bos"`` / ``"eos"`` (the tokenizer's BOS / EOS id).
         text: the text of a ``"text"`` segment.
         target: the segment's tokens are trained on (labels = ids); otherwise labels are -100.
-        instruction: the segment is (part of) the first user turn's text.
+        instruction: the segment is inside the instruction span (see :data:`INSTRUCTION_SPAN_RULES`).
     """
 
     kind: SegmentKind
@@ -128,13 +140,18 @@ class ConversationTemplate:
         messages: Sequence[Message],
         image_token: str = DEFAULT_IMAGE_TOKEN,
         add_generation_prompt: bool = False,
+        instruction_rule: InstructionSpanRule = "first_user_text",
     ) -> list[Segment]:
         """Messages -> ordered segments (empty text segments are dropped).
 
         ``image_token`` occurrences in user messages become ``"image"`` segments; in any other
-        message they are an error. Raises ``ValueError`` for malformed conversations (roles not
-        alternating user/assistant, system not first, generation prompt after an answer, ...).
+        message they are an error. ``instruction_rule`` (one of :data:`INSTRUCTION_SPAN_RULES`)
+        decides which segments are flagged ``instruction``. Raises ``ValueError`` for malformed
+        conversations (roles not alternating user/assistant, system not first, generation prompt
+        after an answer, ...) and for an unknown rule.
         """
+        if instruction_rule not in INSTRUCTION_SPAN_RULES:
+            raise ValueError(f"instruction_rule must be one of {INSTRUCTION_SPAN_RULES}, got {instruction_rule!r}.")
         system, turns = _split_roles(messages, self.name)
         if self.single_turn and not (
             [m["role"] for m in turns] in (["user", "assistant"], ["user"])
@@ -163,6 +180,7 @@ class ConversationTemplate:
             fold = system + self.system_fold_separator
 
         first_user = True
+        reply_at: int | None = None  # index of the first assistant header
         for message in turns:
             content = message["content"]
             if message["role"] == "user":
@@ -173,6 +191,7 @@ class ConversationTemplate:
                 segs.append(Segment("text", self.user_suffix))
                 first_user = False
             else:
+                reply_at = len(segs) if reply_at is None else reply_at
                 segs.append(Segment("text", self.assistant_prefix))
                 segs.append(Segment("text", content, target=True))
                 segs.append(Segment("text", self.assistant_end, target=True))
@@ -180,8 +199,25 @@ class ConversationTemplate:
                     segs.append(Segment("eos", target=True))
                 segs.append(Segment("text", self.assistant_suffix))
         if add_generation_prompt:
+            reply_at = len(segs) if reply_at is None else reply_at
             segs.append(Segment("text", self.assistant_prefix))
+        if instruction_rule == "before_reply_role":
+            segs = self._before_reply_role(segs, reply_at)
         return [s for s in segs if s.kind != "text" or s.text]
+
+    def _before_reply_role(self, segs: list[Segment], reply_at: int | None) -> list[Segment]:
+        """Flag every non-image segment before the first assistant header ``segs[reply_at]`` as
+        instruction, and split the header after its leading special markers (flagged too). The
+        split falls after a single-token marker, so it does not change the header's tokens."""
+        if reply_at is None:  # no answer and no generation prompt: the whole conversation is prompt
+            reply_at = len(segs)
+        out = [dataclasses.replace(s, instruction=s.kind != "image") for s in segs[:reply_at]]
+        if reply_at < len(segs):
+            header = segs[reply_at].text
+            opening = _leading_markers(header, self.required_tokens)
+            out += [Segment("text", opening, instruction=True), Segment("text", header[len(opening):])]
+            out += segs[reply_at + 1 :]
+        return out
 
     def _user_content(self, content: str, image_token: str, instruction: bool) -> list[Segment]:
         pieces = content.split(image_token)
@@ -192,6 +228,18 @@ class ConversationTemplate:
             if not self.drop_user_text:
                 out.append(Segment("text", piece, instruction=instruction))
         return out
+
+
+def _leading_markers(text: str, markers: Sequence[str]) -> str:
+    """The longest start of ``text`` made of whole ``markers`` (e.g. ``"<start_of_turn>"`` of
+    ``"<start_of_turn>model\n"``); ``""`` if it starts with none."""
+    by_length = sorted((m for m in markers if m), key=len, reverse=True)
+    end = 0
+    while True:
+        found = next((m for m in by_length if text.startswith(m, end)), None)
+        if found is None:
+            return text[:end]
+        end += len(found)
 
 
 def _split_roles(messages: Sequence[Message], template: str) -> tuple[str | None, list[Message]]:
@@ -327,7 +375,7 @@ class EncodedConversation:
     Attributes:
         input_ids: token ids; each image is ``num_visual_tokens`` copies of the image token id.
         labels: ``input_ids`` at target tokens, ``IGNORE_INDEX`` (-100) elsewhere.
-        instruction_mask: True at the tokens of the first user message's text.
+        instruction_mask: True at the instruction span's tokens (the encoder's ``instruction_rule``).
         truncated: the sample was cut to ``max_length``.
         num_images: image placeholders in the sample.
         instruction_text: the *last* user message's text (image placeholders removed, stripped):
@@ -369,11 +417,26 @@ class TemplateEncoder:
         template: a template name or instance.
         image_token: the placeholder in message text, which must also be a single token.
         num_visual_tokens: image tokens per image placeholder.
+        instruction_rule: which tokens ``instruction_mask`` marks (:data:`INSTRUCTION_SPAN_RULES`).
+        visual_tokens_first: put every image's tokens at the start of the sequence (before BOS), in
+            image order, and drop the placeholders from the text (the text around them joins).
     """
 
-    def __init__(self, tokenizer: Any, template: str | ConversationTemplate, image_token: str = DEFAULT_IMAGE_TOKEN, num_visual_tokens: int = 1) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str | ConversationTemplate,
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        num_visual_tokens: int = 1,
+        instruction_rule: InstructionSpanRule = "first_user_text",
+        visual_tokens_first: bool = False,
+    ) -> None:
         if num_visual_tokens < 1:
             raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}.")
+        if instruction_rule not in INSTRUCTION_SPAN_RULES:
+            raise ValueError(f"instruction_rule must be one of {INSTRUCTION_SPAN_RULES}, got {instruction_rule!r}.")
+        self.instruction_rule = instruction_rule
+        self.visual_tokens_first = bool(visual_tokens_first)
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.image_token = image_token
@@ -402,7 +465,10 @@ class TemplateEncoder:
         add_generation_prompt: bool = False,
     ) -> EncodedConversation:
         """Tokenise one conversation; see :func:`encode_conversation`."""
-        segments = _merge_text(self.template.render(messages, self.image_token, add_generation_prompt))
+        segments = self.template.render(messages, self.image_token, add_generation_prompt, self.instruction_rule)
+        if self.visual_tokens_first:
+            segments = [s for s in segments if s.kind == "image"] + [s for s in segments if s.kind != "image"]
+        segments = _merge_text(segments)
         texts = [s.text for s in segments if s.kind == "text"]
         text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
 
@@ -465,6 +531,8 @@ def encode_conversation(
     num_visual_tokens: int = 1,
     max_length: int | None = None,
     add_generation_prompt: bool = False,
+    instruction_rule: InstructionSpanRule = "first_user_text",
+    visual_tokens_first: bool = False,
 ) -> EncodedConversation:
     """Tokenise a conversation into ``input_ids``, ``labels`` and ``instruction_mask``.
 
@@ -476,7 +544,8 @@ def encode_conversation(
     ``add_generation_prompt=True`` the encoding ends with the assistant header; it is then a
     token-exact prefix of the same conversation encoded with its answer.
 
+    ``instruction_rule`` and ``visual_tokens_first`` are :class:`TemplateEncoder`'s.
     For many conversations build one :class:`TemplateEncoder` (validates the tokenizer once).
     """
-    encoder = TemplateEncoder(tokenizer, template, image_token, num_visual_tokens)
+    encoder = TemplateEncoder(tokenizer, template, image_token, num_visual_tokens, instruction_rule, visual_tokens_first)
     return encoder.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)

@@ -146,7 +146,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     from ..build import build_model_and_processor, torch_dtype
     from ..configuration import VLMConfig
     from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor
+    from ..processing import VLMProcessor, processor_options
 
     fields = cfg.stage_strategy_config(stage) if stage is not None else dict(cfg.model.strategy_config)
     if previous_final is None:
@@ -161,7 +161,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
     if wanted == config.strategy_config:
         model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-        return model, VLMProcessor.from_pretrained(previous_final, high_res_factor=model.strategy.needs.high_res_factor)
+        return model, VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
     torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
     return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
 
@@ -171,7 +171,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     fields; log which weights load, which start fresh (initialised as a new model's) and which are
     dropped. -> ``(model, processor)``, the processor matched to the new visual-token count."""
     from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor
+    from ..processing import VLMProcessor, processor_options
 
     changed = sorted(k for k in strategy_config if strategy_config[k] != config.strategy_config.get(k))
     logger.info("Strategy %r rebuilt with %s (saved model: %s).", config.strategy,
@@ -184,7 +184,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
     log_key_groups("New (fresh init)", info["missing_keys"])
     log_key_groups("Dropped (unused)", info["unexpected_keys"])
-    processor = VLMProcessor.from_pretrained(model_dir, high_res_factor=model.strategy.needs.high_res_factor)
+    processor = VLMProcessor.from_pretrained(model_dir, **processor_options(model.strategy.needs))
     if processor.num_visual_tokens != model.strategy.num_visual_tokens:
         processor = VLMProcessor.for_model(
             model, processor.tokenizer, image_processor=processor.image_processor,
@@ -245,13 +245,15 @@ def log_key_groups(label: str, keys: list[str], depth: int = 2) -> None:
         logger.info("%s: %s.* (%d tensors)", label, prefix, count)
 
 
-def processor_with_template(processor, template: str | dict[str, Any]):
-    """The same tokenizers and image processing under another conversation template (name or spec)."""
+def processor_with_template(processor, template: str | dict[str, Any], pad_to_square: bool | None = None):
+    """The same tokenizers and image processing under another conversation template (name or spec);
+    ``pad_to_square`` (``None``: the processor's) pads images to a square (True) or lets the image
+    processor resize the short side and centre-crop (False)."""
     from ..data.templates import get_template
     from ..processing import VLMProcessor
 
     template = get_template(template)
-    if processor.template == template:
+    if processor.template == template and pad_to_square in (None, processor.pad_to_square):
         return processor
     return VLMProcessor(
         processor.tokenizer,
@@ -261,8 +263,10 @@ def processor_with_template(processor, template: str | dict[str, Any]):
         image_token=processor.image_token,
         num_visual_tokens=processor.num_visual_tokens,
         text_max_length=processor.text_max_length,
-        pad_to_square=processor.pad_to_square,
+        pad_to_square=processor.pad_to_square if pad_to_square is None else pad_to_square,
         high_res_factor=processor.high_res_factor,
+        instruction_rule=processor.instruction_rule,
+        visual_tokens_first=processor.visual_tokens_first,
     )
 
 
@@ -335,7 +339,7 @@ def train_stage(
     if text_cache is not None and model.text_encoder is not None:
         model.text_feature_cache = text_cache
     args = training_arguments(cfg, stage)
-    processor = processor_with_template(processor, stage.template)
+    processor = processor_with_template(processor, stage.template, stage.pad_to_square)
     with args.main_process_first(desc=f"{stage.name} dataset"):
         dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),
                                    high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length)
