@@ -249,6 +249,7 @@ def chromium_driver(profile: Path):
                     reason="Debian's chromium and chromium-driver are not installed (CI installs them: .ci/run)")
 def test_in_a_real_browser_two_strategies_answer_the_uploaded_image(saved, reference, tmp_path, monkeypatch):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
@@ -269,11 +270,14 @@ def test_in_a_real_browser_two_strategies_answer_the_uploaded_image(saved, refer
         driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(saved["image"]))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"))
 
-        def ask(question: str, turns: int) -> list[str]:
+        def ask(question: str, turns: int, press_enter: bool = False) -> list[str]:
             box = driver.find_element(By.CSS_SELECTOR, "#question textarea")
             box.clear()
             box.send_keys(question)
-            driver.find_element(By.ID, "ask").click()
+            if press_enter:
+                box.send_keys(Keys.ENTER)
+            else:
+                driver.find_element(By.ID, "ask").click()
 
             def done(d) -> bool:
                 bots = [d.find_elements(By.CSS_SELECTOR, f"#chat-{i} [data-testid='bot']") for i in range(2)]
@@ -295,7 +299,7 @@ def test_in_a_real_browser_two_strategies_answer_the_uploaded_image(saved, refer
         assert driver.find_elements(By.CSS_SELECTOR, "#extras-1 img") and not driver.find_elements(By.CSS_SELECTOR, "#extras-0 img")
         driver.save_screenshot(str(tmp_path / "demo_first_answer.png"))
 
-        assert ask(Q2, 2) == [expected["llava"][1], expected["igva"][1]]  # follow-ups, per model
+        assert ask(Q2, 2, press_enter=True) == [expected["llava"][1], expected["igva"][1]]  # follow-ups, per model
         shot = tmp_path / "demo.png"
         driver.save_screenshot(str(shot))
         print(f"screenshot: {shot}")

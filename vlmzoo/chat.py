@@ -192,6 +192,7 @@ class ChatSession:
         high_res_image: the same picture at a higher resolution, for a strategy with high-res crops
             (else they come from ``image`` upsampled); ignored by the others.
         messages: the turns so far, user and assistant alternating, without image placeholders.
+        last: the latest :class:`Answer` (``None`` before the first, or after :meth:`reset`).
     """
 
     model: Any

@@ -73,8 +73,10 @@ def build_app(backend: DemoBackend) -> "gr.Blocks":
             fresh = backend.new_state()
             return page_values(DemoUpdate(fresh, "New conversation.", fresh["panels"], frozenset(range(len(models)))))
 
-        ask.click(on_ask, [state, image, question], outputs)
-        question.submit(on_ask, [state, image, question], outputs)
+        # One answer round at a time across both triggers: the models are shared by every visitor, and the
+        # attention pass switches a model's LLM to eager attention while it runs.
+        ask.click(on_ask, [state, image, question], outputs, concurrency_limit=1, concurrency_id="answer")
+        question.submit(on_ask, [state, image, question], outputs, concurrency_limit=1, concurrency_id="answer")
         clear.click(on_clear, [state], outputs)
     return app
 
@@ -143,11 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(backend: DemoBackend, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, block: bool = True) -> "gr.Blocks":
-    """Build the page and serve it on ``host:port`` (one answer round at a time); ``block=False`` returns
+    """Build the page and serve it on ``host:port``; ``block=False`` returns
     at once with the server running in a thread (``app.close()`` stops it)."""
     app = build_app(backend)
     allowed = {str(e.image.parent) for e in backend.examples} | {str(e.high_res.parent) for e in backend.examples if e.high_res}
-    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, allowed_paths=sorted(allowed),
+    app.queue().launch(server_name=host, server_port=port, allowed_paths=sorted(allowed),
                                                   share=False, ssr_mode=False, show_error=True, quiet=not block,
                                                   prevent_thread_lock=not block)
     return app
