@@ -116,6 +116,33 @@ def test_follow_ups_continue_each_models_own_conversation_and_a_new_image_starts
     assert all(len(p.chat) == 2 for p in fresh.panels)
 
 
+def test_a_follow_ups_map_is_its_attention_over_the_whole_conversation(saved):
+    from vlmzoo.chat import ChatSession, load_model_folder, open_image
+    from vlmzoo.visualize import answer_tokens, attention_to_image
+
+    model, processor = load_model_folder(saved["llava"])
+    session = ChatSession(model, processor, GenerationSettings(max_new_tokens=MAX_NEW), image=open_image(saved["image"]))
+    first = session.ask(Q1)
+    follow_up = session.ask(Q2)
+    answer = answer_tokens(follow_up.new_tokens, processor)
+    got = attention_to_image(model, processor, follow_up.batch, answer, Q2)
+
+    # Independently: one eager forward over the conversation's prompt + the follow-up's answer.
+    prompt = follow_up.batch["input_ids"][0]
+    assert len(prompt) > first.batch["input_ids"].shape[1] + first.num_tokens  # the first turn is in the prompt
+    ids = torch.cat([prompt, answer])
+    model.language_model.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = torch.stack(model(input_ids=ids[None], pixel_values=follow_up.batch["pixel_values"],
+                                attention_mask=torch.ones(1, len(ids), dtype=torch.long), output_attentions=True).attentions)
+    model.language_model.set_attn_implementation("sdpa")
+    image_cols = [i for i, t in enumerate(ids.tolist()) if t == model.config.image_token_id]
+    p, n = len(prompt), len(answer)
+    expected = att[:, 0, :, p - 1 : p - 1 + n][..., image_cols].sum(dim=(0, 1, 2))  # (T_v,)
+    torch.testing.assert_close(got.token_weights, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.input_ids, ids) and got.answer == follow_up.text
+
+
 def test_text_only_questions_work_without_a_map(backend, saved, reference):
     final = list(backend.ask(None, None, Q1))[-1]
     assert answers(final) == [reference(saved[s], [Q1], None)[0] for s in ("llava", "igva")]
