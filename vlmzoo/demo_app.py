@@ -59,9 +59,11 @@ def build_app(backend: DemoBackend) -> "gr.Blocks":
                                             feedback_options=None, elem_id=f"chat-{i}"))
                     stats.append(gr.Markdown(f"{entry.num_visual_tokens} visual tokens", elem_id=f"stats-{i}"))
                     notes.append(gr.Markdown("", elem_id=f"note-{i}"))
-                    heatmaps.append(gr.Image(label="attention of the answer to the image", interactive=False, height=330,
-                                             visible=entry.has_grids, elem_id=f"heatmap-{i}"))
-                    extras.append(gr.Image(label="strategy extras", interactive=False, visible=False,
+                    # The pictures carry their own titles (the answer, its share of attention on the image).
+                    heatmaps.append(gr.Image(label="attention of the answer to the image", show_label=False,
+                                             interactive=False, height=330, visible=entry.has_grids,
+                                             elem_id=f"heatmap-{i}"))
+                    extras.append(gr.Image(label="strategy extras", show_label=False, interactive=False, visible=False,
                                            elem_id=f"extras-{i}"))
         outputs = [state, status, *chats, *stats, *notes, *heatmaps, *extras]
 
