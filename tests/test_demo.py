@@ -14,20 +14,18 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from test_chat import MAX_NEW, Q1, Q2, Reference, save_models_and_images
 from vlmzoo.chat import GenerationSettings, ModelFolderError
 from vlmzoo.config import RunConfig
-from vlmzoo.demo import DemoBackend, Example, file_key, folder_examples, load_models, run_config_of, run_examples
+from vlmzoo.demo import DemoBackend, file_key, folder_examples, load_models, run_config_of, run_examples
 from vlmzoo.demo_app import main as demo_main
 from vlmzoo.demo_app import prepare
 
