@@ -331,6 +331,11 @@ def test_in_a_real_browser_two_strategies_answer_the_uploaded_image(saved, refer
         with Image.open(shot) as im:
             assert im.size[0] >= 1000 and len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 100
 
+        driver.find_element(By.ID, "clear").click()  # "New conversation" empties every column
+        wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid='bot']")
+                   and d.find_element(By.ID, "status").text == "New conversation.")
+        assert ask(Q1, 1) == first  # and the next question starts over
+
         # Offline: the page loaded and sent nothing but to this server, and the server connected nowhere else.
         urls = [json.loads(e["message"])["message"]["params"].get("request", {}).get("url", "")
                 for e in driver.get_log("performance")]
