@@ -1,13 +1,15 @@
 # Two entry points, both self-installing on a fresh machine:
 #   make train   -> tiny-world training run of the llava baseline (CPU, minutes)
 #   make test    -> the whole test suite (what CI runs)
+# and `make browser` (root): Debian's chromium + chromedriver for the web demo's browser test
+# (tests/test_demo.py skips that one test, saying so, where they are missing).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARCH ?= llava
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup train test
+.PHONY: setup train test browser
 
 setup: $(VENV)/.installed
 
@@ -25,3 +27,11 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "chromium and chromedriver are installed"; \
+	else \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -q && apt-get install -y -q chromium chromium-driver; \
+	fi

@@ -167,14 +167,37 @@ def answer_attention(
     """
     if rows not in QUERY_ROWS:
         raise ValueError(f"rows must be one of {QUERY_ROWS}, got {rows!r}.")
-    grids = spatial_grids(model)
+    spatial_grids(model)  # before generating: a strategy without grids fails at once
     model.eval()
     high_res = None if high_res_image is None else [[high_res_image.convert("RGB")]]  # the processor ignores it at f = 1
     batch = generation_batch(model, processor, [question_messages(question)], [[image.convert("RGB")]], high_res)
     answer = answer_tokens(greedy_generate(model, processor, batch, max_new_tokens)[0], processor)
+    return attention_to_image(model, processor, batch, answer, question, rows)
+
+
+@torch.inference_mode()
+def attention_to_image(
+    model: Any,
+    processor: Any,
+    batch: dict[str, torch.Tensor],
+    answer: torch.Tensor,
+    question: str,
+    rows: QueryRows = "predicting",
+) -> AnswerAttention:
+    """The attention from ``answer`` ``(A,)`` (cut at its end token, see :func:`answer_tokens`) to
+    the image tokens of the prompt it answers.
+
+    ``batch`` is one unpadded sample of :func:`vlmzoo.evaluation.generation_batch`: any
+    conversation ending in the user turn that ``answer`` replies to (a follow-up question too);
+    ``question`` is only the label the result carries.
+    """
+    if rows not in QUERY_ROWS:
+        raise ValueError(f"rows must be one of {QUERY_ROWS}, got {rows!r}.")
+    grids = spatial_grids(model)
     if answer.numel() == 0:
         raise VisualizationError(f"The model answered {question!r} with an empty answer; no answer token to attribute.")
-
+    model.eval()
+    answer = answer.to(batch["input_ids"].device)
     prompt_length, n_answer = batch["input_ids"].shape[1], answer.numel()
     full = dict(batch)
     full["input_ids"] = torch.cat([batch["input_ids"], answer[None]], dim=1)  # (1, T)
