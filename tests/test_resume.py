@@ -292,3 +292,18 @@ def test_a_run_resumes_with_the_same_world_in_another_cache(tmp_path):
     assert moved.model.llm != first.model.llm and Path(moved.tiny_world.root).name == Path(first.tiny_world.root).name
     again = run_training(moved, evaluate=False)
     assert [s.skipped for s in again.stages] == [True, True]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(world, tmp_path):
+    from filelock import FileLock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    held = FileLock(str(out / ".vlmzoo.lock"))  # as another process training into it would hold it
+    held.acquire()
+    try:
+        with pytest.raises(ValueError, match=rf"Another process is training into {out}"):
+            run(exact_config(world, out))
+    finally:
+        held.release()
+    assert sorted(p.name for p in out.iterdir()) == [".vlmzoo.lock"]
