@@ -171,17 +171,20 @@ def set_aside(folder: Path, why: str) -> Path:
     return target
 
 
-def find_resume_checkpoint(stage_dir: Path) -> Checkpoint | None:
-    """The newest intact checkpoint of a stage folder (partial writes removed, damaged checkpoints
-    set aside, each with a warning naming it), or ``None``. Raises :class:`CheckpointStateError`
-    for a checkpoint that lacks its optimizer or scheduler state."""
+def find_resume_checkpoint(stage_dir: Path, tidy: bool = True) -> Checkpoint | None:
+    """The newest intact checkpoint of a stage folder, or ``None``. With ``tidy`` (the main process
+    of a run) partial writes are removed and damaged checkpoints set aside, each with a warning
+    naming it; without, they are only passed over. Raises :class:`CheckpointStateError` for a
+    checkpoint that lacks its optimizer or scheduler state."""
     if not stage_dir.is_dir():
         return None
-    remove_partial_writes(stage_dir)
+    if tidy:
+        remove_partial_writes(stage_dir)
     for step, folder in checkpoint_dirs(stage_dir):
         manifest, problem = inspect(folder)
         if manifest is None:
-            set_aside(folder, problem or "damaged")
+            if tidy:
+                set_aside(folder, problem or "damaged")
             continue
         return Checkpoint(folder, step, manifest)
     return None

@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -378,9 +379,8 @@ def train_stage(
                                    high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length,
                                    max_positions=position_limit(model), check_images=cfg.data.check_images,
                                    allow_absolute_paths=cfg.data.allow_absolute_image_paths)
-        checkpoint = find_resume_checkpoint(Path(args.output_dir)) if is_main_process() else None
-    if not is_main_process():  # after the main process set damaged checkpoints aside
-        checkpoint = find_resume_checkpoint(Path(args.output_dir))
+        # the main process first: it sets damaged checkpoints aside, the others then only read
+        checkpoint = find_resume_checkpoint(Path(args.output_dir), tidy=is_main_process())
     if checkpoint is not None and checkpoint.config_hash != status.config_hash:
         raise ValueError(f"{checkpoint.path} was written by another config (hash {checkpoint.config_hash}, this "
                          f"stage's is {status.config_hash}); see training.on_config_change.")
@@ -402,7 +402,6 @@ def train_stage(
     if checkpoint is not None and _holds_last_step(checkpoint):
         # Killed after the last checkpoint, before final/: its weights are the stage's result.
         logger.info("%s %s holds the stage's last step; its weights become the final model.", tag, checkpoint.path)
-        load_weights_by_name(model, checkpoint.path, what=str(checkpoint.path), verbose=False)
         state = json.loads((checkpoint.path / TRAINER_STATE_FILE).read_text())
         global_step, log_history = int(state["global_step"]), state.get("log_history", [])
         loss_sum = float(checkpoint.manifest.get("loss_sum", float("nan")))
@@ -448,18 +447,28 @@ def _holds_last_step(checkpoint: Checkpoint) -> bool:
     return bool(state.get("max_steps")) and int(state.get("global_step", 0)) >= int(state["max_steps"])
 
 
+# Files of a checkpoint that are training state, not the model a final/ folder holds.
+_NOT_MODEL_FILES = re.compile(r"^(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state.*\.pth|"
+                              r"vlmzoo_checkpoint\.json|latest|zero_to_fp32\.py)$")
+
+
 def save_final(trainer: VLMTrainer, final_dir: Path, metrics: dict[str, Any], from_checkpoint: Checkpoint | None = None) -> None:
-    """Write the stage's ``final/`` atomically: model + processor, ``trainer_state.json`` and, last,
-    ``stage_complete.json`` go into ``tmp-final/``, which is flushed to disk and renamed."""
+    """Write the stage's ``final/`` atomically: model + processor (saved from the trainer, or copied
+    from ``from_checkpoint``, a checkpoint of the stage's last step), ``trainer_state.json`` and,
+    last, ``stage_complete.json`` go into ``tmp-final/``, which is flushed to disk and renamed."""
     tmp = final_dir.with_name(FINAL_TMP_DIRNAME)
     main = trainer.is_world_process_zero()
     if main and tmp.exists():
         shutil.rmtree(tmp)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(tmp))
+    if from_checkpoint is None:
+        trainer.save_model(str(tmp))
     if main:
-        if from_checkpoint is not None:
-            shutil.copyfile(from_checkpoint.path / TRAINER_STATE_FILE, tmp / TRAINER_STATE_FILE)
+        if from_checkpoint is not None:  # the same bytes the uninterrupted run saved there
+            tmp.mkdir(parents=True)
+            for path in sorted(from_checkpoint.path.iterdir()):
+                if path.is_file() and not _NOT_MODEL_FILES.match(path.name):
+                    shutil.copyfile(path, tmp / path.name)
         else:
             trainer.state.save_to_json(str(tmp / TRAINER_STATE_FILE))  # log history: loss curves
         fsync_tree(tmp)
