@@ -307,3 +307,12 @@ def test_a_second_run_into_a_folder_in_use_is_refused(world, tmp_path):
     finally:
         held.release()
     assert sorted(p.name for p in out.iterdir()) == [".vlmzoo.lock"]
+
+
+def test_a_damaged_final_model_of_a_completed_stage_is_named(world, interrupted, tmp_path):
+    out = copy_of(interrupted, tmp_path)
+    weights_file = out / "align" / "final" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"Cannot load the previous stage's model from {out / 'align' / 'final'}: "
+                                         rf"SafetensorError.*Delete {out / 'align'} to train that stage again"):
+        run(exact_config(world, out))

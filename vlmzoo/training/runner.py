@@ -182,14 +182,20 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         if cfg.model.init_from:
             load_weights_by_name(model, cfg.model.init_from)
         return model, processor
+    from safetensors import SafetensorError
+
     dtype = torch_dtype(cfg.model.dtype)
-    config = VLMConfig.from_pretrained(previous_final)
-    wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
-    if wanted == config.strategy_config:
-        model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-        return model, VLMProcessor.from_pretrained(previous_final, high_res_factor=model.strategy.needs.high_res_factor)
-    torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
-    return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+    try:
+        config = VLMConfig.from_pretrained(previous_final)
+        wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
+        if wanted == config.strategy_config:
+            model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
+            return model, VLMProcessor.from_pretrained(previous_final, high_res_factor=model.strategy.needs.high_res_factor)
+        torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
+        return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+    except (SafetensorError, OSError) as exc:  # a damaged file of a completed stage
+        raise ValueError(f"Cannot load the previous stage's model from {previous_final}: {type(exc).__name__}: {exc}. "
+                         f"Delete {previous_final.parent} to train that stage again.") from exc
 
 
 def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
@@ -449,7 +455,7 @@ def _holds_last_step(checkpoint: Checkpoint) -> bool:
 
 # Files of a checkpoint that are training state, not the model a final/ folder holds.
 _NOT_MODEL_FILES = re.compile(r"^(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state.*\.pth|"
-                              r"vlmzoo_checkpoint\.json|latest|zero_to_fp32\.py)$")
+                              r"vlmzoo_checkpoint\.json|latest|zero_to_(fp32|torch)\.py)$")
 
 
 def save_final(trainer: VLMTrainer, final_dir: Path, metrics: dict[str, Any], from_checkpoint: Checkpoint | None = None) -> None:
