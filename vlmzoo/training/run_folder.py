@@ -26,12 +26,15 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..config import RunConfig, diff_configs, identity_hash, stage_identity, training_identity
 from .checkpoints import recorded_hashes
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +176,7 @@ def settle_stale_stages(cfg: RunConfig, statuses: list[StageStatus], main: bool 
     return statuses
 
 
-def lock_run_folder(cfg: RunConfig):
+def lock_run_folder(cfg: RunConfig) -> "FileLock":
     """An exclusive lock on the run folder (held until the returned lock is released; the OS
     releases it if the process dies). Another process training into it is an error naming the folder."""
     from filelock import FileLock, Timeout
