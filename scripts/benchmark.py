@@ -23,6 +23,7 @@ import torch
 
 from vlmzoo import available_strategies
 from vlmzoo import benchmark as bench
+from vlmzoo.utils import cli_entry
 
 PARTS = ("reference", "tiny", "transformers")
 
@@ -141,4 +142,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

@@ -10,6 +10,7 @@ Re-running the same command reuses finished runs. See ``vlmzoo.study`` for every
 import sys
 
 from vlmzoo.study import main
+from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

@@ -14,6 +14,7 @@ import logging
 import sys
 
 from architectures.llava_convert import DTYPES, ConversionError, convert_llava_hf
+from vlmzoo.utils import cli_entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

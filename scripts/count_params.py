@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from vlmzoo.config import add_config_arguments, config_from_args
+from vlmzoo.utils import cli_entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

@@ -10,6 +10,7 @@ See ``vlmzoo.evaluation.main`` for every option.
 import sys
 
 from vlmzoo.evaluation import main
+from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

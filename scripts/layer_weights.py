@@ -10,6 +10,7 @@ See ``vlmzoo.analysis.main`` for every option.
 import sys
 
 from vlmzoo.analysis import main
+from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

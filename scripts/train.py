@@ -11,6 +11,7 @@ See ``vlmzoo.training.cli`` for every option.
 import sys
 
 from vlmzoo.training.cli import main
+from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

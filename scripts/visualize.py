@@ -11,6 +11,7 @@ See ``vlmzoo.visualize.main`` for every option and docs/visualize.md for what is
 import sys
 
 from vlmzoo.visualize import main
+from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_entry(main))

@@ -374,3 +374,106 @@ def test_build_dataclass_types_nested_fields_and_names_the_bad_one():
         build_dataclass(_Outer, {"scale": "big"}, "x")
     with pytest.raises(ConfigKeyError, match=r"Unknown key 'rbg' in x\.inner\. Did you mean 'rgb'"):
         build_dataclass(_Outer, {"inner": {"rbg": [1, 2, 3]}}, "x")
+
+
+# ---- value ranges, one-line errors ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override, key, rule",
+    [
+        ("training.stages.0.lr=-1e-3", r"training\.stages\.0\.lr", "> 0"),
+        ("training.stages.1.lr=0", r"training\.stages\.1\.lr", "> 0"),
+        ("training.stages.1.group_lr.llm=-1e-5", r"training\.stages\.1\.group_lr\.llm", "> 0"),
+        ("training.stages.0.batch_size=0", r"training\.stages\.0\.batch_size", ">= 1"),
+        ("training.stages.1.grad_accum=0", r"training\.stages\.1\.grad_accum", ">= 1"),
+        ("training.stages.0.save_steps=0", r"training\.stages\.0\.save_steps", ">= 1 or null"),
+        ("training.stages.0.max_steps=0", r"training\.stages\.0\.max_steps", ">= 1, or -1"),
+        ("training.stages.0.warmup=-0.1", r"training\.stages\.0\.warmup", ">= 0"),
+        ("eval.batch_size=0", r"eval\.batch_size", ">= 1"),
+        ("eval.max_new_tokens=0", r"eval\.max_new_tokens", ">= 1"),
+        ("data.max_length=0", r"data\.max_length", ">= 1 or null"),
+        ("training.logging_steps=0", r"training\.logging_steps", ">= 1"),
+        ("training.save_total_limit=0", r"training\.save_total_limit", ">= 1 or null"),
+        ("seed=-1", "seed", r"in \[0, 2\*\*32\)"),
+        ("data.check_images=maybe", r"data\.check_images", "one of decode, exists, none"),
+        ("training.on_config_change=ignore", r"training\.on_config_change", "one of error, retrain"),
+    ],
+)
+def test_value_ranges_are_checked_when_the_config_loads(chain, override, key, rule):
+    with pytest.raises(ValueError, match=rf"^{key}: must be {rule}"):
+        load_run_config(chain, [override], resolve_vars=False)
+
+
+def test_in_range_edge_values_load(chain):
+    cfg = load_run_config(chain, ["training.stages.0.save_steps=null", "training.stages.0.batch_size=1",
+                                  "training.stages.0.warmup=0", "seed=0", "training.stages.0.max_steps=-1"],
+                          resolve_vars=False)
+    assert cfg.training.stages[0].save_steps is None and cfg.training.stages[0].batch_size == 1
+
+
+def test_malformed_yaml_override_names_its_key(chain):
+    with pytest.raises(ValueError, match=r"^Override training\.stages\.0\.lr: the value '\[1e-3' is not valid YAML"):
+        load_run_config(chain, ["training.stages.0.lr=[1e-3"], resolve_vars=False)
+
+
+def test_scripts_print_one_line_errors_and_debug_keeps_the_traceback(chain, capsys):
+    from vlmzoo.training.cli import main
+    from vlmzoo.utils import cli_entry
+
+    assert cli_entry(main, ["--config", str(chain), "training.stages.1.batch_size=0", "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: training.stages.1.batch_size: must be >= 1, got 0. (run with --debug for the traceback)"]
+    with pytest.raises(ValueError, match=r"training\.stages\.1\.batch_size"):
+        cli_entry(main, ["--config", str(chain), "training.stages.1.batch_size=0", "--print-config", "--debug"])
+    assert cli_entry(main, ["--config", str(chain), "training.stages.0.max_step=3"]) == 2
+    assert "Did you mean 'max_steps'" in capsys.readouterr().err
+
+
+def test_train_script_error_is_one_line_in_a_subprocess(chain):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # this tree's vlmzoo
+    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(chain), "training.stages.0.lr=-1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert lines == ["error: training.stages.0.lr: must be > 0, got -1.0. (run with --debug for the traceback)"]
+
+
+# ---- a run's identity ----------------------------------------------------------------------------
+def test_identity_ignores_resumable_keys_and_names_tiny_world_paths_by_hash(chain):
+    from vlmzoo.config import diff_configs, identity_hash, stage_identity, training_identity
+
+    base = load_run_config(chain, resolve_vars=False).to_dict()
+
+    def variant(**patch) -> dict:
+        tree = json.loads(json.dumps(base))
+        for dotted, value in patch.items():
+            node = tree
+            *parents, last = dotted.split("__")
+            for p in parents:
+                node = node[int(p)] if isinstance(node, list) else node[p]
+            node[last] = value
+        return tree
+
+    same = variant(eval__batch_size=1, training__logging_steps=99, data__num_workers=7, output__dir="/else",
+                   training__on_config_change="retrain", training__resume=False)
+    assert training_identity(same) == training_identity(base)
+    changed = variant(training__stages__1__lr=0.5)
+    assert diff_configs(training_identity(base), training_identity(changed)) == ["training.stages.1.lr"]
+    # stage 0's identity does not see stage 1; stage 1's sees both
+    assert identity_hash(stage_identity(changed, 0)) == identity_hash(stage_identity(base, 0))
+    assert identity_hash(stage_identity(changed, 1)) != identity_hash(stage_identity(base, 1))
+    assert identity_hash(stage_identity(variant(training__stages__0__save_steps=7), 1)) == identity_hash(stage_identity(base, 1))
+
+    # The same world in another cache folder: the same identity; another world: another.
+    def world(cache: str, name: str) -> dict:
+        root = f"{cache}/tiny_world/{name}"
+        return variant(model__llm=f"{root}/llm", data__images=f"{root}/data/images",
+                       tiny_world__cache_dir=cache, tiny_world__root=root)
+
+    assert training_identity(world("/a", "abc123")) == training_identity(world("/b/c", "abc123"))
+    assert training_identity(world("/a", "abc123"))["model"]["llm"] == "tiny_world:abc123/llm"
+    assert diff_configs(training_identity(world("/a", "abc123")), training_identity(world("/a", "def456"))) == [
+        "data.images", "model.llm"]

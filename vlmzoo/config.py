@@ -89,15 +89,25 @@ class DataSection:
             the eval reading another ``images`` folder than ``data.images`` gets a high-res folder
             only by naming its own ``high_res_images``; a missing high-res file is an error. Ignored by strategies
             without a high-res factor.
-        max_length: truncate token sequences to this length (``None`` = no limit).
+        max_length: truncate token sequences to this length (``None`` = no limit). Either way a
+            sample longer than the LLM's ``max_position_embeddings`` is an error before training.
         num_workers: data-loader worker processes (kept alive across epochs); 0 loads in the
             training process.
+        check_images: how every image of every stage and of the eval is checked before the first
+            step: ``decode`` (default: each file is decoded once, in parallel; files already
+            decoded unchanged are remembered, see :mod:`vlmzoo.data.checks`), ``exists`` (the file
+            exists), ``none``.
+        allow_absolute_image_paths: an image path must resolve inside its image folder (no ``..``
+            leaving it, no absolute path, no symlink pointing out of it). ``true`` allows absolute
+            paths and symlinks that lead out of the folder; ``..`` climbing out of it stays an error.
     """
 
     images: str | None = None
     high_res_images: str | None = None
     max_length: int | None = None
     num_workers: int = 0
+    check_images: str = "decode"
+    allow_absolute_image_paths: bool = False
 
 
 @dataclass
@@ -125,7 +135,9 @@ class StageConfig:
         batch_size: per-device batch; ``grad_accum`` micro-batches per optimiser step.
         warmup: linear warmup, a ratio of the stage's steps if < 1, else a step count.
         scheduler: transformers scheduler name (``cosine``, ``linear``, ``constant_with_warmup``...).
-        save_steps: checkpoint every this many steps (for resuming); the stage's end is always saved.
+        save_steps: checkpoint every this many steps (for resuming; ``None``: no checkpoints, an
+            interrupted stage starts again). Checkpoints are written under a temporary name and
+            renamed when complete (see :mod:`vlmzoo.training.checkpoints`).
         deepspeed: this stage's DeepSpeed JSON (default ``training.deepspeed``), e.g. ZeRO-3 for the
             stage that trains the LLM.
         strategy_config: strategy fields that differ in this stage from ``model.strategy_config``
@@ -151,7 +163,7 @@ class StageConfig:
     scheduler: str = "cosine"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    save_steps: int = 500
+    save_steps: int | None = 500
     deepspeed: str | None = None
     strategy_config: dict[str, Any] = field(default_factory=dict)
 
@@ -165,7 +177,12 @@ class TrainingSection:
         deepspeed: path of a DeepSpeed JSON config (``None`` = plain DDP / single process).
         report_to: transformers integrations (``wandb``, ``tensorboard``...); ``[]`` = none.
         wandb_project: sets ``WANDB_PROJECT`` when ``wandb`` is reported to.
-        resume: continue an interrupted run found in the output directory (same config only).
+        resume: continue the run found in the output directory: completed stages are skipped,
+            an interrupted one continues from its newest intact checkpoint. ``false``: train from
+            scratch into an empty (or new) output directory; a non-empty one is an error.
+        on_config_change: what a resumed run does with a stage trained under another config
+            (every stage records its config's hash): ``error`` (default: an error naming the keys
+            that differ) or ``retrain`` (that stage and every later one are deleted and trained again).
         group_by_length: batch samples of similar length together (as LLaVA's
             ``group_by_modality_length``), so little compute goes to padding.
         cache_vision_features: keep a frozen tower's features of every image in memory so later
@@ -187,6 +204,7 @@ class TrainingSection:
     adam_beta2: float = 0.999
     disable_tqdm: bool = False
     resume: bool = True
+    on_config_change: str = "error"
     group_by_length: bool = False
     cache_vision_features: bool = False
     cache_text_features: bool = False
@@ -233,10 +251,19 @@ class OutputSection:
 
 @dataclass
 class TinyWorldSection:
-    """Where the synthetic tiny world is cached and how it is generated (``${tiny_world.*}`` paths)."""
+    """Where the synthetic tiny world is cached and how it is generated (``${tiny_world.*}`` paths).
+
+    Attributes:
+        cache_dir: cache root (default ``$VLMZOO_CACHE``, else ``~/.cache/vlmzoo``).
+        config: ``TinyWorldConfig`` overrides.
+        root: not an input: set when the config resolves a ``${tiny_world.*}`` variable, to the
+            world's folder (``<cache root>/tiny_world/<world hash>``). A run's identity names paths
+            under it by the world's hash, so moving the cache does not make a run another run.
+    """
 
     cache_dir: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    root: str | None = None
 
 
 @dataclass
@@ -313,6 +340,11 @@ class _Resolver:
             f"Unknown variable ${{{name}{'.' + attr if attr else ''}}}; known: ${{configs_dir}}, ${{tiny_world.FIELD}}."
         )
 
+    @property
+    def tiny_world_root(self) -> str | None:
+        """The folder of the world a ``${tiny_world.*}`` variable resolved to (``None``: none did)."""
+        return None if self._tiny_world is None else str(self._tiny_world.root)
+
     def _tiny_world_paths(self) -> Any:
         if self._tiny_world is None:
             from .tinyworld import build_tiny_world
@@ -364,7 +396,10 @@ def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (
     if not tree["output"].get("dir"):
         tree["output"]["dir"] = str(Path("outputs") / f"{tree['output']['name']}-{config_hash(tree)}")
     if resolve_vars:
-        tree = interpolate(tree, _Resolver(tree))
+        resolver = _Resolver(tree)
+        tree = interpolate(tree, resolver)
+        if resolver.tiny_world_root is not None:
+            tree["tiny_world"] = {**(tree.get("tiny_world") or {}), "root": resolver.tiny_world_root}
     cfg = build_dataclass(RunConfig, tree, "config")
     validate(cfg)
     return cfg
@@ -385,7 +420,9 @@ def config_hash(tree: dict[str, Any], length: int = 8) -> str:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks a schema cannot express: the strategy and its fields, unique stage names."""
+    """Checks a schema cannot express: value ranges, choices, the strategy and its fields, unique
+    stage names. Each failure is a ``ValueError`` (or :class:`ConfigKeyError`) naming the key."""
+    check_ranges(cfg)
     from .registry import UnknownStrategyError, get_strategy_class
 
     if cfg.model.strategy is None:  # allowed where no model is built (scripts/eval.py reads the saved one)
@@ -410,11 +447,116 @@ def validate(cfg: RunConfig) -> None:
                 raise type(exc)(f"training.stages.{i}.strategy_config: {exc}") from None
 
 
+# ---- value ranges --------------------------------------------------------------------------------
+_CHOICES = {
+    "data.check_images": ("decode", "exists", "none"),
+    "training.on_config_change": ("error", "retrain"),
+}
+
+
+def _need(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: must be {rule}, got {value!r}.")
+
+
+def check_ranges(cfg: RunConfig) -> None:
+    """Every numeric field in its range and every closed choice among its values; the first
+    failure is a one-line ``ValueError`` naming the dotted key, the rule and the value."""
+    d, t, e = cfg.data, cfg.training, cfg.eval
+    for key, value in (("data.check_images", d.check_images), ("training.on_config_change", t.on_config_change)):
+        _need(value in _CHOICES[key], key, value, "one of " + ", ".join(_CHOICES[key]))
+    _need(d.max_length is None or d.max_length >= 1, "data.max_length", d.max_length, ">= 1 or null")
+    _need(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+    _need(t.logging_steps >= 1, "training.logging_steps", t.logging_steps, ">= 1")
+    _need(t.save_total_limit is None or t.save_total_limit >= 1, "training.save_total_limit", t.save_total_limit,
+          ">= 1 or null")
+    _need(0.0 <= t.adam_beta2 < 1.0, "training.adam_beta2", t.adam_beta2, "in [0, 1)")
+    _need(not (t.bf16 and t.fp16), "training.fp16", t.fp16, "false when training.bf16 is true")
+    _need(e.batch_size >= 1, "eval.batch_size", e.batch_size, ">= 1")
+    _need(e.max_new_tokens >= 1, "eval.max_new_tokens", e.max_new_tokens, ">= 1")
+    _need(e.max_samples is None or e.max_samples >= 1, "eval.max_samples", e.max_samples, ">= 1 or null")
+    _need(0 <= cfg.seed < 2**32, "seed", cfg.seed, "in [0, 2**32)")
+    for i, stage in enumerate(t.stages):
+        where = f"training.stages.{i}"
+        _need(stage.lr > 0, f"{where}.lr", stage.lr, "> 0")
+        for group, lr in stage.group_lr.items():
+            _need(lr > 0, f"{where}.group_lr.{group}", lr, "> 0")
+        _need(stage.batch_size >= 1, f"{where}.batch_size", stage.batch_size, ">= 1")
+        _need(stage.grad_accum >= 1, f"{where}.grad_accum", stage.grad_accum, ">= 1")
+        _need(stage.epochs >= 0, f"{where}.epochs", stage.epochs, ">= 0")
+        _need(stage.max_steps == -1 or stage.max_steps >= 1, f"{where}.max_steps", stage.max_steps, ">= 1, or -1 (epochs)")
+        _need(stage.save_steps is None or stage.save_steps >= 1, f"{where}.save_steps", stage.save_steps, ">= 1 or null")
+        _need(stage.warmup >= 0, f"{where}.warmup", stage.warmup, ">= 0 (a ratio if < 1, else steps)")
+        _need(stage.weight_decay >= 0, f"{where}.weight_decay", stage.weight_decay, ">= 0")
+        _need(stage.max_grad_norm >= 0, f"{where}.max_grad_norm", stage.max_grad_norm, ">= 0 (0: no clipping)")
+
+
+# ---- a run's identity ----------------------------------------------------------------------------
+# Keys that do not change what a run trains: a run may continue with them changed.
+RESUMABLE_KEYS = (
+    "eval", "output", "training.report_to", "training.wandb_project", "training.disable_tqdm",
+    "training.logging_steps", "training.save_total_limit", "training.resume", "training.on_config_change",
+    "data.num_workers", "data.check_images", "data.allow_absolute_image_paths", "tiny_world.cache_dir",
+    "tiny_world.root",
+)
+RESUMABLE_STAGE_KEYS = ("save_steps",)
+
+
+def training_identity(tree: dict[str, Any]) -> dict[str, Any]:
+    """What a run trains, as a plain tree: ``tree`` (a :meth:`RunConfig.to_dict`) without the
+    :data:`RESUMABLE_KEYS`, and with every path inside the tiny world's folder (``tiny_world.root``)
+    written as ``tiny_world:<world hash>/...``, so the same world in another cache is the same run."""
+    tree = copy.deepcopy(tree)
+    root = (tree.get("tiny_world") or {}).get("root")
+    for key in RESUMABLE_KEYS:
+        *parents, last = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    for stage in (tree.get("training") or {}).get("stages") or []:
+        for key in RESUMABLE_STAGE_KEYS:
+            stage.pop(key, None)
+    if root:
+        tree = _alias_paths(tree, os.path.normpath(root), f"tiny_world:{Path(root).name}")
+    return tree
+
+
+def _alias_paths(tree: Any, root: str, alias: str) -> Any:
+    if isinstance(tree, dict):
+        return {k: _alias_paths(v, root, alias) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_alias_paths(v, root, alias) for v in tree]
+    if isinstance(tree, str) and (tree == root or tree.startswith(root + os.sep)):
+        return alias + tree[len(root):]
+    return tree
+
+
+def stage_identity(tree: dict[str, Any], index: int) -> dict[str, Any]:
+    """What stage ``index``'s weights depend on: the model, data and training settings, the seed,
+    and stages ``0..index`` (a stage starts from the previous one's weights); see :func:`training_identity`."""
+    ident = training_identity(tree)
+    training = dict(ident.get("training") or {})
+    stages = training.pop("stages", [])
+    if not 0 <= index < len(stages):
+        raise IndexError(f"training.stages has {len(stages)} stages, no stage {index}.")
+    return {"model": ident.get("model"), "data": ident.get("data"), "training": training,
+            "stages": stages[: index + 1], "seed": ident.get("seed"), "tiny_world": ident.get("tiny_world")}
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    """A stable 16-hex-digit hash of an identity tree."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def save_resolved_config(cfg: RunConfig, directory: str | os.PathLike) -> Path:
     """Write ``resolved_config.yaml`` (every default filled in, every variable resolved)."""
+    from .utils import atomic_write_text
+
     path = Path(directory) / "resolved_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(cfg.to_yaml())
+    atomic_write_text(path, cfg.to_yaml())
     return path
 
 

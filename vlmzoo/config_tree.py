@@ -79,7 +79,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if not all(parts):
         raise ValueError(f"Override {text!r} has an empty key segment.")
-    return parts, parse_yaml(raw) if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        return parts, parse_yaml(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(
+            f"Override {key.strip()}: the value {raw!r} is not valid YAML ({problem}); quote it if it is a string, "
+            f"e.g. {key.strip()}='\"...\"'."
+        ) from None
 
 
 def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:

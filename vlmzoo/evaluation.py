@@ -159,17 +159,20 @@ def generate_answers(
     batch_size: int = 64,
     max_new_tokens: int = 16,
     high_res_dir: str | os.PathLike | None = None,
+    allow_absolute_paths: bool = False,
 ) -> list[str]:
     """Greedy answers for ``records``, in batches with left padding.
 
     ``high_res_dir``: the images' high-res versions (same relative paths), read only when the
-    processor's ``high_res_factor`` > 1; a missing file raises, naming it and the record."""
+    processor's ``high_res_factor`` > 1; a missing file raises, naming it and the record.
+    ``allow_absolute_paths``: see :func:`record_images`."""
     use_hr = high_res_dir is not None and processor.high_res_factor > 1
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        images = [record_images(rec, images_dir) for rec in chunk]
-        high_res = [record_images(rec, high_res_dir, "high-res image") for rec in chunk] if use_hr else None
+        images = [record_images(rec, images_dir, allow_absolute=allow_absolute_paths) for rec in chunk]
+        high_res = ([record_images(rec, high_res_dir, "high-res image", allow_absolute_paths) for rec in chunk]
+                    if use_hr else None)
         texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens,
                                high_res_images=high_res)
         answers += [a.strip() for a in texts]
@@ -234,14 +237,21 @@ def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, im
     return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
 
 
-def record_images(record: EvalRecord, images_dir: str | os.PathLike, what: str = "image") -> list[Any]:
+def record_images(record: EvalRecord, images_dir: str | os.PathLike, what: str = "image",
+                  allow_absolute: bool = False) -> list[Any]:
     """The record's images (paths relative to ``images_dir``) as RGB PIL images, in order; a
-    missing file raises ``FileNotFoundError`` naming it (``what``) and the record."""
+    missing file raises ``FileNotFoundError`` naming it (``what``) and the record, a path that
+    leaves ``images_dir`` a ``ValueError`` (:func:`vlmzoo.data.checks.resolve_image_path`;
+    ``allow_absolute``: ``data.allow_absolute_image_paths``)."""
+    from .data.checks import ImagePathError, resolve_image_path
     from .data.llava_json import open_rgb_image
 
     loaded = []
     for rel in record.images:
-        path = os.path.join(images_dir, rel)
+        try:
+            path = resolve_image_path(images_dir, rel, allow_absolute)
+        except ImagePathError as exc:
+            raise ImagePathError(f"Eval record {record.id!r}: {what} {exc}") from None
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Eval record {record.id!r}: {what} file not found: {path}")
         loaded.append(open_rgb_image(path))
@@ -311,17 +321,20 @@ def evaluate_model(
     max_samples: int | None = None,
     out_dir: str | os.PathLike | None = None,
     meta: dict[str, Any] | None = None,
+    allow_absolute_paths: bool = False,
 ) -> dict[str, Any]:
     """Answer every record of ``data``, score, compare with the blind control; write the files to ``out_dir``.
 
-    ``high_res_images``: the same images at high resolution (see :func:`generate_answers`).
+    ``high_res_images``: the same images at high resolution (see :func:`generate_answers`);
+    ``allow_absolute_paths``: see :func:`record_images`.
     ``meta`` entries (e.g. the model's path) are copied into the metrics."""
     images = os.fspath(images) if images else os.path.dirname(os.path.abspath(data))
     records = load_eval_records(data, question_type_key, max_samples)
     start = time.perf_counter()
     use_hr = high_res_images is not None and processor.high_res_factor > 1
     predictions = generate_answers(model, processor, records, images, batch_size, max_new_tokens,
-                                   high_res_dir=high_res_images if use_hr else None)
+                                   high_res_dir=high_res_images if use_hr else None,
+                                   allow_absolute_paths=allow_absolute_paths)
     runtime = time.perf_counter() - start
     metrics: dict[str, Any] = {**(meta or {}), "data": os.path.abspath(data), **accuracy_table(records, predictions)}
     pope = pope_stats(records, predictions)
@@ -399,7 +412,7 @@ def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) 
         model, processor, e.data, cfg.eval_images(), high_res_images=cfg.eval_high_res_images(),
         train_data=cfg.eval_train_data(), question_type_key=e.question_type_key,
         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, max_samples=e.max_samples, out_dir=out_dir,
-        meta={"model": os.path.abspath(model_dir)},
+        meta={"model": os.path.abspath(model_dir)}, allow_absolute_paths=cfg.data.allow_absolute_image_paths,
     )
 
 

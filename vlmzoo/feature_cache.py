@@ -98,9 +98,12 @@ class VisionFeatureCache:
             pixels, hr = pixel_values[idx], None if pixel_values_hr is None else pixel_values_hr[idx]
             if image_keys is not None:
                 _check_loaded(pixels, hr, [image_keys[i] for i in missing])
-            computed = compute(pixels, hr)
             for row, i in enumerate(missing):
-                entry = {(kind, layer): t[row].detach().clone() for kind, part in _parts(computed) for layer, t in part.items()}
+                # One image per tower pass: an image's features then never depend on which other
+                # images missed the cache in the same step (a batched matmul's rounding depends on
+                # the batch), so a resumed run, whose cache starts empty, gets bit-identical ones.
+                one = compute(pixels[row : row + 1], None if hr is None else hr[row : row + 1])
+                entry = {(kind, layer): t[0].detach().clone() for kind, part in _parts(one) for layer, t in part.items()}
                 fresh[keys[i]] = entry
                 self._remember(keys[i], entry)
         entries = [self._store.get(k) or fresh[k] for k in keys]
@@ -159,15 +162,16 @@ class InstructionFeatureCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         fresh: dict[bytes, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        if missing:
-            idx = torch.tensor(missing, device=input_ids.device)
-            out = compute(input_ids[idx], attention_mask[idx])
-            for row, i in enumerate(missing):
-                pooled = None if out.pooled is None else out.pooled[row].detach().clone()
-                tokens = None if out.tokens is None else out.tokens[row, : int(lengths[i])].detach().clone()
-                fresh[keys[i]] = (pooled, tokens)
-                if len(self._store) < self.max_entries:
-                    self._store[keys[i]] = fresh[keys[i]]
+        for i in missing:
+            # One instruction per encoder pass, unpadded: its features never depend on the other
+            # instructions of the step (see VisionFeatureCache.encode), so resumed runs match.
+            n = int(lengths[i])
+            out = compute(input_ids[i : i + 1, :n], attention_mask[i : i + 1, :n])
+            pooled = None if out.pooled is None else out.pooled[0].detach().clone()
+            tokens = None if out.tokens is None else out.tokens[0, :n].detach().clone()
+            fresh[keys[i]] = (pooled, tokens)
+            if len(self._store) < self.max_entries:
+                self._store[keys[i]] = fresh[keys[i]]
         entries = [self._store.get(k) or fresh[k] for k in keys]
         pooled = None if entries[0][0] is None else torch.stack([e[0] for e in entries])
         tokens = None

@@ -1,12 +1,17 @@
-"""Small helpers shared across the core: strict, typed dataclass construction and name suggestions."""
+"""Small helpers shared across the core: strict, typed dataclass construction, name suggestions,
+atomic file writes, and the one-line errors of the command-line scripts."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
+import tempfile
 import types
 import typing
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 _T = TypeVar("_T")
 
@@ -108,3 +113,60 @@ def hf_config_spec(hf_config: Any) -> dict[str, Any]:
     for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
         d.pop(key, None)
     return {"backend": "hf", **d}
+
+
+# ---- atomic files --------------------------------------------------------------------------------
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or removal inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, flushed to disk and
+    renamed over it: a reader (or a run after a crash) sees the old file or the new one, never a part."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+# ---- command-line errors -------------------------------------------------------------------------
+# Errors that describe bad input (a config key, a value, a data record, a missing file): a script
+# prints their message on one line instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigKeyError, ValueError, TypeError, FileNotFoundError,
+                                                NotADirectoryError, IsADirectoryError, PermissionError, ImportError)
+DEBUG_FLAG = "--debug"
+
+
+def cli_entry(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """Run a script's ``main(argv)``; a :data:`USER_ERRORS` exception prints ``error: <message>``
+    on stderr (one line, no traceback) and returns 2. ``--debug`` anywhere in ``argv`` (removed
+    before ``main`` sees it) lets the exception through with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        return main(argv)
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message} (run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
+        return 2

@@ -9,17 +9,17 @@ memory, so a 665K-record file is fine):
    ``user``/``assistant``/``system``, ``image`` -> a list) into an Arrow dataset cached by
    ``datasets`` (keyed by path, size and mtime). Records that fail validation are kept with an
    ``error`` column so both error modes share the cache.
-3. :class:`LlavaJsonDataset` checks the image files, tokenises every record with the processor's
-   template (cached ``Dataset.map``), counts truncations (one summary warning), and raises on the
-   first bad record (``on_error="raise"``) or skips bad records and reports them by id
-   (``on_error="skip"``: one summary warning, the full list in ``dataset.skipped``).
+3. :class:`LlavaJsonDataset` checks every image path stays inside its folder and the image files
+   (:mod:`vlmzoo.data.checks`), tokenises every record with the processor's template (cached
+   ``Dataset.map``), checks lengths against the LLM's positions, counts truncations (one summary
+   warning), and raises on the first bad record (``on_error="raise"``) or skips bad records and
+   reports them by id (``on_error="skip"``: one summary warning, the full list in ``dataset.skipped``).
 4. ``dataset[i]`` loads and preprocesses the images; :class:`VLMDataCollator` pads a list of those
    into the model's batch (see :mod:`vlmzoo.processing`).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -30,6 +30,7 @@ from datasets import Features, List, Value
 from datasets.fingerprint import Hasher
 from PIL import Image
 
+from .checks import ImagePathError, image_problems, resolve_image_path
 from .records import CACHE_VERSION, LlavaDataError, SkippedRecord, read_llava_records
 from .templates import DEFAULT_IMAGE_TOKEN, TemplateEncoder
 
@@ -115,12 +116,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             it is not read.
         max_length: truncate longer samples (counted, one summary warning); a cut reaching image
             tokens is a bad record.
+        max_positions: the LLM's position limit (``max_position_embeddings``): a sample longer
+            than it (after ``max_length``) is a bad record. ``None``: not checked.
         on_error: ``"raise"`` on the first bad record, or ``"skip"`` bad records and report them
             (``self.skipped``; one summary warning). Malformed JSON always raises.
         check_images: at load time, check that image files ``"exists"`` (default), also ``"decode"``
-            them (slow, catches corrupt files up front), or ``"none"``. Unreadable images found
-            later, in ``__getitem__``, raise (or, when skipping, are warned about and replaced by
-            the next record).
+            them (once, in parallel, remembered for unchanged files: see :mod:`vlmzoo.data.checks`),
+            or ``"none"``. Unreadable images found later, in ``__getitem__``, raise (or, when
+            skipping, are warned about and replaced by the next record). Whatever the mode, a path
+            that leaves its image folder is a bad record.
+        allow_absolute_paths: accept absolute image paths and symlinks out of the image folder
+            (``data.allow_absolute_image_paths``); ``..`` climbing out of it stays an error.
         move_image_to_front: like LLaVA-1.5, rewrite a single-image turn to ``"<image>\\n" + text``.
         cache_dir: ``datasets`` cache directory (default: the ``datasets`` cache).
         num_proc: processes for tokenisation.
@@ -144,8 +150,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         *,
         high_res_folder: str | os.PathLike | None = None,
         max_length: int | None = None,
+        max_positions: int | None = None,
         on_error: OnError = "raise",
         check_images: ImageCheck = "exists",
+        allow_absolute_paths: bool = False,
         move_image_to_front: bool = True,
         cache_dir: str | None = None,
         num_proc: int | None = None,
@@ -168,6 +176,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.processor = processor
         self.on_error = on_error
         self.max_length = max_length
+        self.max_positions = max_positions
+        self.allow_absolute_paths = allow_absolute_paths
         self.skipped: list[SkippedRecord] = []
         self.runtime_skipped: list[SkippedRecord] = []  # found in __getitem__ (this process only)
         self.features_cached: Callable[[str], bool] | None = None
@@ -177,8 +187,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.num_records = len(records)
         errors: dict[int, tuple[str, str]] = {}
         self._collect_errors(records, errors)
-        if check_images != "none":
-            self._check_image_files(records, errors, decode=check_images == "decode")
+        self._check_image_files(records, errors, check_images)
 
         encoder = processor.encoder
         fingerprint = Hasher.hash(
@@ -198,6 +207,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             desc=f"Tokenizing {os.path.basename(self.json_path)}",
         )
         self._collect_errors(encoded, errors)
+        if max_positions is not None:
+            self._check_lengths(encoded, errors, max_positions)
 
         if errors:
             keep = [i for i in range(len(encoded)) if i not in errors]
@@ -231,20 +242,25 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                 if error is not None:
                     self._bad(errors, index, rid, error)
 
-    def _check_image_files(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]], decode: bool) -> None:
-        for batch in ds.select_columns(["index", "id", "images"]).iter(batch_size=10_000):
-            for index, rid, paths in zip(batch["index"], batch["id"], batch["images"]):
-                for rel, (folder, what) in itertools.product(paths, self._image_folders()):
-                    full = os.path.join(folder, rel)
-                    if not os.path.isfile(full):
-                        self._bad(errors, index, rid, f"{what} file not found: {full}")
-                        break
-                    if decode:
-                        try:
-                            open_rgb_image(full)
-                        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
-                            self._bad(errors, index, rid, f"cannot read {what} {full}: {exc}")
-                            break
+    def _check_image_files(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]], mode: ImageCheck) -> None:
+        """Every image path inside its folder; with ``mode`` ``exists``/``decode``, every file there
+        (and decodable): :func:`vlmzoo.data.checks.image_problems`."""
+        rows = ((index, rid, paths)
+                for batch in ds.select_columns(["index", "id", "images", "error"]).iter(batch_size=10_000)
+                for index, rid, paths, error in zip(batch["index"], batch["id"], batch["images"], batch["error"])
+                if error is None)
+        for index, rid, reason in image_problems(rows, self._image_folders(), mode, self.allow_absolute_paths):
+            self._bad(errors, index, rid, reason)
+
+    def _check_lengths(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]], limit: int) -> None:
+        for batch in ds.select_columns(["index", "id", "length", "images", "error"]).iter(batch_size=50_000):
+            for index, rid, length, images, error in zip(batch["index"], batch["id"], batch["length"], batch["images"],
+                                                         batch["error"]):
+                if error is None and length > limit:
+                    self._bad(errors, index, rid, (
+                        f"{length} tokens ({len(images)} image(s) x {self.processor.num_visual_tokens} visual tokens "
+                        f"included), more than the LLM's {limit} positions (max_position_embeddings); set a max_length "
+                        f"(data.max_length) <= {limit} to truncate, or drop the record"))
 
     def _image_folders(self) -> list[tuple[str, str]]:
         """(folder, what it holds) of every folder an item reads its images from."""
@@ -286,7 +302,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         key = os.path.abspath(os.path.join(self.image_folder, rel))
         if self.high_res_folder is not None:
             key += "|" + os.path.abspath(os.path.join(self.high_res_folder, rel))
-        return key
+        return key  # os.path.join keeps an absolute rel as it is, as resolve_image_path does
 
     def _load(self, row: dict[str, Any]) -> dict[str, Any]:
         keys = [self.image_key(rel) for rel in row["images"]]
@@ -319,7 +335,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         return item
 
     def _read(self, row: dict[str, Any], folder: str, rel: str, what: str) -> Image.Image:
-        full = os.path.join(folder, rel)
+        try:
+            full = resolve_image_path(folder, rel, self.allow_absolute_paths)
+        except ImagePathError as exc:
+            raise LlavaDataError(self.json_path, f"{what} {exc}", row["id"], row["index"]) from None
         if not os.path.isfile(full):
             raise LlavaDataError(self.json_path, f"{what} file not found: {full}", row["id"], row["index"])
         try:

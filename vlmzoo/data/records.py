@@ -120,10 +120,12 @@ def iter_json_records(
 ) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, record)`` from a JSON array file (or JSON Lines) without loading it whole.
 
-    Raises :class:`LlavaDataError` for an empty file, an empty array, or malformed JSON (the
-    message gives the line/column, the record's index and its id when readable).
+    Raises :class:`LlavaDataError` for a missing file, an empty file, an empty array, or malformed
+    JSON (the message gives the line/column, the record's index and its id when readable).
     """
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise LlavaDataError(os.path.abspath(path), "file not found." if not os.path.exists(path) else "not a file.")
     decoder = json.JSONDecoder()
     with open(path, encoding="utf-8-sig") as f:
         w = _Window(f, chunk_chars)

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", help="run folder (default: outputs/<name>-<config hash>)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a config or data error (by default: one line naming the key, file or record)")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     if args.config is None and args.arch is None:
         parser.error("give --arch NAME or --config FILE")
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main_process():
         return 0
     for stage in result.stages:
-        state = "skipped (already complete)" if stage.skipped else f"{stage.metrics.get('runtime_s')} s"
+        state = "skipped (already complete)" if stage.skipped else f"{stage.metrics.get('runtime_s')} s in this run"
         print(f"stage {stage.name}: {stage.metrics.get('global_step')} steps, final loss "
               f"{stage.metrics.get('last_logged_loss')}, {state}")
     if result.eval_metrics is not None:

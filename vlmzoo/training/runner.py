@@ -3,15 +3,21 @@
 Output folder layout (``cfg.output.dir``)::
 
     resolved_config.yaml          the full config of the run (defaults filled, variables resolved)
-    <stage name>/checkpoint-N/    Trainer checkpoints (weights, optimizer, scheduler, RNG, state)
+    <stage name>/checkpoint-N/    Trainer checkpoints (weights, optimizer, scheduler, RNG, state) and
+                                  vlmzoo_checkpoint.json (files, config hash, loss sum), written
+                                  atomically (:mod:`vlmzoo.training.checkpoints`)
     <stage name>/final/           the stage's model + processor (from_pretrained-loadable),
-                                  stage_complete.json (metrics, parameter counts) and
-                                  trainer_state.json (the Trainer's state, incl. its log history)
+                                  stage_complete.json (metrics, parameter counts, the config hash)
+                                  and trainer_state.json (the Trainer's state, incl. its log
+                                  history); written as tmp-final/ and renamed when complete
     eval/eval_metrics.json        evaluation of the last stage's model (+ predictions.jsonl)
 
 A stage starts from the previous stage's ``final`` weights. Running the same config into the same
-folder again resumes: completed stages are skipped, an interrupted stage continues from its last
-checkpoint with optimizer and scheduler state.
+folder again resumes: completed stages are skipped, an interrupted stage continues from its newest
+intact checkpoint with optimizer, scheduler, RNG and data-order state, so the final weights are
+bit-identical to an uninterrupted run's. Outputs of another config are never reused
+(:mod:`vlmzoo.training.run_folder`), and every stage's data is checked before the first step
+(:mod:`vlmzoo.training.preflight`).
 """
 
 from __future__ import annotations
@@ -21,32 +27,39 @@ import functools
 import json
 import logging
 import os
+import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..config import RunConfig, StageConfig, diff_configs, save_resolved_config
+from ..config import RunConfig, StageConfig, save_resolved_config
 from ..feature_cache import InstructionFeatureCache, VisionFeatureCache
 from ..registry import get_strategy_class
+from ..utils import atomic_write_text
+from .checkpoints import Checkpoint, find_resume_checkpoint, fsync_tree, publish
 from .groups import StagePlan
+from .preflight import check_data, check_lengths
+from .run_folder import (
+    FINAL_DIRNAME,
+    STAGE_DONE_FILE,
+    StageStatus,
+    check_output_dir,
+    lock_run_folder,
+    plan_stages,
+    read_json,
+    settle_stale_stages,
+)
 from .trainer import VLMTrainer
 
 logger = logging.getLogger(__name__)
 
-FINAL_DIRNAME = "final"
-STAGE_DONE_FILE = "stage_complete.json"
+FINAL_TMP_DIRNAME = "tmp-final"
 TRAINER_STATE_FILE = "trainer_state.json"
-# Keys that do not change what a run trains; an existing run may be resumed with them changed.
-_RESUMABLE_DIFFS = (
-    "eval", "output", "training.report_to", "training.wandb_project", "training.disable_tqdm",
-    "training.logging_steps", "training.resume", "data.num_workers", "tiny_world.cache_dir",
-)
 
 
 @dataclass
@@ -74,21 +87,9 @@ def stage_final_dir(cfg: RunConfig, stage: StageConfig) -> Path:
 
 
 def stage_is_complete(cfg: RunConfig, stage: StageConfig) -> bool:
-    return (stage_final_dir(cfg, stage) / STAGE_DONE_FILE).is_file()
-
-
-def check_output_dir(cfg: RunConfig) -> None:
-    """Refuse to resume into a folder that holds a run of a different config."""
-    path = Path(cfg.output.dir) / "resolved_config.yaml"
-    if not (cfg.training.resume and path.is_file()):
-        return
-    old = yaml.safe_load(path.read_text()) or {}
-    diffs = [d for d in diff_configs(old, cfg.to_dict()) if not d.startswith(_RESUMABLE_DIFFS)]
-    if diffs:
-        raise ValueError(
-            f"{cfg.output.dir} holds a run of a different config (differs at: {', '.join(diffs[:10])}). "
-            "Choose another output.dir, or set training.resume=false to train it from scratch."
-        )
+    """Whether the stage's ``final/`` is complete *for this config* (see :func:`plan_stages`)."""
+    index = next(i for i, s in enumerate(cfg.training.stages) if s.name == stage.name)
+    return plan_stages(cfg)[index].done is not None
 
 
 def run_training(
@@ -97,12 +98,32 @@ def run_training(
     evaluate: bool = True,
     callbacks: list[TrainerCallback] | None = None,
 ) -> RunResult:
-    """Train every stage of ``cfg`` (skipping completed ones), then evaluate on ``cfg.eval.data``."""
+    """Train every stage of ``cfg`` (skipping those complete for this config), then evaluate on
+    ``cfg.eval.data``. Before anything trains: the run folder is checked against the config
+    (:mod:`vlmzoo.training.run_folder`) and so is every stage's data and the eval's
+    (:mod:`vlmzoo.training.preflight`)."""
     if not cfg.training.stages:
         raise ValueError("training.stages is empty: nothing to train.")
     out = Path(cfg.output.dir)
-    check_output_dir(cfg)
-    if is_main_process():
+    main = is_main_process()
+    if main:
+        check_output_dir(cfg)  # before the lock file is made: resume=false wants an empty folder
+    first_args = training_arguments(cfg, cfg.training.stages[0])  # sets up the processes of a distributed run
+    lock = lock_run_folder(cfg) if main else None
+    try:
+        return _run_locked(cfg, out, main, first_args, evaluate, callbacks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: RunConfig, out: Path, main: bool, first_args: TrainingArguments, evaluate: bool,
+                callbacks: list[TrainerCallback] | None) -> RunResult:
+    with first_args.main_process_first(desc="run folder and data checks"):
+        statuses = settle_stale_stages(cfg, plan_stages(cfg), main=main)
+        to_train = [s.index for s in statuses if s.done is None]
+        check_data(cfg, to_train, evaluate=evaluate and bool(cfg.eval.data))
+    if main:
         save_resolved_config(cfg, out)
     if "wandb" in cfg.training.report_to:
         if cfg.training.wandb_project:
@@ -112,24 +133,29 @@ def run_training(
 
     results: list[StageResult] = []
     previous: Path | None = None
+    checked_lengths = False
     feature_cache = VisionFeatureCache() if cfg.training.cache_vision_features else None
     text_cache = InstructionFeatureCache() if cfg.training.cache_text_features else None
     for i, stage in enumerate(cfg.training.stages):
         final_dir = stage_final_dir(cfg, stage)
-        if cfg.training.resume and stage_is_complete(cfg, stage):
+        status = statuses[i]
+        if status.done is not None:
             logger.info("Stage %d/%d %r is complete (%s); skipping.", i + 1, len(cfg.training.stages), stage.name, final_dir)
-            metrics = json.loads((final_dir / STAGE_DONE_FILE).read_text())
-            results.append(StageResult(stage.name, final_dir, skipped=True, metrics=metrics))
+            results.append(StageResult(stage.name, final_dir, skipped=True, metrics=status.done))
         else:
             model, processor = load_stage_start(cfg, previous, stage)
+            if not checked_lengths:
+                with first_args.main_process_first(desc="tokenised data checks"):
+                    check_lengths(cfg, to_train, model, processor, evaluate=evaluate and bool(cfg.eval.data))
+                checked_lengths = True
             metrics = train_stage(cfg, i, model, processor, callbacks=callbacks, feature_cache=feature_cache,
-                                  text_cache=text_cache)
+                                  text_cache=text_cache, status=status)
             results.append(StageResult(stage.name, final_dir, skipped=False, metrics=metrics))
             del model
         previous = final_dir
 
     result = RunResult(output_dir=out, final_model_dir=previous, stages=results)
-    if evaluate and cfg.eval.data and is_main_process():
+    if evaluate and cfg.eval.data and main:
         from ..evaluation import evaluate_run
 
         result.eval_metrics = evaluate_run(cfg, previous, out / "eval")
@@ -156,14 +182,20 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         if cfg.model.init_from:
             load_weights_by_name(model, cfg.model.init_from)
         return model, processor
+    from safetensors import SafetensorError
+
     dtype = torch_dtype(cfg.model.dtype)
-    config = VLMConfig.from_pretrained(previous_final)
-    wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
-    if wanted == config.strategy_config:
-        model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-        return model, VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
-    torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
-    return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+    try:
+        config = VLMConfig.from_pretrained(previous_final)
+        wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
+        if wanted == config.strategy_config:
+            model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
+            return model, VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
+        torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
+        return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+    except (SafetensorError, OSError) as exc:  # a damaged file of a completed stage
+        raise ValueError(f"Cannot load the previous stage's model from {previous_final}: {type(exc).__name__}: {exc}. "
+                         f"Delete {previous_final.parent} to train that stage again.") from exc
 
 
 def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
@@ -194,12 +226,14 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     return model, processor
 
 
-def load_weights_by_name(model, model_dir: str | os.PathLike) -> dict[str, list[str]]:
+def load_weights_by_name(model, model_dir: str | os.PathLike, what: str = "model.init_from",
+                         verbose: bool = True) -> dict[str, list[str]]:
     """Copy the weights saved in ``model_dir`` (``model.safetensors`` or its shards) into ``model``
-    wherever a parameter or buffer of the same name exists; log and return which were ``loaded``,
-    which ``kept`` their built values (absent from the checkpoint) and which were ``dropped``
-    (absent from the model). A shape mismatch raises, naming the key and both shapes."""
-    from safetensors import safe_open
+    wherever a parameter or buffer of the same name exists; log (``verbose``) and return which were
+    ``loaded``, which ``kept`` their built values (absent from the checkpoint) and which were
+    ``dropped`` (absent from the model). A shape mismatch or an unreadable file raises, naming
+    ``what``, the file and (for a shape) the key and both shapes."""
+    from safetensors import SafetensorError, safe_open
 
     directory = Path(model_dir)
     index = directory / "model.safetensors.index.json"
@@ -208,29 +242,33 @@ def load_weights_by_name(model, model_dir: str | os.PathLike) -> dict[str, list[
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"model.init_from: no model.safetensors (or its index) in {directory}.")
+        raise FileNotFoundError(f"{what}: no model.safetensors (or its index) in {directory}.")
     own = model.state_dict()
     report: dict[str, list[str]] = {"loaded": [], "kept": [], "dropped": []}
     with torch.no_grad():
         for name in files:
-            with safe_open(str(directory / name), framework="pt") as f:
-                for key in f.keys():
-                    if key not in own:
-                        report["dropped"].append(key)
-                        continue
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(own[key].shape):
-                        raise ValueError(
-                            f"model.init_from: {directory / name} has {key} of shape {tuple(tensor.shape)}, "
-                            f"the model built from this config has {tuple(own[key].shape)}."
-                        )
-                    own[key].copy_(tensor)
-                    report["loaded"].append(key)
+            try:
+                with safe_open(str(directory / name), framework="pt") as f:
+                    for key in f.keys():
+                        if key not in own:
+                            report["dropped"].append(key)
+                            continue
+                        tensor = f.get_tensor(key)
+                        if tuple(tensor.shape) != tuple(own[key].shape):
+                            raise ValueError(
+                                f"{what}: {directory / name} has {key} of shape {tuple(tensor.shape)}, "
+                                f"the model built from this config has {tuple(own[key].shape)}."
+                            )
+                        own[key].copy_(tensor)
+                        report["loaded"].append(key)
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(f"{what}: cannot read {directory / name}: {exc}") from None
     loaded = set(report["loaded"])
     report["kept"] = [k for k in own if k not in loaded]
-    logger.info("model.init_from %s: loaded %d weight tensors.", directory, len(report["loaded"]))
-    log_key_groups("Kept as built (not in the checkpoint)", report["kept"])
-    log_key_groups("Dropped (not in this model)", report["dropped"])
+    if verbose:
+        logger.info("%s %s: loaded %d weight tensors.", what, directory, len(report["loaded"]))
+        log_key_groups("Kept as built (not in the checkpoint)", report["kept"])
+        log_key_groups("Dropped (not in this model)", report["dropped"])
     return report
 
 
@@ -292,8 +330,8 @@ def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
         activation_checkpointing=t.gradient_checkpointing,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
-        save_steps=stage.save_steps,
+        save_strategy="steps" if stage.save_steps else "no",
+        save_steps=stage.save_steps or 500,
         save_total_limit=t.save_total_limit,
         report_to=list(t.report_to) or "none",
         disable_tqdm=t.disable_tqdm,
@@ -314,8 +352,11 @@ def train_stage(
     callbacks: list[TrainerCallback] | None = None,
     feature_cache: VisionFeatureCache | None = None,
     text_cache: InstructionFeatureCache | None = None,
+    status: StageStatus | None = None,
 ) -> dict[str, Any]:
-    """Train stage ``index`` on ``model``; save its final model + processor; -> stage metrics."""
+    """Train stage ``index`` on ``model`` (from its newest intact checkpoint, if any); save its final
+    model + processor; -> stage metrics. ``status``: the stage's :func:`plan_stages` entry (default:
+    computed here)."""
     from ..data import LlavaJsonDataset, VLMDataCollator
 
     stage = cfg.training.stages[index]
@@ -323,6 +364,7 @@ def train_stage(
     tag = f"[{stage.name}]"
     if not stage.data:
         raise ValueError(f"{where}.data is not set (the stage's LLaVA JSON file).")
+    status = status or plan_stages(cfg)[index]
     plan = StagePlan.build(model, stage, where=where)
     plan.apply(model)
     logger.info("%s stage %d/%d: %s", tag, index + 1, len(cfg.training.stages), ", ".join(plan.trained) + " train")
@@ -340,9 +382,18 @@ def train_stage(
         model.text_feature_cache = text_cache
     args = training_arguments(cfg, stage)
     processor = processor_with_template(processor, stage.template, stage.pad_to_square)
+    from .preflight import position_limit
+
     with args.main_process_first(desc=f"{stage.name} dataset"):
         dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),
-                                   high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length)
+                                   high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length,
+                                   max_positions=position_limit(model), check_images=cfg.data.check_images,
+                                   allow_absolute_paths=cfg.data.allow_absolute_image_paths)
+        # the main process first: it sets damaged checkpoints aside, the others then only read
+        checkpoint = find_resume_checkpoint(Path(args.output_dir), tidy=is_main_process())
+    if checkpoint is not None and checkpoint.config_hash != status.config_hash:
+        raise ValueError(f"{checkpoint.path} was written by another config (hash {checkpoint.config_hash}, this "
+                         f"stage's is {status.config_hash}); see training.on_config_change.")
     if model.vision_feature_cache is not None and cfg.data.num_workers == 0:
         # a record whose images' features are cached is not read from disk (see LlavaJsonDataset)
         dataset.features_cached = functools.partial(model.vision_feature_cache.contains, model.strategy.needs)
@@ -354,12 +405,21 @@ def train_stage(
         processing_class=processor,
         stage_plan=plan,
         callbacks=callbacks,
+        checkpoint_info={"stage": stage.name, "config_hash": status.config_hash, "config": status.identity},
+        loss_sum_start=float(checkpoint.manifest.get("loss_sum", 0.0)) if checkpoint else 0.0,
     )
-    checkpoint = get_last_checkpoint(args.output_dir) if (cfg.training.resume and os.path.isdir(args.output_dir)) else None
-    if checkpoint:
-        logger.info("%s resuming from %s", tag, checkpoint)
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and _holds_last_step(checkpoint):
+        # Killed after the last checkpoint, before final/: its weights are the stage's result.
+        logger.info("%s %s holds the stage's last step; its weights become the final model.", tag, checkpoint.path)
+        state = json.loads((checkpoint.path / TRAINER_STATE_FILE).read_text())
+        global_step, log_history = int(state["global_step"]), state.get("log_history", [])
+        loss_sum = float(checkpoint.manifest.get("loss_sum", float("nan")))
+    else:
+        if checkpoint is not None:
+            logger.info("%s resuming from %s", tag, checkpoint.path)
+        output = trainer.train(resume_from_checkpoint=str(checkpoint.path) if checkpoint else None)
+        global_step, log_history, loss_sum = output.global_step, trainer.state.log_history, trainer.loss_sum()
     runtime = time.perf_counter() - start
 
     cache = model.vision_feature_cache
@@ -372,28 +432,61 @@ def train_stage(
         logger.info("%s text feature cache: %d instructions, %d hits / %d misses so far in this run",
                     tag, len(text_cache), text_cache.hits, text_cache.misses)
         model.text_feature_cache = None
-    final_dir = stage_final_dir(cfg, stage)
-    trainer.save_model(str(final_dir))
     metrics = {
         "stage": stage.name,
-        "global_step": output.global_step,
-        "train_loss": output.training_loss,
-        "last_logged_loss": _last_logged_loss(trainer),
-        "runtime_s": round(runtime, 2),
-        "resumed_from": checkpoint,
+        "global_step": global_step,
+        "train_loss": loss_sum / global_step if global_step else None,  # every step's, across resumes
+        "last_logged_loss": _last_logged_loss(log_history),
+        "runtime_s": round(runtime, 2),  # this process's share
+        "resumed_from": str(checkpoint.path) if checkpoint else None,
         "samples": len(dataset),
         "parameters": plan.counts(model),
         "trained_groups": plan.trained,
         "group_lr": plan.lrs,
+        "config_hash": status.config_hash,
+        "config": status.identity,
     }
-    if trainer.is_world_process_zero():
-        trainer.state.save_to_json(str(final_dir / TRAINER_STATE_FILE))  # log history: loss curves
-        (final_dir / STAGE_DONE_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-    trainer.accelerator.wait_for_everyone()
-    logger.info("%s done: %d steps in %.1fs, final model in %s", tag, output.global_step, runtime, final_dir)
+    final_dir = stage_final_dir(cfg, stage)
+    save_final(trainer, final_dir, metrics, checkpoint if checkpoint is not None and _holds_last_step(checkpoint) else None)
+    logger.info("%s done: %d steps in %.1fs, final model in %s", tag, global_step, runtime, final_dir)
     return metrics
 
 
-def _last_logged_loss(trainer: VLMTrainer) -> float | None:
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+def _holds_last_step(checkpoint: Checkpoint) -> bool:
+    state = read_json(checkpoint.path / TRAINER_STATE_FILE) or {}
+    return bool(state.get("max_steps")) and int(state.get("global_step", 0)) >= int(state["max_steps"])
+
+
+# Files of a checkpoint that are training state, not the model a final/ folder holds.
+_NOT_MODEL_FILES = re.compile(r"^(optimizer\.(pt|bin)|scheduler\.pt|scaler\.pt|rng_state.*\.pth|"
+                              r"vlmzoo_checkpoint\.json|latest|zero_to_(fp32|torch)\.py)$")
+
+
+def save_final(trainer: VLMTrainer, final_dir: Path, metrics: dict[str, Any], from_checkpoint: Checkpoint | None = None) -> None:
+    """Write the stage's ``final/`` atomically: model + processor (saved from the trainer, or copied
+    from ``from_checkpoint``, a checkpoint of the stage's last step), ``trainer_state.json`` and,
+    last, ``stage_complete.json`` go into ``tmp-final/``, which is flushed to disk and renamed."""
+    tmp = final_dir.with_name(FINAL_TMP_DIRNAME)
+    main = trainer.is_world_process_zero()
+    if main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.accelerator.wait_for_everyone()
+    if from_checkpoint is None:
+        trainer.save_model(str(tmp))
+    if main:
+        if from_checkpoint is not None:  # the same bytes the uninterrupted run saved there
+            tmp.mkdir(parents=True)
+            for path in sorted(from_checkpoint.path.iterdir()):
+                if path.is_file() and not _NOT_MODEL_FILES.match(path.name):
+                    shutil.copyfile(path, tmp / path.name)
+        else:
+            trainer.state.save_to_json(str(tmp / TRAINER_STATE_FILE))  # log history: loss curves
+        fsync_tree(tmp)
+        atomic_write_text(tmp / STAGE_DONE_FILE, json.dumps(metrics, indent=2) + "\n")
+        publish(tmp, final_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+def _last_logged_loss(log_history: list[dict[str, Any]]) -> float | None:
+    losses = [h["loss"] for h in log_history if "loss" in h]
     return losses[-1] if losses else None

@@ -1,27 +1,116 @@
-"""``VLMTrainer``: transformers' ``Trainer`` with one optimizer parameter group per module group.
+"""``VLMTrainer``: transformers' ``Trainer`` with one optimizer parameter group per module group,
+a seeded length-grouped order, atomic checkpoints and a loss sum that survives resuming.
 
 As LLaVA's ``llava_trainer`` gives the new projector its own learning rate, a stage here gives
 every module group (``connector``, ``llm``, ...) the rate its config names; the scheduler scales
-them all together. Everything else (loop, DeepSpeed, DDP, checkpoints with optimizer and
-scheduler state, resuming, logging integrations) is the stock ``Trainer``.
+them all together. Checkpoints hold the stock ``Trainer``'s files (weights, optimizer, scheduler,
+RNG states, trainer state), written under a temporary name and renamed when complete
+(:mod:`vlmzoo.training.checkpoints`). Everything else (loop, DeepSpeed, DDP, resuming, logging
+integrations) is the stock ``Trainer``.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import rotate_checkpoints
 
+from .checkpoints import CHECKPOINT_PREFIX, TMP_PREFIX, publish, write_manifest
 from .groups import StagePlan
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' ``LengthGroupedSampler`` whose order comes from its own generator, seeded with
+    ``seed + epoch`` (as accelerate's ``SeedableRandomSampler`` does for the default random order),
+    never from the global RNG: a run resumed in epoch k replays epoch k's order exactly, whatever
+    the global RNG holds. The ``Trainer`` calls :meth:`set_epoch` at the start of every epoch.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class VLMTrainer(Trainer):
     """``Trainer`` whose optimizer follows a :class:`StagePlan` (per-group learning rates)."""
 
-    def __init__(self, *args, stage_plan: StagePlan, **kwargs) -> None:
+    def __init__(self, *args, stage_plan: StagePlan, checkpoint_info: dict[str, Any] | None = None,
+                 loss_sum_start: float = 0.0, **kwargs) -> None:
+        """``checkpoint_info``: entries every checkpoint manifest records (the stage's config hash);
+        ``loss_sum_start``: the sum of the step losses before the step training starts at (a resume)."""
         self.stage_plan = stage_plan
+        self.checkpoint_info = dict(checkpoint_info or {})
+        self._loss_sum_start = float(loss_sum_start)
+        self._loss_sum: torch.Tensor | None = None
         self._flop_params: int | None = None
         super().__init__(*args, **kwargs)
+
+    # ---- the loss over every step, across resumes -------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._loss_sum is None:
+            dtype = torch.float32 if loss.device.type == "mps" else torch.float64
+            self._loss_sum = torch.tensor(self._loss_sum_start, dtype=dtype, device=loss.device)
+        self._loss_sum += loss.detach().to(self._loss_sum.dtype)  # stays on the device: no sync per step
+        return loss
+
+    def loss_sum(self) -> float:
+        """Sum over every optimizer step so far (this run's and, after a resume, the earlier ones')
+        of the step's training loss (the value the ``Trainer`` logs as ``loss``), averaged over processes."""
+        if self._loss_sum is None:
+            return self._loss_sum_start
+        return float(self.accelerator.reduce(self._loss_sum.clone(), reduction="mean").item())
+
+    # ---- atomic checkpoints -----------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint's files, written into ``tmp-checkpoint-N``, listed in a manifest
+        and renamed to ``checkpoint-N`` (then older ones rotated out as the stock ``Trainer`` does)."""
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        tmp, final = run_dir / f"{TMP_PREFIX}-{step}", run_dir / f"{CHECKPOINT_PREFIX}-{step}"
+        main = self.args.should_save
+        if main and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(tmp), _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(tmp))
+            self._save_scaler(str(tmp))
+            self._save_rng_state(str(tmp))
+        loss_sum = self.loss_sum()  # every process takes part in the reduction
+        if main:
+            for cb in self.callback_handler.callbacks + [self.control]:  # as the stock Trainer records them
+                if isinstance(cb, ExportableState):
+                    name, cb_state = cb.__class__.__name__, cb.state()
+                    if isinstance(self.state.stateful_callbacks.get(name), list):
+                        self.state.stateful_callbacks[name].append(cb_state)
+                    else:
+                        self.state.stateful_callbacks[name] = cb_state
+            self.state.save_to_json(os.path.join(tmp, "trainer_state.json"))
+        self.accelerator.wait_for_everyone()
+        if main:
+            write_manifest(tmp, step, {**self.checkpoint_info, "loss_sum": loss_sum})
+            publish(tmp, final)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def floating_point_ops(self, inputs) -> int:
         """Trainer's ``6 x tokens x parameters`` estimate (logged as ``total_flos``), with the
@@ -33,11 +122,13 @@ class VLMTrainer(Trainer):
         return 0 if ids is None else 6 * ids.numel() * self._flop_params
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length-grouped batches from the dataset's stored token lengths (no pass over the images)."""
+        """Length-grouped batches from the dataset's stored token lengths (no pass over the images),
+        in an order drawn from the run's seed and the epoch (:class:`SeededLengthGroupedSampler`)."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
-            return LengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return SeededLengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=dataset.lengths, seed=seed
             )
         return super()._get_train_sampler(train_dataset)
 
