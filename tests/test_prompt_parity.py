@@ -318,14 +318,35 @@ def test_chat_templates_agree_with_the_tokenizers_own(name, system, record):
     check_supervision(TemplateEncoder(tok, name), messages)
 
 
+@pytest.mark.parametrize("name", ["vicuna_v1", "plain", "llama3", "qwen2", "gemma2"])
+def test_a_continued_answer_is_the_sample_up_to_its_end_of_turn(legacy_tok, name):
+    """``continue_final_message`` (as in ``apply_chat_template``): the training sample without the
+    answer's end of turn, and the generation prompt's continuation ('▁', '42', ... under vicuna_v1)."""
+    tok = legacy_tok if name in ("vicuna_v1", "plain") else chat_tokenizer(name)
+    messages = RECORDS["image_mid"]
+    sample = encode_conversation(tok, name, messages, num_visual_tokens=N_VIS)
+    continued = TemplateEncoder(tok, name, num_visual_tokens=N_VIS).encode(messages, continue_final_message=True)
+    prompt = encode_conversation(tok, name, messages[:1], num_visual_tokens=N_VIS, add_generation_prompt=True)
+    end = {"vicuna_v1": ["</s>"], "plain": ["<0x0A>"], "llama3": ["<|eot_id|>"], "qwen2": ["<|im_end|>", "Ċ"],
+           "gemma2": ["<end_of_turn>", "Ċ"]}[name]
+    assert tok.convert_ids_to_tokens(sample.input_ids[len(continued):]) == end
+    assert continued.input_ids == sample.input_ids[: len(continued)]
+    answer = continued.input_ids[len(prompt):]
+    assert continued.input_ids[: len(prompt)] == prompt.input_ids
+    assert tok.decode(answer).strip() == "7 pears."
+    if name != "plain":  # (plain refuses a lone user message anyway)
+        with pytest.raises(ValueError, match="continue_final_message=True needs a conversation that ends with an assistant"):
+            TemplateEncoder(tok, name, num_visual_tokens=N_VIS).encode(messages[:1], continue_final_message=True)
+
+
 # ---- the tokenization-mismatch check -------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TrainsOnTheHeader(ConversationTemplate):
     """Broken: the assistant header is trained on as if it were part of the answer."""
 
-    def render(self, messages, image_token=IMAGE, add_generation_prompt=False):
+    def render(self, messages, *args, **kwargs):
         return [dataclasses.replace(s, target=True) if s.text == self.assistant_prefix else s
-                for s in super().render(messages, image_token, add_generation_prompt)]
+                for s in super().render(messages, *args, **kwargs)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,8 +354,8 @@ class PromptsWithTheSpace(ConversationTemplate):
     """Broken the way the issue reports: the generation prompt keeps the space after 'ASSISTANT:'
     ('▁ASSISTANT:', '▁') while training, tokenising the whole string, has '▁ASSISTANT:', '▁A'."""
 
-    def render(self, messages, image_token=IMAGE, add_generation_prompt=False):
-        segments = super().render(messages, image_token, add_generation_prompt)
+    def render(self, messages, image_token=IMAGE, add_generation_prompt=False, continue_final_message=False):
+        segments = super().render(messages, image_token, add_generation_prompt, continue_final_message)
         if add_generation_prompt:
             segments[-1] = dataclasses.replace(segments[-1], text=self.assistant_prefix)
         return segments

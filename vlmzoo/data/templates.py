@@ -151,12 +151,16 @@ class ConversationTemplate:
         messages: Sequence[Message],
         image_token: str = DEFAULT_IMAGE_TOKEN,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
     ) -> list[Segment]:
         """Messages -> ordered segments (empty text segments are dropped).
 
         ``image_token`` occurrences in user messages become ``"image"`` segments; in any other
         message they are an error. Raises ``ValueError`` for malformed conversations (roles not
         alternating user/assistant, system not first, generation prompt after an answer, ...).
+        ``continue_final_message``: the last (assistant) message without its end of turn, as
+        ``apply_chat_template(continue_final_message=True)`` renders it: a training sample's
+        tokens up to the end of that answer.
         """
         system, turns = _split_roles(messages, self.name)
         if self.single_turn and not (
@@ -169,6 +173,9 @@ class ConversationTemplate:
             )
         if add_generation_prompt and turns[-1]["role"] != "user":
             raise ValueError("add_generation_prompt=True needs a conversation that ends with a user message.")
+        if continue_final_message and (add_generation_prompt or turns[-1]["role"] != "assistant"):
+            raise ValueError("continue_final_message=True needs a conversation that ends with an assistant message "
+                             "(and no add_generation_prompt).")
         for m in [*turns, *([{"role": "system", "content": system}] if system else [])]:
             if m["role"] != "user" and image_token in m["content"]:
                 raise ValueError(f"Found {image_token!r} in a {m['role']} message; images belong in user messages.")
@@ -186,7 +193,7 @@ class ConversationTemplate:
             fold = system + self.system_fold_separator
 
         first_user = True
-        for message in turns:
+        for i, message in enumerate(turns):
             content = message["content"]
             if message["role"] == "user":
                 segs.append(Segment("text", self.user_prefix))
@@ -198,6 +205,8 @@ class ConversationTemplate:
             else:
                 segs.append(Segment("text", self.assistant_prefix))
                 segs.append(Segment("text", content, target=True))
+                if continue_final_message and i == len(turns) - 1:
+                    break
                 segs.append(Segment("text", self.assistant_end, target=True))
                 if self.assistant_end_eos:
                     segs.append(Segment("eos", target=True))
@@ -444,9 +453,11 @@ class TemplateEncoder:
         messages: Sequence[Message],
         max_length: int | None = None,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
     ) -> EncodedConversation:
-        """Tokenise one conversation; see :func:`encode_conversation`."""
-        segments = self.template.render(messages, self.image_token, add_generation_prompt)
+        """Tokenise one conversation; see :func:`encode_conversation` (``continue_final_message``:
+        see :meth:`ConversationTemplate.render`)."""
+        segments = self.template.render(messages, self.image_token, add_generation_prompt, continue_final_message)
         if self.template.tokenization == "whole":
             ids, flags, image_spans = self._tokenize_whole(segments)
         else:
