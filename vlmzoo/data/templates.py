@@ -544,22 +544,27 @@ def _token_flags(parts: Sequence[tuple[str, bool, bool]], offsets: Sequence[tupl
     the character at its position."""
     target: list[bool] = []
     instruction: list[bool] = []
+    part_starts: list[int] = []
     for text, is_target, is_instruction in parts:
+        part_starts.append(len(target))
         target.extend([is_target] * len(text))
         instruction.extend([is_instruction] * len(text))
     text = "".join(t for t, _, _ in parts)
     n = len(text)
     lead = [False] * n  # spaces just before a target run
-    for i in range(n - 1, -1, -1):
-        lead[i] = not target[i] and text[i] == " " and i + 1 < n and (target[i + 1] or lead[i + 1])
+    for start, (_, is_target, _) in zip(part_starts, parts):
+        j = start - 1
+        while is_target and j >= 0 and text[j] == " " and not target[j]:
+            lead[j] = True
+            j -= 1
     out: list[_Flags] = []
     for start, end in offsets:
         if end <= start:  # no characters (e.g. an inserted '▁'): the character at its position
             start = min(start, n - 1)
             end = start + 1
-        chars = range(max(start, 0), min(end, n))
-        is_target = any(target[c] for c in chars) or (len(chars) > 0 and all(lead[c] for c in chars))
-        out.append((is_target, any(instruction[c] for c in chars)))
+        start, end = max(start, 0), min(end, n)
+        is_target = True in target[start:end] or (end > start and all(lead[start:end]))
+        out.append((is_target, True in instruction[start:end]))
     return out
 
 
