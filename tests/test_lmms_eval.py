@@ -28,6 +28,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from test_templates import build_word_tokenizer  # noqa: E402
+from vlmzoo.training.runner import processor_with_template  # noqa: E402
 from test_tg_llava import CLIP_TEXT, TINY_TG  # noqa: E402
 from tiny import TINY_LLMS, tiny_clip_vision_spec  # noqa: E402
 
@@ -54,7 +55,11 @@ def doc_to_visual(doc: dict) -> list:
 
 @pytest.fixture(scope="module", params=["llava", "tg_llava"])
 def saved(request, tmp_path_factory):
-    """A tiny model of the strategy saved with its processor (vicuna_v1 template, word tokenizer)."""
+    """A tiny model of the strategy saved with its processor (qwen2 template, word tokenizer).
+
+    qwen2's assistant header ends with a newline, so an answer's tokens are those of its text: a
+    greedy continuation can be written from generated ids. (Under vicuna_v1 this tokenizer's space
+    token after "ASSISTANT:" is the answer's first token, which a random model never generates.)"""
     from vlmzoo import VLMConfig, VLMForConditionalGeneration
     from vlmzoo.processing import VLMProcessor
 
@@ -76,7 +81,7 @@ def saved(request, tmp_path_factory):
         for name, p in model.named_parameters():
             if p.dim() == 2 and not name.startswith(("vision_tower.", "text_encoder.")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    processor = VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="vicuna_v1")
+    processor = VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2")
     path = tmp_path_factory.mktemp(f"lmms_{request.param}")
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -143,11 +148,22 @@ def _greedy_ids(model, processor, doc: dict, max_new_tokens: int) -> list[int]:
     return out[0, batch["input_ids"].shape[1]:].tolist()
 
 
+def _answer_ids(processor, doc: dict, answer: str) -> list[int]:
+    """The tokens a training sample answering ``doc`` with ``answer`` holds after the generation
+    prompt, its end of turn ('<|im_end|>', '\\n' under qwen2) left off."""
+    question = [{"role": "user", "content": "<image>\n" * len(doc["images"]) + doc["question"]}]
+    prompt = processor.encode(question, add_generation_prompt=True).input_ids
+    sample = processor.encode(question + [{"role": "assistant", "content": answer}]).input_ids
+    end = processor.tokenizer.convert_tokens_to_ids(["<|im_end|>", "\n"])
+    assert sample[: len(prompt)] == prompt and sample[-2:] == end
+    return sample[len(prompt):-2]
+
+
 @torch.no_grad()
 def _logprob(model, processor, doc: dict, continuation: str) -> tuple[float, list[int], list[int]]:
     """-> (sum log p of the continuation's tokens, its tokens, the model's arg-max at those positions)."""
     batch = _prompt(processor, doc)
-    cont = processor.tokenizer(continuation.lstrip(), add_special_tokens=False)["input_ids"]
+    cont = _answer_ids(processor, doc, continuation.lstrip())
     ids = torch.cat([batch["input_ids"], torch.tensor([cont])], dim=1)
     inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "instruction_mask")}
     logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits[0].double()
@@ -238,15 +254,21 @@ def test_loglikelihood_equals_log_softmax_of_the_logits(plugin_class, saved):
     assert len({round(r[0], 3) for r in results}) >= len(results) - 2  # log-probs depend on the request
 
 
-def test_continuation_is_scored_as_the_template_encodes_answers(saved):
-    """The scored tokens are those a training sample with this answer holds after the prompt."""
-    _, _, processor = saved
+@pytest.mark.parametrize("template", ["qwen2", "vicuna_v1"])
+def test_continuation_is_scored_as_the_template_encodes_answers(plugin_class, saved, template):
+    """The scored tokens are those a training sample with this answer holds after the prompt (its
+    end of turn left off): under vicuna_v1 they start with the space after "ASSISTANT:"."""
+    path, _, processor = saved
+    lm = _lm(plugin_class, path)
+    lm._processor = processor_with_template(processor, template)
     doc = _docs()[0]
+    feature, (n_prompt, n_cont) = lm._scoring_feature((doc["question"], " A cat on a mat.", doc_to_visual, 0, TASK, SPLIT))
     question = [{"role": "user", "content": "<image>\n" + doc["question"]}]
-    prompt = processor.encode(question, add_generation_prompt=True).input_ids
-    answer = processor.encode(question + [{"role": "assistant", "content": "A cat on a mat."}]).input_ids
-    cont = processor.tokenizer("A cat on a mat.", add_special_tokens=False)["input_ids"]
-    assert answer[: len(prompt) + len(cont)] == prompt + cont
+    sample = lm._processor.encode(question + [{"role": "assistant", "content": "A cat on a mat."}]).input_ids
+    n_end = {"qwen2": 2, "vicuna_v1": 1}[template]  # '<|im_end|>', '\n' / '</s>'
+    assert feature["input_ids"] == sample[:-n_end] and n_prompt + n_cont == len(sample) - n_end
+    lead = {"qwen2": [], "vicuna_v1": [" "]}[template]
+    assert processor.tokenizer.decode(sample[n_prompt:n_prompt + n_cont]) == "".join(lead) + "A cat on a mat."
 
 
 def test_bad_visuals_and_args_are_clear_errors(plugin_class, saved):

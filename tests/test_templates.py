@@ -6,6 +6,8 @@ each template, and the target tokens are decoded and compared with the answers +
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -68,13 +70,13 @@ CONV = [
     {"role": "assistant", "content": A2},
 ]
 
-# template -> (messages, full expected text, end-of-answer marker, expected assistant header)
+# template -> (messages, full expected text, end-of-answer marker, expected generation header)
 CASES = {
     "vicuna_v1": (
         CONV,
         f"<s>{VICUNA_SYSTEM} USER: {IMG}\n{Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
         "</s>",
-        "ASSISTANT: ",
+        "ASSISTANT:",  # LLaVA-1.5's generation prompt: the space goes with the answer's first token
     ),
     "llama3": (
         [{"role": "system", "content": "Be brief."}, *CONV],
@@ -102,6 +104,9 @@ CASES = {
         "<start_of_turn>model\n",
     ),
 }
+# Text trained on before each answer: whole-string tokenisation gives the space after "ASSISTANT:"
+# to the answer (this tokenizer makes it a token of its own), as LLaVA-1.5's masking does.
+LEAD = {"vicuna_v1": " "}
 
 
 def target_runs(labels: list[int]) -> list[list[int]]:
@@ -134,7 +139,8 @@ def test_multi_turn_labels_token_by_token(tok, name):
         if tid == image_id:
             assert label == IGNORE_INDEX
     # Exactly the two answers and their end markers are trained on, nothing else.
-    assert [decode(tok, run) for run in target_runs(enc.labels)] == [A1 + end, A2 + end]
+    lead = LEAD.get(name, "")
+    assert [decode(tok, run) for run in target_runs(enc.labels)] == [lead + A1 + end, lead + A2 + end]
     # The instruction mask covers exactly the first user text (no role markers, images or answers).
     masked = [t for t, m in zip(enc.input_ids, enc.instruction_mask) if m]
     assert decode(tok, masked) == "\n" + Q1
@@ -148,8 +154,9 @@ def test_multi_turn_labels_token_by_token(tok, name):
 def test_plain_template_drops_user_text(tok):
     messages = [{"role": "user", "content": "Describe the image.\n<image>"}, {"role": "assistant", "content": "A dog runs in the park."}]
     enc = encode_conversation(tok, "plain", messages, num_visual_tokens=N_VIS)
-    assert decode(tok, enc.input_ids) == f"<s>{IMG}A dog runs in the park.</s>"
-    assert [decode(tok, r) for r in target_runs(enc.labels)] == ["A dog runs in the park.</s>"]
+    # LLaVA's plain conversation: "<image>" + caption + "\n", the caption and newline trained on.
+    assert decode(tok, enc.input_ids) == f"<s>{IMG}A dog runs in the park.\n"
+    assert [decode(tok, r) for r in target_runs(enc.labels)] == ["A dog runs in the park.\n"]
     assert not any(enc.instruction_mask)
     with pytest.raises(ValueError, match="exactly one user message"):
         encode_conversation(tok, "plain", CONV, num_visual_tokens=N_VIS)
@@ -232,6 +239,10 @@ def test_custom_template_instance_round_trips(tok):
     custom = ConversationTemplate(name="mine", user_prefix="user: ", user_suffix="\n", assistant_prefix="assistant: ", assistant_end_eos=True)
     assert ConversationTemplate.from_dict(custom.to_dict()) == custom
     enc = encode_conversation(tok, custom, CONV[:2], num_visual_tokens=N_VIS)
+    assert decode(tok, enc.input_ids) == f"user: {IMG}\n{Q1}\nassistant: {A1}</s>"
+    assert [decode(tok, r) for r in target_runs(enc.labels)] == [" " + A1 + "</s>"]  # whole-string: the space leads the answer
+    by_segment = dataclasses.replace(custom, tokenization="segments")
+    enc = encode_conversation(tok, by_segment, CONV[:2], num_visual_tokens=N_VIS)
     assert decode(tok, enc.input_ids) == f"user: {IMG}\n{Q1}\nassistant: {A1}</s>"
     assert [decode(tok, r) for r in target_runs(enc.labels)] == [A1 + "</s>"]
 

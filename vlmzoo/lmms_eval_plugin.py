@@ -14,10 +14,11 @@ How requests become model inputs (the same path as :mod:`vlmzoo.evaluation`):
 * ``generate_until``: left-padded batches through :func:`vlmzoo.evaluation.generate_texts`
   (``model.generate``, KV cache, greedy unless the task asks for ``do_sample`` with a temperature
   > 0), stopped and cut at the first of the task's ``until`` strings;
-* ``loglikelihood``: the continuation is scored as the assistant's answer, tokenised on its own
-  as training tokenises answers (leading whitespace, lmms-eval's target delimiter, dropped since
-  the assistant header ends the prompt); one forward pass over prompt + continuation (with the
-  images) gives the summed log-probability of its tokens and whether each is the arg-max.
+* ``loglikelihood``: the continuation is scored as the assistant's answer: the tokens a training
+  sample with that answer holds after the generation prompt, its end of turn left off (leading
+  whitespace, lmms-eval's target delimiter, dropped: the template puts its own separator); one
+  forward pass over prompt + continuation (with the images) gives the summed log-probability of
+  its tokens and whether each is the arg-max.
 
 This module imports lmms_eval at top level; ``import vlmzoo`` never imports this module.
 """
@@ -246,8 +247,16 @@ class VLMZooLMM(lmms):
             raise TypeError(f"vlmzoo: the continuation of doc {doc_id!r} of task {task!r} is a "
                             f"{type(continuation).__name__}, not a string.")
         images = self._images(doc_to_visual, doc_id, task, split)
-        enc = self._processor.encode(self._messages(context, len(images), doc_id, task), add_generation_prompt=True)
-        cont_ids = list(self.tokenizer(continuation.lstrip(), add_special_tokens=False)["input_ids"]) if continuation.strip() else []
+        messages = self._messages(context, len(images), doc_id, task)
+        enc = self._processor.encode(messages, add_generation_prompt=True)
+        cont_ids: list[int] = []
+        if continuation.strip():
+            answered = [*messages, {"role": "assistant", "content": continuation.lstrip()}]
+            sample = self._processor.encoder.encode(answered, continue_final_message=True).input_ids
+            if sample[: len(enc.input_ids)] != list(enc.input_ids):
+                raise ValueError(f"vlmzoo: template {self._processor.template.name!r} prompts doc {doc_id!r} of task "
+                                 f"{task!r} with tokens that its samples with an answer do not start with.")
+            cont_ids = sample[len(enc.input_ids):]
         feature = {
             "input_ids": list(enc.input_ids) + cont_ids,
             "labels": [],

@@ -2,6 +2,7 @@
 
 from .llava_json import LlavaJsonDataset, VLMDataCollator
 from .records import LlavaDataError, SkippedRecord, iter_json_records, normalize_record, read_llava_records
+from .supervision import TokenizationMismatchError, check_supervision
 from .templates import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
@@ -26,8 +27,10 @@ __all__ = [
     "Segment",
     "SkippedRecord",
     "TemplateEncoder",
+    "TokenizationMismatchError",
     "VLMDataCollator",
     "available_templates",
+    "check_supervision",
     "encode_conversation",
     "get_template",
     "iter_json_records",

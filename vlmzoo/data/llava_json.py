@@ -14,6 +14,9 @@ memory, so a 665K-record file is fine):
    ``Dataset.map``), checks lengths against the LLM's positions, counts truncations (one summary
    warning), and raises on the first bad record (``on_error="raise"``) or skips bad records and
    reports them by id (``on_error="skip"``: one summary warning, the full list in ``dataset.skipped``).
+   Then it checks a few samples' label masks against their conversations
+   (:func:`~vlmzoo.data.supervision.check_supervision`) and refuses the data set, naming the
+   record, on a "tokenization mismatch".
 4. ``dataset[i]`` loads and preprocesses the images; :class:`VLMDataCollator` pads a list of those
    into the model's batch (see :mod:`vlmzoo.processing`).
 """
@@ -32,12 +35,15 @@ from PIL import Image
 
 from .checks import ImagePathError, image_problems, resolve_image_path
 from .records import CACHE_VERSION, LlavaDataError, SkippedRecord, read_llava_records
+from .supervision import TokenizationMismatchError, check_supervision
 from .templates import DEFAULT_IMAGE_TOKEN, TemplateEncoder
 
 if TYPE_CHECKING:
     from ..processing import VLMProcessor
 
 logger = logging.getLogger(__name__)
+
+_CHECK_WINDOW = 256  # check_samples picks the longest conversations among this many usable records
 
 OnError = Literal["raise", "skip"]
 ImageCheck = Literal["none", "exists", "decode"]
@@ -128,6 +134,11 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         allow_absolute_paths: accept absolute image paths and symlinks out of the image folder
             (``data.allow_absolute_image_paths``); ``..`` climbing out of it stays an error.
         move_image_to_front: like LLaVA-1.5, rewrite a single-image turn to ``"<image>\\n" + text``.
+        check_samples: before use, check this many samples (those with the most turns among the
+            first 256 usable records) with :func:`~vlmzoo.data.supervision.check_supervision`: a
+            label mask that disagrees with the conversation (LLaVA's "tokenization mismatch")
+            raises :class:`~vlmzoo.data.LlavaDataError` naming the record, whatever ``on_error``
+            says (it is the template or tokenizer at fault, not the record). 0 = no check.
         cache_dir: ``datasets`` cache directory (default: the ``datasets`` cache).
         num_proc: processes for tokenisation.
 
@@ -155,6 +166,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         check_images: ImageCheck = "exists",
         allow_absolute_paths: bool = False,
         move_image_to_front: bool = True,
+        check_samples: int = 4,
         cache_dir: str | None = None,
         num_proc: int | None = None,
     ) -> None:
@@ -229,12 +241,35 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             )
         if len(self.data) == 0:
             raise LlavaDataError(self.json_path, f"no usable records (all {self.num_records} were skipped).")
+        self._check_supervision(records, set(errors), check_samples, move_image_to_front)
 
     # ---- validation -----------------------------------------------------------------------------------
     def _bad(self, errors: dict[int, tuple[str, str]], index: int, record_id: str, reason: str) -> None:
         if self.on_error == "raise":
             raise LlavaDataError(self.json_path, reason, record_id, index)
         errors.setdefault(index, (record_id, reason))
+
+    def _check_supervision(self, records: datasets.Dataset, bad: set[int], n: int, move_image_to_front: bool) -> None:
+        """Refuse the data set, naming the record, if one of ``n`` samples trains on anything but its answers."""
+        if n <= 0:
+            return
+        encoder = self.processor.encoder
+        usable = []
+        for batch in records.iter(batch_size=_CHECK_WINDOW):
+            for index, rid, messages, images, error in zip(
+                batch["index"], batch["id"], batch["messages"], batch["images"], batch["error"]
+            ):
+                if error is None and index not in bad:
+                    usable.append((index, rid, messages, images))
+            if len(usable) >= _CHECK_WINDOW:
+                break
+        usable = sorted(usable[:_CHECK_WINDOW], key=lambda r: -len(r[2]))[:n]
+        for index, rid, messages, images in sorted(usable, key=lambda r: r[0]):
+            prepared = _prepare_messages(messages, len(images), encoder.image_token, move_image_to_front)
+            try:
+                check_supervision(encoder, prepared)
+            except TokenizationMismatchError as exc:
+                raise LlavaDataError(self.json_path, f"tokenization mismatch: {exc}", rid, index) from exc
 
     def _collect_errors(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]]) -> None:
         for batch in ds.select_columns(["index", "id", "error"]).iter(batch_size=50_000):

@@ -5,29 +5,44 @@ markers, system-prompt handling). :meth:`ConversationTemplate.render` turns a li
 ``[{"role": "user" | "assistant" | "system", "content": str}]`` into an ordered list of
 :class:`Segment` s, each flagged as *target* (contributes to the loss) and/or *instruction*
 (inside the instruction span, by one of :data:`INSTRUCTION_SPAN_RULES`). :class:`TemplateEncoder`
-tokenises each segment separately and concatenates, so labels and the instruction mask come
-straight from the segment flags (never from re-searching separators in the token stream).
+tokenises them and takes labels and the instruction mask from the segment flags (never from
+re-searching separators in the token stream).
 
 Built-in templates (see :func:`available_templates`): ``plain`` (LLaVA stage-1 captioning),
 ``vicuna_v1`` (LLaVA-1.5), ``llama3``, ``qwen2`` and ``gemma2``. A custom format is simply another
 ``ConversationTemplate`` instance passed wherever a template name is accepted; nothing global is
 ever mutated.
 
-Tokenising segments separately can differ at segment boundaries from tokenising the whole string
-at once (e.g. SentencePiece's leading-space marker); training and generation both go through
-:class:`TemplateEncoder`, and a generation prompt is a token-exact prefix of the training sample,
-so the two stay consistent.
+How the text is tokenised is part of the template (:attr:`ConversationTemplate.tokenization`):
+
+* ``"whole"`` (every built-in template): the text between two images is tokenised as one string,
+  as LLaVA's ``tokenizer_image_token`` and a tokenizer's own ``apply_chat_template`` do, so the ids
+  are those of the reference pipelines token for token. Each token takes the flags of the
+  characters it covers (its offsets; a fast tokenizer is needed). A space before an answer belongs
+  to the answer's first token (SentencePiece's ``'▁A'``, byte-level BPE's ``'ĠA'``), so it is
+  trained on and a generation prompt ends before it: LLaVA-1.5 trains on ``'▁ASSISTANT:', '▁A'``
+  and prompts with ``... '▁ASSISTANT:'``.
+* ``"segments"``: each segment is tokenised on its own and the pieces are concatenated. Labels are
+  exact per segment, but ids can differ from the whole string's at segment boundaries (e.g.
+  ``"ASSISTANT: "`` alone ends ``':', '▁'``).
+
+Either way a generation prompt is a token-exact prefix of the training sample of the same
+conversation; :func:`vlmzoo.data.check_supervision` verifies that, and that the labels are the
+answers, on real samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Mapping, Sequence, get_args
 
 from ..strategy import InstructionSpanRule
 from ..utils import build_dataclass, nearest_names
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 """Label value of tokens that do not contribute to the loss."""
@@ -36,7 +51,9 @@ DEFAULT_IMAGE_TOKEN = "<image>"
 
 SegmentKind = Literal["text", "image", "bos", "eos"]
 SystemMode = Literal["turn", "fold", "drop"]
+Tokenization = Literal["whole", "segments"]
 Message = Mapping[str, str]
+_Flags = tuple[bool, bool]  # (target, instruction) of one token
 
 INSTRUCTION_SPAN_RULES: tuple[str, ...] = get_args(InstructionSpanRule)
 """Which tokens the instruction mask marks (``vlmzoo.StrategyNeeds.instruction_span_rule``):
@@ -78,7 +95,8 @@ class ConversationTemplate:
 
     where ``end`` is ``assistant_end`` and/or the tokenizer's EOS (``assistant_end_eos``); ANSWER and
     ``end`` are the targets. With ``add_generation_prompt`` the rendering stops after the last
-    ``assistant_prefix``.
+    ``assistant_prefix`` (under ``"whole"`` tokenisation without its trailing spaces, which belong
+    to the answer's first token).
 
     Attributes:
         name: template name.
@@ -99,6 +117,9 @@ class ConversationTemplate:
             format); :attr:`EncodedConversation.instruction_text` still carries their text.
         single_turn: exactly one user message (and one assistant answer) per conversation.
         required_tokens: literal markers that must each be a single token of the tokenizer.
+        tokenization: ``"whole"``: tokenise the text between images as one string (the reference
+            pipelines' ids; labels from token offsets, needs a fast tokenizer); ``"segments"``:
+            tokenise each segment on its own. See the module docstring.
     """
 
     name: str
@@ -117,8 +138,11 @@ class ConversationTemplate:
     drop_user_text: bool = False
     single_turn: bool = False
     required_tokens: tuple[str, ...] = field(default=())
+    tokenization: Tokenization = "whole"
 
     def __post_init__(self) -> None:
+        if self.tokenization not in ("whole", "segments"):
+            raise ValueError(f"tokenization of template {self.name!r} must be 'whole' or 'segments', got {self.tokenization!r}.")
         if self.system_mode not in ("turn", "fold", "drop"):
             raise ValueError(f"system_mode must be 'turn', 'fold' or 'drop', got {self.system_mode!r}.")
         if self.system_mode == "turn" and "{content}" not in self.system_format:
@@ -141,6 +165,7 @@ class ConversationTemplate:
         image_token: str = DEFAULT_IMAGE_TOKEN,
         add_generation_prompt: bool = False,
         instruction_rule: InstructionSpanRule = "first_user_text",
+        continue_final_message: bool = False,
     ) -> list[Segment]:
         """Messages -> ordered segments (empty text segments are dropped).
 
@@ -149,6 +174,9 @@ class ConversationTemplate:
         decides which segments are flagged ``instruction``. Raises ``ValueError`` for malformed
         conversations (roles not alternating user/assistant, system not first, generation prompt
         after an answer, ...) and for an unknown rule.
+        ``continue_final_message``: the last (assistant) message without its end of turn, as
+        ``apply_chat_template(continue_final_message=True)`` renders it: a training sample's
+        tokens up to the end of that answer.
         """
         if instruction_rule not in INSTRUCTION_SPAN_RULES:
             raise ValueError(f"instruction_rule must be one of {INSTRUCTION_SPAN_RULES}, got {instruction_rule!r}.")
@@ -163,6 +191,9 @@ class ConversationTemplate:
             )
         if add_generation_prompt and turns[-1]["role"] != "user":
             raise ValueError("add_generation_prompt=True needs a conversation that ends with a user message.")
+        if continue_final_message and (add_generation_prompt or turns[-1]["role"] != "assistant"):
+            raise ValueError("continue_final_message=True needs a conversation that ends with an assistant message "
+                             "(and no add_generation_prompt).")
         for m in [*turns, *([{"role": "system", "content": system}] if system else [])]:
             if m["role"] != "user" and image_token in m["content"]:
                 raise ValueError(f"Found {image_token!r} in a {m['role']} message; images belong in user messages.")
@@ -181,7 +212,7 @@ class ConversationTemplate:
 
         first_user = True
         reply_at: int | None = None  # index of the first assistant header
-        for message in turns:
+        for i, message in enumerate(turns):
             content = message["content"]
             if message["role"] == "user":
                 segs.append(Segment("text", self.user_prefix))
@@ -194,13 +225,18 @@ class ConversationTemplate:
                 reply_at = len(segs) if reply_at is None else reply_at
                 segs.append(Segment("text", self.assistant_prefix))
                 segs.append(Segment("text", content, target=True))
+                if continue_final_message and i == len(turns) - 1:
+                    break
                 segs.append(Segment("text", self.assistant_end, target=True))
                 if self.assistant_end_eos:
                     segs.append(Segment("eos", target=True))
                 segs.append(Segment("text", self.assistant_suffix))
         if add_generation_prompt:
             reply_at = len(segs) if reply_at is None else reply_at
-            segs.append(Segment("text", self.assistant_prefix))
+            # Under whole-string tokenisation the spaces after the header are the answer's first
+            # token's ('▁A'): the prompt ends before them (LLaVA-1.5: "... ASSISTANT:").
+            header = self.assistant_prefix.rstrip(" ") if self.tokenization == "whole" else self.assistant_prefix
+            segs.append(Segment("text", header))
         if instruction_rule == "before_reply_role":
             segs = self._before_reply_role(segs, reply_at)
         return [s for s in segs if s.kind != "text" or s.text]
@@ -271,22 +307,25 @@ def _split_roles(messages: Sequence[Message], template: str) -> tuple[str | None
 # ---- built-in templates --------------------------------------------------------------------------
 
 VICUNA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+"""LLaVA-1.5's ``conv_vicuna_v1`` system prompt (LLaVA-1.0's ``v0`` says "human" instead of "user")."""
 
 _BUILTIN: Mapping[str, ConversationTemplate] = MappingProxyType(
     {
         t.name: t
         for t in (
+            # LLaVA's ``conv_llava_plain``: "<image>" + caption + "\n", the caption and newline trained on.
             ConversationTemplate(
                 name="plain",
                 tokenizer_bos=True,
                 system_mode="drop",
-                assistant_end_eos=True,
+                assistant_end="\n",
                 drop_user_text=True,
                 single_turn=True,
             ),
+            # LLaVA-1.5's ``conv_vicuna_v1``: "{system} USER: {q} ASSISTANT: {a}</s>USER: ...".
             ConversationTemplate(
                 name="vicuna_v1",
                 tokenizer_bos=True,
@@ -413,7 +452,7 @@ class TemplateEncoder:
     """Tokenises conversations with one tokenizer and template (validated once, reusable).
 
     Args:
-        tokenizer: any Hugging Face tokenizer.
+        tokenizer: any Hugging Face tokenizer (a fast one for ``"whole"`` tokenisation).
         template: a template name or instance.
         image_token: the placeholder in message text, which must also be a single token.
         num_visual_tokens: image tokens per image placeholder.
@@ -448,6 +487,21 @@ class TemplateEncoder:
         self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         if self.template.assistant_end_eos and self.eos_token_id is None:
             raise ValueError(f"Template {self.template.name!r} ends answers with EOS, but the tokenizer has no eos_token.")
+        name = self.template.name
+        if self.template.tokenization == "whole":
+            if not getattr(tokenizer, "is_fast", False):
+                raise ValueError(
+                    f"Template {name!r} tokenises whole strings, which needs token offsets: load a fast tokenizer "
+                    f"(use_fast=True), or use {{'base': {name!r}, 'tokenization': 'segments'}}."
+                )
+            if self.template.assistant_end_eos:  # written as text into the string, the tokenizer must keep it
+                _single_token_id(tokenizer, tokenizer.eos_token, f"The EOS token ending template {name!r}'s answers")
+        if not self.template.assistant_end_eos and not tokenizer.encode(self.template.assistant_end, add_special_tokens=False):
+            logger.warning(
+                "Template %r ends answers with %r, which this tokenizer encodes to no token: answers get no "
+                "end-of-turn token (end them with EOS: {'base': %r, 'assistant_end': '', 'assistant_end_eos': True}).",
+                name, self.template.assistant_end, name,
+            )
 
     def _query_text(self, messages: Sequence[Message]) -> str:
         """The last user message's text, image placeholders removed and stripped. Also under a
@@ -463,32 +517,21 @@ class TemplateEncoder:
         messages: Sequence[Message],
         max_length: int | None = None,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
     ) -> EncodedConversation:
-        """Tokenise one conversation; see :func:`encode_conversation`."""
-        segments = self.template.render(messages, self.image_token, add_generation_prompt, self.instruction_rule)
+        """Tokenise one conversation; see :func:`encode_conversation` (``continue_final_message``:
+        see :meth:`ConversationTemplate.render`)."""
+        segments = self.template.render(messages, self.image_token, add_generation_prompt,
+                                        instruction_rule=self.instruction_rule,
+                                        continue_final_message=continue_final_message)
         if self.visual_tokens_first:
             segments = [s for s in segments if s.kind == "image"] + [s for s in segments if s.kind != "image"]
-        segments = _merge_text(segments)
-        texts = [s.text for s in segments if s.kind == "text"]
-        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
-
-        ids: list[int] = []
-        labels: list[int] = []
-        instr: list[bool] = []
-        image_spans: list[tuple[int, int]] = []
-        for seg in segments:
-            if seg.kind == "text":
-                piece = list(next(text_ids))
-            elif seg.kind == "image":
-                image_spans.append((len(ids), len(ids) + self.num_visual_tokens))
-                piece = [self.image_token_id] * self.num_visual_tokens
-            elif seg.kind == "bos":
-                piece = [] if self.bos_token_id is None else [self.bos_token_id]
-            else:
-                piece = [self.eos_token_id]
-            ids.extend(piece)
-            labels.extend(piece if seg.target else [IGNORE_INDEX] * len(piece))
-            instr.extend([seg.instruction] * len(piece))
+        if self.template.tokenization == "whole":
+            ids, flags, image_spans = self._tokenize_whole(segments)
+        else:
+            ids, flags, image_spans = self._tokenize_segments(_merge_text(segments))
+        labels = [tid if target else IGNORE_INDEX for tid, (target, _) in zip(ids, flags)]
+        instr = [instruction for _, instruction in flags]
 
         instruction_text = self._query_text(messages)
         truncated = False
@@ -505,6 +548,92 @@ class TemplateEncoder:
             ids, labels, instr = ids[:max_length], labels[:max_length], instr[:max_length]
             truncated = True
         return EncodedConversation(ids, labels, instr, truncated, len(image_spans), instruction_text)
+
+    def _special_piece(self, seg: Segment, ids: list[int], image_spans: list[tuple[int, int]]) -> list[int]:
+        """Ids of an ``image`` / ``bos`` / ``eos`` segment placed at ``len(ids)`` (records image spans)."""
+        if seg.kind == "image":
+            image_spans.append((len(ids), len(ids) + self.num_visual_tokens))
+            return [self.image_token_id] * self.num_visual_tokens
+        if seg.kind == "bos":
+            return [] if self.bos_token_id is None else [self.bos_token_id]
+        return [self.eos_token_id]
+
+    def _tokenize_segments(self, segments: list[Segment]) -> tuple[list[int], list[_Flags], list[tuple[int, int]]]:
+        """Each text segment tokenised on its own -> (ids, (target, instruction) per id, image spans)."""
+        texts = [s.text for s in segments if s.kind == "text"]
+        text_ids = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        ids: list[int] = []
+        flags: list[_Flags] = []
+        image_spans: list[tuple[int, int]] = []
+        for seg in segments:
+            piece = list(next(text_ids)) if seg.kind == "text" else self._special_piece(seg, ids, image_spans)
+            ids.extend(piece)
+            flags.extend([(seg.target, seg.instruction)] * len(piece))
+        return ids, flags, image_spans
+
+    def _tokenize_whole(self, segments: list[Segment]) -> tuple[list[int], list[_Flags], list[tuple[int, int]]]:
+        """The text between images (EOS written as its token text) tokenised as one string, as
+        LLaVA's ``tokenizer_image_token`` does; each token takes the flags of its characters."""
+        # Each unit: an image / BOS segment, or a string's parts [(text, target, instruction), ...].
+        units: list[Segment | list[tuple[str, bool, bool]]] = []
+        for seg in segments:
+            if seg.kind in ("image", "bos"):
+                units.append(seg)
+                continue
+            if not units or isinstance(units[-1], Segment):
+                units.append([])
+            text = seg.text if seg.kind == "text" else self.tokenizer.eos_token
+            units[-1].append((text, seg.target, seg.instruction))  # type: ignore[union-attr]
+        strings = ["".join(t for t, _, _ in u) for u in units if not isinstance(u, Segment)]
+        batch = self.tokenizer(strings, add_special_tokens=False, return_offsets_mapping=True) if strings else None
+        encodings = iter(batch.encodings if batch is not None else ())
+        ids: list[int] = []
+        flags: list[_Flags] = []
+        image_spans: list[tuple[int, int]] = []
+        for unit in units:
+            if isinstance(unit, Segment):
+                piece = self._special_piece(unit, ids, image_spans)
+                ids.extend(piece)
+                flags.extend([(unit.target, unit.instruction)] * len(piece))
+            else:
+                enc = next(encodings)
+                ids.extend(enc.ids)
+                flags.extend(_token_flags(unit, enc.offsets))
+        return ids, flags, image_spans
+
+
+
+def _token_flags(parts: Sequence[tuple[str, bool, bool]], offsets: Sequence[tuple[int, int]]) -> list[_Flags]:
+    """(target, instruction) of each token of the string ``"".join(texts of parts)``, from its
+    character ``offsets``: a token is target / instruction if any character it covers is. Spaces
+    right before a target belong to it (SentencePiece's ``'▁A'``, byte-level BPE's ``'ĠA'``; a
+    token of such spaces alone, e.g. the ``'▁'`` before ``'4'``, is target too), as LLaVA's
+    masking trains on them. A token without characters (an inserted prefix) takes the flags of
+    the character at its position."""
+    target: list[bool] = []
+    instruction: list[bool] = []
+    part_starts: list[int] = []
+    for text, is_target, is_instruction in parts:
+        part_starts.append(len(target))
+        target.extend([is_target] * len(text))
+        instruction.extend([is_instruction] * len(text))
+    text = "".join(t for t, _, _ in parts)
+    n = len(text)
+    lead = [False] * n  # spaces just before a target run
+    for start, (_, is_target, _) in zip(part_starts, parts):
+        j = start - 1
+        while is_target and j >= 0 and text[j] == " " and not target[j]:
+            lead[j] = True
+            j -= 1
+    out: list[_Flags] = []
+    for start, end in offsets:
+        if end <= start:  # no characters (e.g. an inserted '▁'): the character at its position
+            start = min(start, n - 1)
+            end = start + 1
+        start, end = max(start, 0), min(end, n)
+        is_target = True in target[start:end] or (end > start and all(lead[start:end]))
+        out.append((is_target, True in instruction[start:end]))
+    return out
 
 
 def _merge_text(segments: list[Segment]) -> list[Segment]:
@@ -536,9 +665,10 @@ def encode_conversation(
 ) -> EncodedConversation:
     """Tokenise a conversation into ``input_ids``, ``labels`` and ``instruction_mask``.
 
-    Each segment of ``template.render(messages)`` is tokenised separately with
-    ``add_special_tokens=False`` (BOS/EOS only where the template places them) and concatenated;
-    each ``image_token`` in a user message becomes ``num_visual_tokens`` copies of its id.
+    ``template.render(messages)`` is tokenised with ``add_special_tokens=False`` (BOS/EOS only
+    where the template places them): the text between images as one string, or each segment on its
+    own (the template's ``tokenization``); each ``image_token`` in a user message becomes
+    ``num_visual_tokens`` copies of its id.
     With ``max_length`` the sample is cut at the end and ``truncated`` is set; a cut that would
     reach image tokens raises :class:`ImageTruncationError` instead. With
     ``add_generation_prompt=True`` the encoding ends with the assistant header; it is then a

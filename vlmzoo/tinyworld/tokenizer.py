@@ -2,7 +2,8 @@
 
 Built offline with ``tokenizers`` (``WordLevel`` model, ``Whitespace`` pre-tokenizer: words
 and runs of punctuation become tokens, case is kept) from the world's own phrases plus the
-words of the ``plain`` and ``vicuna_v1`` conversation templates. The decoder re-attaches
+``vicuna_v1`` role names and LLaVA's v0 system prompt (the world's runs use ``vicuna_v1`` without
+a system prompt; LLaVA-1.5's, which says "user", is not covered). The decoder re-attaches
 ``.``, ``,``, ``?`` to the previous word, so the world's text (written as "red circle at b3,
 blue square at a1.") round-trips exactly; template text such as "USER:" decodes as "USER :".
 Whitespace (including the newline after ``<image>``) is not a token.
@@ -24,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, UNK, BOS, EOS, IMAGE)
 
-#: LLaVA's vicuna_v1 system prompt and role names (kept in the vocabulary).
+#: LLaVA's v0 system prompt and vicuna_v1's role names (kept in the vocabulary).
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
