@@ -66,13 +66,14 @@ class TGLlavaConfig(StrategyConfig):
         dp_ffn_size: SwiGLU feed-forward hidden width (0 = 4 x D_v = 4096).
         dp_norm_eps: RMSNorm eps (1e-5, the reference's Idefics2 perceiver).
         dp_pos_std: std of the high-res position embedding's N(0, std) init (1.0: ``nn.Embedding``'s).
-        dp_mask_text_padding: mask the instruction's padding positions in TG-DP's text attention.
-            Off (the reference): the latents attend to every one of the batch's L text positions,
-            padding included, so a sample's DP tokens depend on how long the other instructions of
-            its batch are; padding positions enter as zero features (the reference's hold its text
-            tower's states of the padding, which the frozen-feature cache does not keep; zeros keep
-            results the same with and without that cache). On: they attend to the sample's own
-            tokens only.
+        dp_mask_text_padding: mask the instruction's padding positions in TG-DP's text attention
+            (on: the latents attend to the sample's own tokens only, as in the reference's
+            evaluation, which runs one sample at a time and so has no padding). Off: they attend
+            to every one of the batch's L text positions, padding included, as the reference does
+            in batched training, so a sample's DP tokens depend on how long the other instructions
+            of its batch are; padding positions then enter as zero features (the reference's hold
+            its text tower's states of the padding, which the frozen-feature cache does not keep).
+            A batch-dependent result is a reference artifact, so it is not the default.
         dp_connector_depth / dp_connector_act: TG-DP's own connector C^h (``mlp2x_gelu``).
     """
 
@@ -96,7 +97,7 @@ class TGLlavaConfig(StrategyConfig):
     dp_ffn_size: int = 0
     dp_norm_eps: float = 1e-5
     dp_pos_std: float = 1.0
-    dp_mask_text_padding: bool = False
+    dp_mask_text_padding: bool = True
     dp_connector_depth: int = 2
     dp_connector_act: str = "gelu"
 
@@ -194,7 +195,7 @@ class TextGuidedDP(nn.Module):
 
     ``V = MLP(hr + pos_embed)`` (Linear-GELU-Linear at D_v; ``pos_embed`` N(0, ``dp_pos_std``));
     ``T = Linear(D_t, D_v)(tokens)``; K latents (N(0, 0.02)) -> perceiver layer on T (padding
-    attended as zero features, or masked with ``dp_mask_text_padding``) -> perceiver layer on V ->
+    masked, or attended as zero features with ``dp_mask_text_padding`` off) -> perceiver layer on V ->
     RMSNorm -> ``connector`` (TG-DP's own C^h).
     """
 

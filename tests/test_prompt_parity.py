@@ -354,8 +354,8 @@ class PromptsWithTheSpace(ConversationTemplate):
     """Broken the way the issue reports: the generation prompt keeps the space after 'ASSISTANT:'
     ('▁ASSISTANT:', '▁') while training, tokenising the whole string, has '▁ASSISTANT:', '▁A'."""
 
-    def render(self, messages, image_token=IMAGE, add_generation_prompt=False, continue_final_message=False):
-        segments = super().render(messages, image_token, add_generation_prompt, continue_final_message)
+    def render(self, messages, image_token=IMAGE, add_generation_prompt=False, **options):
+        segments = super().render(messages, image_token, add_generation_prompt, **options)
         if add_generation_prompt:
             segments[-1] = dataclasses.replace(segments[-1], text=self.assistant_prefix)
         return segments

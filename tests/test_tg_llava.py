@@ -98,8 +98,9 @@ def test_token_count_and_needs_for_every_switch(pixels, use_fom, use_dp, latents
 
 @pytest.mark.parametrize("mask_padding", [False, True])
 def test_dp_reads_the_instruction_and_its_padding_only_if_switched(pixels, mask_padding):
-    """DP tokens depend on the instruction tokens. By default (the reference) the latents also attend
-    to the padding positions, so more padding changes them; ``dp_mask_text_padding`` ignores it."""
+    """DP tokens depend on the instruction tokens. By default the padding is masked, so more padding
+    changes nothing; with ``dp_mask_text_padding`` off (the reference's batched training) the
+    latents also attend to the padding positions, so more padding changes them."""
     model = tg_model(use_fom=False, dp_mask_text_padding=mask_padding)
     batch = _batch(model, pixels)
     ref = _forward(model, batch).image_hidden_states
@@ -111,8 +112,8 @@ def test_dp_reads_the_instruction_and_its_padding_only_if_switched(pixels, mask_
         torch.testing.assert_close(more_padding, ref, rtol=1e-5, atol=1e-5)
     else:
         assert not torch.allclose(more_padding[:, NUM_PATCHES:], ref[:, NUM_PATCHES:], atol=1e-4)
-    # What the padding positions hold never matters (zero features by default: the core's text-feature
-    # cache, which keeps real tokens only, then changes nothing); how many there are does, by default.
+    # What the padding positions hold never matters (masked, or zero features with the switch off: the text-feature
+    # cache, which keeps real tokens only, then changes nothing); how many there are does, with the switch off.
     g = torch.Generator().manual_seed(4)
     hr, tokens = torch.randn(2, 4 * NUM_PATCHES, 32, generator=g), torch.randn(2, 6, 32, generator=g)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]])
