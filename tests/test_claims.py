@@ -44,7 +44,7 @@ def _one_row(claim, runs) -> dict:
 @pytest.mark.parametrize("method, verdict", [
     ([44.0, 46.0, 45.0], "reproduces"),            # +10 at noise 1 (the negative's std)
     ([38.0, 33.0, 43.0], "inconclusive"),          # +3 > 0 but within 2 x noise 5
-    ([36.0, 36.5, 37.0], "inconclusive"),          # +1.5 beyond 2 x noise but under 3 points
+    ([37.4, 37.5, 37.6], "inconclusive"),          # +2.5 beyond 2 x noise 1 but under 3 points
     ([33.0, 36.0, 34.5], "does not reproduce"),    # -0.5
 ])
 def test_effect_rule_with_a_learnable_situation(method, verdict):
