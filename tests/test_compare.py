@@ -79,6 +79,13 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
         assert int(run["visual_tokens"]) == 16 and float(run["latency_ms"]) > 0
         assert all((run_dir / s["stage"] / "final" / "trainer_state.json").is_file() for s in stages)
 
+    # claims.csv: the shipped claims' columns; with one eval type (colour) and one seed, no claim of
+    # configs/claims.yaml has a row (shade is not evaluated; a weight spread needs two types)
+    from vlmzoo.study_claims import COLUMNS
+
+    with open(out / "claims.csv") as f:
+        assert next(csv.reader(f)) == COLUMNS and f.read() == ""
+
     for name in ("accuracy.png", "loss.png", "layer_weights.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.width >= 300 and im.height >= 200

@@ -24,6 +24,9 @@ Layout of ``--out`` (default ``outputs/study``)::
     runs/<arch>-s<seed>/study_measurements.json   latency + visual tokens of that run
     results.md                the table (mean ± std over seeds), also printed
     results.csv               one row per run (kind=run) plus kind=mean and kind=std rows per strategy
+    claims.csv                one row per claim, question type and method of configs/claims.yaml whose
+                              method the study ran: its negative and positive controls side by side,
+                              effect, noise and verdict (vlmzoo.study_claims; also a table in results.md)
     accuracy.png              accuracy per question type per strategy, std error bars, blind control
     loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
     layer_weights.png         mean layer weights per question type (strategies returning them)
@@ -56,6 +59,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from .study_claims import load_claims
 from .study_report import write_outputs
 
 logger = logging.getLogger(__name__)
@@ -83,6 +87,7 @@ class StudySpec:
         latency_prompts: eval questions timed for the generation latency (0: not measured).
         allow_unequal_budgets: accept configs whose data / steps / eval questions differ.
         jobs: runs trained and evaluated at the same time, each in its own process.
+        claims: the claims file for ``claims.csv`` (``None``: ``configs/claims.yaml``).
     """
 
     archs: Sequence[str] = ()
@@ -95,6 +100,7 @@ class StudySpec:
     latency_prompts: int = 5
     allow_unequal_budgets: bool = False
     jobs: int = 1
+    claims: str | os.PathLike | None = None
 
 
 @dataclass
@@ -375,6 +381,7 @@ def run_study(spec: StudySpec) -> StudyResult:
 
     if not spec.archs or not spec.seeds:
         raise ValueError("A study needs at least one arch and one seed.")
+    claims = load_claims(spec.claims)  # a malformed claims file fails before hours of training
     paths = {arch: config_path(spec, arch) for arch in spec.archs}
     # Seed-major order: an interrupted study already has every strategy at its first seeds.
     configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for s in spec.seeds for a in spec.archs}
@@ -389,7 +396,7 @@ def run_study(spec: StudySpec) -> StudyResult:
         runs.append(collect_run(arch, seed, cfg, metrics, measurements, stages, reused))
         logger.info("Study run %s seed %d: %s", arch, seed, "reused (nothing trained or evaluated)" if reused
                     else f"trained stages: {', '.join(runs[-1].trained_stages) or 'none'}")
-    table, files = write_outputs(spec, runs)
+    table, files = write_outputs(spec, runs, claims)
     return StudyResult(spec=spec, runs=runs, table=table, files=files)
 
 
@@ -439,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         description="Train and evaluate several strategies with the same data, budget and seeds; "
-        "write results.md, results.csv, accuracy.png and loss.png.",
+        "write results.md, results.csv, claims.csv, accuracy.png and loss.png.",
         epilog="Example: scripts/compare.py --archs llava igva --seeds 3 --out outputs/study",
     )
     which = parser.add_mutually_exclusive_group()
@@ -459,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="accept configs whose training data / steps / eval questions differ")
     parser.add_argument("--jobs", type=int, default=1, help="runs trained at the same time, each in its own process "
                         "with cores/jobs torch threads (default 1; 2 is fastest on a 2-core CPU)")
+    parser.add_argument("--claims", help="claims file for claims.csv (default: the repository's configs/claims.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every run")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     if args.seed_list is None and args.seeds < 1:
@@ -477,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         archs=archs, seeds=args.seed_list or list(range(args.seeds)), out=args.out, scale=args.scale,
         config_dir=args.config_dir, overrides=args.overrides, max_eval=args.max_eval,
         latency_prompts=args.latency_prompts, allow_unequal_budgets=args.allow_unequal_budgets, jobs=args.jobs,
+        claims=args.claims,
     )
     start = time.perf_counter()
     result = run_study(spec)

@@ -12,8 +12,11 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from .study_claims import claim_rows, claims_markdown, write_claims_csv
+
 if TYPE_CHECKING:
     from .study import RunRecord, StudySpec
+    from .study_claims import Claim
 
 CSV_DOC = {
     "kind": "run (one training run), mean or std (over the strategy's seeds)",
@@ -119,8 +122,9 @@ def _short(override: str, limit: int = 60) -> str:
     return override if len(override) <= limit else override[: limit - 3] + "..."
 
 
-def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"]) -> tuple[str, dict[str, Path]]:
-    """results.csv, results.md, accuracy.png and loss.png in ``spec.out`` -> (markdown table, files)."""
+def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"], claims: Sequence["Claim"] = ()) -> tuple[str, dict[str, Path]]:
+    """results.csv, claims.csv (of ``claims``), results.md, accuracy.png and loss.png in ``spec.out``
+    -> (markdown table, files)."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     types = question_types(runs)
@@ -142,6 +146,9 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"]) -> tuple[str, 
         + (f"; overrides: `{' '.join(_short(o) for o in spec.overrides)}`" if spec.overrides else "") + ".", "", "",
     ]
     files = {"results.csv": csv_path}
+    claims_table = claim_rows(claims, runs)
+    if claims:
+        files["claims.csv"] = write_claims_csv(claims_table, out / "claims.csv")
     files.update(plot_accuracy(runs, out / "accuracy.png"))
     files.update(plot_loss(runs, out / "loss.png"))
     files.update(plot_layer_weights(runs, out / "layer_weights.png"))
@@ -150,6 +157,11 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"]) -> tuple[str, 
     if weights:
         body += ("\n## Layer weights per question type\n\nMean weight of each tower layer group over the eval "
                  "questions of each type (mean over seeds).\n\n" + weights + "\n\n![layer weights](layer_weights.png)\n")
+    if claims_table:
+        body += ("\n## Claims\n\nEach claim's method against its negative control (the strategy lacking the "
+                 "information) and its positive control (handed it directly), in points on the type (mean ± std over "
+                 "seeds); the rule and the columns are in docs/controls.md. The same rows: claims.csv.\n\n"
+                 + claims_markdown(claims_table) + "\n")
     md_path = out / "results.md"
     md_path.write_text("\n".join(intro) + body)
     return table, {"results.md": md_path, **files}
