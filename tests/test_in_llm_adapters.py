@@ -47,8 +47,9 @@ class ToyPrefix(GuidanceStrategy):
         return (self.config.layer,)
 
     def forward(self, inputs):
-        n = inputs.image_batch_index.shape[0]
-        memory = self.vision(inputs.vision.layers[-2].mean(1))  # (N, d)
+        n, b = inputs.image_batch_index.shape[0], inputs.input_ids.shape[0]
+        per_image = self.vision(inputs.vision.layers[-2].mean(1))  # (N, d)
+        memory = per_image.new_zeros(b, per_image.shape[1]).index_add(0, inputs.image_batch_index, per_image)  # (B, d)
         context = {"prefix": inputs.image_token_mask, "instruction": inputs.instruction_mask, "memory": memory}
         return StrategyOutput(visual_embeds=self.prefix(n), llm_context=context)
 
@@ -56,7 +57,7 @@ class ToyPrefix(GuidanceStrategy):
         self.calls.append(hidden_states.shape[1])
         ins = context["instruction"].unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
         text = (hidden_states * ins).sum(1) / ins.sum(1).clamp(min=1)  # (B, d)
-        update = self.text(text) + context["memory"]  # one image per sample here
+        update = self.text(text) + context["memory"]  # a sample's images summed; text-only rows: no prefix
         return hidden_states + context["prefix"].unsqueeze(-1) * update.unsqueeze(1)
 
 
