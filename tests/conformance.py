@@ -54,10 +54,12 @@ def batch(model: VLMForConditionalGeneration, seed: int = 0) -> dict[str, torch.
     questions = [[6, 7, 8, 9, 10], [11, 12, 13], [14, 15]]
 
     def row(question: list[int], image: bool) -> tuple[list[int], list[bool]]:
-        head = [1, 5] if image and not first else [1]
-        ids = head + question
-        if image:
-            ids = [IMAGE_TOKEN_ID] * k + ids if first else head + [IMAGE_TOKEN_ID] * k + question
+        if not image:
+            ids = [1] + question
+        elif first:
+            ids = [IMAGE_TOKEN_ID] * k + [1] + question
+        else:
+            ids = [1, 5] + [IMAGE_TOKEN_ID] * k + question
         return ids, [False] * (len(ids) - len(question)) + [True] * len(question)
 
     rows = [row(questions[0], True), row(questions[1], False), row(questions[2], True)]

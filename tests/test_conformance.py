@@ -68,8 +68,14 @@ def test_every_strategy_parameter_is_set_by_reset_parameters(name):
     check_fresh_init(name)
 
 
-@pytest.mark.parametrize(("name", "declared"), zero_init_declarations(NAMES),
-                         ids=lambda v: v if isinstance(v, str) else f"{v.overrides}~{v.reference or 'itself'}")
+def _declaration_id(value: str | ZeroInitEquivalence) -> str:
+    if isinstance(value, str):
+        return value
+    fields = ",".join(f"{k}={v}" for k, v in value.overrides.items())
+    return f"{fields}~{value.reference or 'itself'}"
+
+
+@pytest.mark.parametrize(("name", "declared"), zero_init_declarations(NAMES), ids=_declaration_id)
 def test_declared_zero_init_equivalence_holds(name, declared):
     check_zero_init_equivalence(name, declared)
 
