@@ -56,6 +56,7 @@ from vlmzoo import (
 )
 from vlmzoo.layers import MLPConnector, MultiHeadAttention, ZeroLinear
 from vlmzoo.multilayer import check_groups, contiguous_groups, mean_of_layers, unique_layers
+from vlmzoo.strategy import ZeroInitEquivalence
 
 INSTRUCTION_SOURCES = ("text_encoder", "llm_embeddings")
 CONCAT_ORDERS = ("base_first", "fused_first")
@@ -173,6 +174,10 @@ class IGVAStrategy(GuidanceStrategy):
     """Layer -2 ``CAT`` the K layer-group means weighted per instruction -> ``(N, P, d_llm)``."""
 
     config_class = IGVAConfig
+    # A zero head gives exactly uniform weights 1/K: a fresh allocator starts at the stage-1 model.
+    zero_init_equivalences = (
+        ZeroInitEquivalence(overrides={"zero_init_head": True}, reference_overrides={"use_allocator": False}),
+    )
 
     def __init__(self, config: IGVAConfig, dims: CoreDims) -> None:
         super().__init__(config, dims)

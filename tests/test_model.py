@@ -1,4 +1,5 @@
-"""The shared core with the `llava` strategy: shapes, training signal, save/load, generation."""
+"""The shared core with the `llava` strategy: shapes, training signal, generation across LLM families,
+errors. What every strategy must satisfy (save/load, cached generation, gradient reach): test_conformance.py."""
 
 from __future__ import annotations
 
@@ -56,9 +57,6 @@ def test_loss_finite_and_decreases(pixels):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
-    # The tower is frozen by default: no gradient reaches it.
-    assert all(p.grad is None for p in model.vision_tower.parameters())
-    assert model.strategy.connector.layers[0].weight.grad is not None
 
 
 def test_text_only_batch_gives_the_strategy_exact_zero_gradients():
@@ -73,20 +71,7 @@ def test_text_only_batch_gives_the_strategy_exact_zero_gradients():
     assert any(torch.count_nonzero(p.grad) for p in model.language_model.parameters())
 
 
-def test_save_load_round_trip_identical_logits(tmp_path, pixels):
-    model = tiny_model()
-    ids, mask, pv = _batch(model, pixels)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "model.safetensors").exists()
-    reloaded = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert reloaded.config.strategy == "llava"
-    with torch.no_grad():
-        a = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
-        b = reloaded(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+@pytest.mark.parametrize("llm", sorted(set(TINY_LLMS) - {"llama"}))  # llama: test_conformance.py
 def test_generate_cache_equals_no_cache(llm, pixels):
     model = tiny_model(llm=llm)
     ids, mask, pv = _batch(model, pixels)

@@ -3,6 +3,8 @@ and each point where the defaults follow the authors' code (docs/ta_llava.md, "F
 
 Tiny models have 6 LLM layers and period 2 unless a test says otherwise, so both adapters run
 more than once: text pooling after layers 0, 2, 4 and vision pooling after layers 1, 3.
+Save/load, cached generation on Llama and gradient reach per module group are checked for every
+strategy by test_conformance.py.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def greedy(model, inputs, n: int = 6, **kwargs) -> torch.Tensor:
 
 
 # ---- KV-cache safety ------------------------------------------------------------------------------
-@pytest.mark.parametrize("llm", sorted(TINY_LLMS))
+@pytest.mark.parametrize("llm", ["llama", "qwen2"])  # gemma2: the processor test below
 def test_cached_generation_equals_uncached_single_and_left_padded_batch(llm, pixels):
     model = ta_model(llm, seed=12)
     full = batch(PROMPTS, pixels)
@@ -377,7 +379,7 @@ def test_insertion_layers_follow_i_mod_k(pixels, order, text, vision):
     assert model.strategy.adapter_layers == tuple(sorted(text + vision))
 
 
-# ---- host-shaped adapters, config, save/load --------------------------------------------------------
+# ---- host-shaped adapters --------------------------------------------------------------------
 @pytest.mark.parametrize("llm", sorted(TINY_LLMS))
 def test_adapters_are_shaped_like_a_host_decoder_layer(llm):
     model = ta_model(llm)
@@ -399,43 +401,11 @@ def test_adapters_are_shaped_like_a_host_decoder_layer(llm):
         assert model.strategy.text_adapter.attn.softcap == model.config.text_config.attn_logit_softcapping
 
 
-def test_save_load_round_trip_keeps_depth_and_logits(tmp_path, pixels):
-    model = ta_model("gemma2", seed=8)
-    before = model.config.text_config.to_dict()
-    inputs = batch(PROMPTS, pixels)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-    model.save_pretrained(tmp_path)
-    again = VLMForConditionalGeneration.from_pretrained(tmp_path).eval()
-    after = again.config.text_config.to_dict()
-    assert {k: v for k, v in after.items() if k != "dtype"} == {k: v for k, v in before.items() if k != "dtype"}
-    assert again.config.text_config.num_hidden_layers == 6 and len(again.language_model.model.layers) == 6
-    with torch.no_grad():
-        torch.testing.assert_close(again(**inputs).logits, ref, atol=0, rtol=0)
-
-
 # ---- training --------------------------------------------------------------------------------------
 def _phase(path: str, index: int):
     from vlmzoo.config import load_run_config
 
     return load_run_config(REPO / "configs" / "ta_llava" / path).training.stages[index]
-
-
-def test_phase1_gradients_reach_adapters_prefix_projector_only(pixels):
-    from vlmzoo.training.groups import StagePlan
-
-    model = ta_model(seed=9).train()
-    phase1 = _phase("reference.yaml", 0)
-    assert phase1.train == ["strategy"] and phase1.lr == 1e-3
-    StagePlan.build(model, phase1).apply(model)
-    inputs = batch([sample([5, 6, 7], [20, 21]), sample([8, 9], [22, 23, 24])], pixels)
-    labels = torch.where(inputs["instruction_mask"] | (inputs["attention_mask"] == 0), -100, inputs["input_ids"])
-    model(**inputs, labels=labels).loss.backward()
-    for name in ("projector", "prefix", "text_adapter", "vision_adapter"):
-        grads = [p.grad for p in getattr(model.strategy, name).parameters()]
-        assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0, name
-    assert all(p.grad is None for p in model.language_model.parameters())
-    assert all(p.grad is None for p in model.vision_tower.parameters())
 
 
 def test_reference_curriculum_has_three_phases():
@@ -515,18 +485,13 @@ def test_reference_adapter_parameter_counts(scale, spec, layers):
 
 
 def test_reference_prefill_flops():
+    """Gemma-2-2b, 32 prefix + 40 text tokens (LLaVA's count and TA-LLaVA's fraction of it: test_benchmark.py)."""
     from vlmzoo.flops import prefill_flops
 
-    llava = prefill_flops(_meta("llava", "reference"), 40)  # 576 + 40 tokens, Vicuna-7B
-    assert abs(llava["total"] / 8.7e12 - 1) < 0.05
-    assert abs(llava["vision_tower"] / 0.38e12 - 1) < 0.05 and abs(llava["strategy"] / 0.024e12 - 1) < 0.05
-    assert abs(llava["language_model"] / 8.3e12 - 1) < 0.05
-    assert llava["total"] == llava["vision_tower"] + llava["strategy"] + llava["language_model"]
-    gemma = prefill_flops(_meta("ta_llava", "reference"), 40)  # 32 + 40 tokens, Gemma-2-2b
+    gemma = prefill_flops(_meta("ta_llava", "reference"), 40)
     assert 0.25e12 < gemma["language_model"] < 0.4e12  # spec: about 0.3 (+ LM head 0.085)
     assert 0.08e12 < gemma["strategy"] < 0.12e12  # spec: about 0.1 for the adapters
-    vicuna = prefill_flops(_meta("ta_llava", "reference_vicuna"), 40)
-    assert vicuna["vision_tower"] == llava["vision_tower"] and vicuna["total"] < llava["total"] / 4
+    assert gemma["total"] == gemma["vision_tower"] + gemma["strategy"] + gemma["language_model"]
 
 
 def test_count_params_prints_flops(capsys):

@@ -23,6 +23,12 @@ TINY_LLMS = {
 }
 
 
+# A tiny CLIP text tower for strategies that read instruction text: D_t = 32, vocabulary 100, 16 positions.
+TINY_CLIP_TEXT = {"backend": "hf", "model_type": "clip_text_model", "hidden_size": 32, "intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 100, "max_position_embeddings": 16,
+                  "bos_token_id": 98, "eos_token_id": 99, "pad_token_id": 0}
+
+
 def tiny_clip_vision_spec(**overrides) -> dict:
     spec = dict(backend="hf", model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
                 num_hidden_layers=3, num_attention_heads=4, patch_size=PATCH, image_size=IMAGE_SIZE)
@@ -30,11 +36,16 @@ def tiny_clip_vision_spec(**overrides) -> dict:
     return spec
 
 
-def tiny_config(strategy: str = "llava", llm: str = "llama", **kwargs):
+def tiny_config(strategy: str = "llava", llm: str = "llama", llm_layers: int | None = None, **kwargs):
+    """A tiny VLMConfig: tiny CLIP tower (3 layers unless ``vision_config`` says otherwise), tiny ``llm``
+    (2 layers, or ``llm_layers``); ``kwargs`` go to VLMConfig (e.g. ``strategy_config``)."""
     from vlmzoo import VLMConfig
 
     kwargs.setdefault("vision_config", tiny_clip_vision_spec())
-    return VLMConfig(text_config=dict(TINY_LLMS[llm]), image_token_id=IMAGE_TOKEN_ID, strategy=strategy, **kwargs)
+    text_config = dict(TINY_LLMS[llm])
+    if llm_layers is not None:
+        text_config["num_hidden_layers"] = llm_layers
+    return VLMConfig(text_config=text_config, image_token_id=IMAGE_TOKEN_ID, strategy=strategy, **kwargs)
 
 
 def tiny_model(strategy: str = "llava", llm: str = "llama", seed: int = 0, **kwargs):

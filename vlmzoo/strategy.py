@@ -203,6 +203,27 @@ class StrategyOutput:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ZeroInitEquivalence:
+    """An identity a strategy promises; the conformance suite (``tests/test_conformance.py``) checks it.
+
+    With ``overrides`` on its config and freshly initialised, the strategy computes exactly (bit for
+    bit) the visual tokens and logits of ``reference`` built with ``reference_overrides``, once every
+    weight of that reference model is loaded into it by name. This is what a zero-initialised branch
+    or a switched-off module promises: a model started from the reference's checkpoint starts
+    exactly where the reference stands.
+
+    Attributes:
+        overrides: fields of this strategy's config (e.g. ``{"use_dp": False}``).
+        reference: a registered strategy name, or ``None`` for this strategy itself.
+        reference_overrides: fields of the reference's config (e.g. ``{"use_allocator": False}``).
+    """
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    reference: str | None = None
+    reference_overrides: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class StrategyConfig:
     """Base of every strategy's config dataclass; fields must be JSON-serialisable."""
@@ -216,11 +237,14 @@ class GuidanceStrategy(nn.Module):
 
     Subclasses implement :attr:`needs`, :attr:`num_visual_tokens` and :meth:`forward`; in-LLM
     strategies also :attr:`adapter_layers` and :meth:`adapt`. Strategies whose tokens sit at image
-    positions declare them in :attr:`visual_token_grids` (attention maps use it).
+    positions declare them in :attr:`visual_token_grids` (attention maps use it). A strategy that
+    reduces exactly to another one under some config (a zero-initialised branch, a module switched
+    off) lists it in :attr:`zero_init_equivalences`.
     """
 
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     strategy_name: ClassVar[str] = ""  # set by the registry
+    zero_init_equivalences: ClassVar[tuple[ZeroInitEquivalence, ...]] = ()
 
     def __init__(self, config: StrategyConfig, dims: CoreDims) -> None:
         super().__init__()
