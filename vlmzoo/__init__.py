@@ -14,6 +14,7 @@ from .registry import (
 )
 from .strategy import (
     CoreDims,
+    ExtraOutput,
     GuidanceInputs,
     GuidanceStrategy,
     InstructionFeatures,
@@ -30,6 +31,7 @@ from .modeling import VLMCausalLMOutputWithPast, VLMForConditionalGeneration
 __all__ = [
     "CoreDims",
     "DuplicateStrategyError",
+    "ExtraOutput",
     "GuidanceInputs",
     "GuidanceStrategy",
     "InstructionFeatures",

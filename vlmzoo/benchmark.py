@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import CONFIGS_DIR, load_run_config
+from .config import arch_config, load_run_config, strategy_config_files
 
 N_TEXT = 40
 BATCH = 32
@@ -33,10 +33,11 @@ NEW_TOKENS = 32
 
 # ---- reference scale (meta device) -----------------------------------------------------------------
 def reference_config_files(archs: list[str]) -> list[Path]:
-    """``configs/<arch>/reference*.yaml`` of each arch (the reference config first, variants after)."""
+    """The ``reference*.yaml`` run configs each arch ships (``configs/<arch>/`` or its class's
+    ``config_dir``; :func:`vlmzoo.config.strategy_config_files`), the reference config first, variants after."""
     files: list[Path] = []
     for arch in archs:
-        found = sorted((CONFIGS_DIR / arch).glob("reference*.yaml"), key=lambda p: (p.stem != "reference", p.stem))
+        found = sorted(strategy_config_files(arch, "reference*.yaml"), key=lambda p: (p.stem != "reference", p.stem))
         files.extend(found)
     return files
 
@@ -75,8 +76,11 @@ class _Vocab:
 
 def tiny_world_config(strategy: str, vocab_size: int = 96):
     """A :class:`~vlmzoo.VLMConfig` at the tiny world's sizes (its CLIP and Llama shapes, the last
-    vocabulary id as the image token) with ``configs/<strategy>/tiny.yaml``'s strategy fields."""
+    vocabulary id as the image token) with the strategy fields of its tiny config
+    (:func:`vlmzoo.config.arch_config`; the config dataclass's defaults for a strategy without one)
+    and the tiny CLIP's text tower if the config names a text encoder or the strategy reads instruction text."""
     from .configuration import VLMConfig
+    from .modeling import VLMForConditionalGeneration
     from .tinyworld.config import TinyWorldConfig
     from .tinyworld.pretrain import clip_config, llm_config
     from .towers.text import HFTextEncoder
@@ -85,16 +89,21 @@ def tiny_world_config(strategy: str, vocab_size: int = 96):
     world = TinyWorldConfig()
     vocab = _Vocab(vocab_size)
     clip = clip_config(world, vocab)
-    run = load_run_config(CONFIGS_DIR / strategy / "tiny.yaml", resolve_vars=False)
-    text_encoder = HFTextEncoder.spec_from_config(clip.text_config) if run.model.text_encoder else None
-    return VLMConfig(
+    path, first = arch_config(strategy, "tiny")
+    run = load_run_config(path, first, resolve_vars=False)
+    fields = dict(
         vision_config=HFVisionTower.spec_from_config(clip.vision_config),
         text_config=llm_config(world, vocab).to_dict(),
-        text_encoder_config=text_encoder,
+        text_encoder_config=HFTextEncoder.spec_from_config(clip.text_config),
         strategy=strategy,
         strategy_config=dict(run.model.strategy_config),
         image_token_id=vocab_size - 1,
     )
+    if not run.model.text_encoder:
+        with torch.device("meta"):
+            if not VLMForConditionalGeneration(VLMConfig(**fields)).strategy.needs.instruction_text:
+                fields["text_encoder_config"] = None
+    return VLMConfig(**fields)
 
 
 def synthetic_batch(model, batch: int, n_text: int = N_TEXT, seed: int = 0) -> dict[str, torch.Tensor]:

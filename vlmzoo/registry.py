@@ -73,6 +73,12 @@ class StrategyRegistry:
             raise UnknownStrategyError(f"Unknown strategy {name!r}. Registered strategies: {self._names_str()}.")
         return self._classes[name]
 
+    def find(self, name: str) -> type[GuidanceStrategy] | None:
+        """The class registered as ``name``, or ``None`` (entry points loaded first)."""
+        if name not in self._classes:
+            self._load_entry_points()
+        return self._classes.get(name)
+
     def names(self) -> list[str]:
         self._load_entry_points()
         return sorted(self._classes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -224,6 +225,42 @@ class ZeroInitEquivalence:
     reference_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+ExtraSummary = Literal["mean_by_question_type"]
+
+
+@dataclass(frozen=True)
+class ExtraOutput:
+    """An extra tensor a strategy returns in :attr:`StrategyOutput.extras`, and how reports summarise it.
+
+    The comparison study, its report and ``scripts/strategy_extras.py`` handle every declared extra
+    by these fields alone (no strategy is named there).
+
+    Attributes:
+        key: the key in ``StrategyOutput.extras`` (e.g. ``"layer_weights"``).
+        summary: ``"mean_by_question_type"``: the tensor is ``(N, K)`` (one row per image); reports
+            give its mean (and std) per eval question type, a table, a CSV column and a bar plot.
+        title: what it is, for headings and plots (e.g. ``"layer weights"``).
+        component: prefix of the K column names (``w`` -> ``w1 .. wK``).
+        description: one line for the CSV column's documentation.
+    """
+
+    key: str
+    summary: ExtraSummary = "mean_by_question_type"
+    title: str = ""
+    component: str = "v"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key.isidentifier():
+            raise ValueError(f"ExtraOutput.key must be a Python identifier, got {self.key!r}.")
+        if self.summary not in ("mean_by_question_type",):
+            raise ValueError(f"ExtraOutput({self.key!r}).summary must be 'mean_by_question_type', got {self.summary!r}.")
+
+    @property
+    def heading(self) -> str:
+        return self.title or self.key.replace("_", " ")
+
+
 @dataclass
 class StrategyConfig:
     """Base of every strategy's config dataclass; fields must be JSON-serialisable."""
@@ -239,12 +276,18 @@ class GuidanceStrategy(nn.Module):
     strategies also :attr:`adapter_layers` and :meth:`adapt`. Strategies whose tokens sit at image
     positions declare them in :attr:`visual_token_grids` (attention maps use it). A strategy that
     reduces exactly to another one under some config (a zero-initialised branch, a module switched
-    off) lists it in :attr:`zero_init_equivalences`.
+    off) lists it in :attr:`zero_init_equivalences`. Extras that reports should summarise are listed
+    in :attr:`extra_outputs`; run configs shipped with the package sit in :attr:`config_dir`.
     """
 
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     strategy_name: ClassVar[str] = ""  # set by the registry
     zero_init_equivalences: ClassVar[tuple[ZeroInitEquivalence, ...]] = ()
+    #: extras of :attr:`StrategyOutput.extras` that reports summarise (:class:`ExtraOutput`).
+    extra_outputs: ClassVar[tuple[ExtraOutput, ...]] = ()
+    #: a folder of run configs shipped with the strategy's package (``reference.yaml``, variants),
+    #: found exactly as ``configs/<name>/`` is (:func:`vlmzoo.config.strategy_config_files`).
+    config_dir: ClassVar[str | os.PathLike | None] = None
 
     def __init__(self, config: StrategyConfig, dims: CoreDims) -> None:
         super().__init__()

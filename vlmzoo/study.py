@@ -1,8 +1,9 @@
 """A comparison study: several strategies x several seeds, trained and evaluated alike, in one table.
 
 ``scripts/compare.py --archs llava igva --seeds 3`` trains every ``(strategy, seed)`` pair through
-:func:`vlmzoo.training.run_training` (the code path of ``scripts/train.py``) from
-``configs/<arch>/<scale>.yaml`` with the same trailing overrides, then collects per run:
+:func:`vlmzoo.training.run_training` (the code path of ``scripts/train.py``) from the config
+``scripts/train.py --arch ARCH --scale SCALE`` would use (:func:`vlmzoo.config.arch_config`) with
+the same trailing overrides, then collects per run:
 
 * accuracy per question type, overall and macro, and the blind control (``eval/eval_metrics.json``);
 * parameters: ``total`` and ``trainable`` (the last stage's, from its ``stage_complete.json``) and
@@ -76,8 +77,9 @@ class StudySpec:
     """What to compare.
 
     Attributes:
-        archs: strategy config folders (``configs/<arch>/``); :func:`main` defaults to every
-            registered strategy that has a ``<scale>.yaml``.
+        archs: registered strategies (``ARCH``, or ``ARCH:STEM`` for its config ``STEM.yaml``);
+            :func:`main` defaults to every registered strategy with a ``<scale>.yaml`` (at
+            ``tiny``: every one, see :func:`default_archs`).
         seeds: one run per strategy and seed.
         out: study folder.
         scale: config file stem (``tiny`` -> ``configs/<arch>/tiny.yaml``).
@@ -145,18 +147,25 @@ def split_variant(name: str, scale: str) -> tuple[str, str]:
     return arch, stem or scale
 
 
-def config_path(spec: StudySpec, arch: str) -> Path:
-    """The config of a study entry: ``<config_dir>/<arch>/<scale>.yaml``, or of ``arch:stem`` (an
-    ablation variant) ``<config_dir>/<arch>/<stem>.yaml``."""
-    from .config import arch_config_path
+def config_source(spec: StudySpec, arch: str) -> tuple[Path, tuple[str, ...]]:
+    """The config of a study entry as ``(file, overrides applied first)``: the strategy's
+    ``<scale>.yaml`` (:func:`vlmzoo.config.arch_config`: its config folders, else the shared tiny base
+    for a strategy that ships none), or of ``arch:stem`` (an ablation variant) its ``<stem>.yaml``;
+    with ``config_dir``, ``<config_dir>/<arch>/<stem>.yaml``."""
+    from .config import arch_config
 
     folder, stem = split_variant(arch, spec.scale)
     if spec.config_dir is None:
-        return arch_config_path(folder, stem)
+        return arch_config(folder, stem)
     path = Path(spec.config_dir) / folder / f"{stem}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"--config-dir: no {path} (arch {folder!r}, config {stem!r}).")
-    return path
+    return path, ()
+
+
+def config_path(spec: StudySpec, arch: str) -> Path:
+    """The file of :func:`config_source`."""
+    return config_source(spec, arch)[0]
 
 
 def load_presets(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
@@ -180,12 +189,15 @@ def preset_archs(name: str, path: str | os.PathLike | None = None) -> list[str]:
 
 
 def default_archs(scale: str = "tiny", config_dir: str | os.PathLike | None = None) -> list[str]:
-    """Every registered strategy that has ``<config_dir>/<arch>/<scale>.yaml``."""
-    from .config import CONFIGS_DIR
+    """Every registered strategy with a ``<scale>.yaml`` (:func:`vlmzoo.config.strategy_config_files`;
+    at ``tiny`` every one: a strategy without a tiny config runs the shared tiny base), or with
+    ``config_dir`` those with ``<config_dir>/<arch>/<scale>.yaml``."""
+    from .config import strategy_config_files
     from .registry import available_strategies
 
-    root = Path(config_dir) if config_dir else CONFIGS_DIR
-    return [a for a in available_strategies() if (root / a / f"{scale}.yaml").is_file()]
+    if config_dir:
+        return [a for a in available_strategies() if (Path(config_dir) / a / f"{scale}.yaml").is_file()]
+    return [a for a in available_strategies() if scale == "tiny" or strategy_config_files(a, f"{scale}.yaml")]
 
 
 def run_name(arch: str, seed: int) -> str:
@@ -197,10 +209,12 @@ def run_dir(spec: StudySpec, arch: str, seed: int) -> Path:
 
 
 def run_overrides(spec: StudySpec, arch: str, seed: int) -> list[str]:
+    """The overrides of one run of :func:`config_path`'s file: the entry's own (:func:`config_source`),
+    the study's, then seed, output folder and name."""
     extra = [f"seed={seed}", f"output.dir={run_dir(spec, arch, seed)}", f"output.name={run_name(arch, seed)}"]
     if spec.max_eval is not None:
         extra.append(f"eval.max_samples={spec.max_eval}")
-    return [*spec.overrides, *extra]
+    return [*config_source(spec, arch)[1], *spec.overrides, *extra]
 
 
 def run_budget(cfg) -> dict[str, Any]:
@@ -456,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     seeds.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds")
-    parser.add_argument("--scale", default="tiny", help="config file stem: configs/<arch>/<scale>.yaml (default tiny)")
+    parser.add_argument("--scale", default="tiny", help="config file stem: <scale>.yaml of each strategy's configs (default "
+                        "tiny; a strategy without a tiny.yaml runs the shared tiny base)")
     parser.add_argument("--config-dir", help="folder holding <arch>/<scale>.yaml (default: the repository's configs/)")
     parser.add_argument("--out", default="outputs/study", help="study folder (default outputs/study)")
     parser.add_argument("--max-eval", type=int, help="evaluate only the first N questions of the eval file (eval.max_samples; the "
