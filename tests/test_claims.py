@@ -1,5 +1,5 @@
 """The claims table (vlmzoo.study_claims) on hand-made runs: every verdict of the rule, the numbers,
-missing runs, the layer-weight spread, and the checks of configs/claims.yaml."""
+missing runs, the spread of a declared extra (IGVA's layer weights), and the checks of configs/claims.yaml."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(arch: str, seed: int, per_type: dict[str, float], layer_weights: dict | None = None) -> RunRecord:
+    extras = {"layer_weights": {"title": "layer weights", "component": "w", "by_type": layer_weights}} if layer_weights else {}
     """A run with the given accuracies (0..1) per type; the other fields do not enter the claims."""
     return RunRecord(arch=arch, seed=seed, run_dir=Path(f"runs/{arch}-s{seed}"), reused=False, trained_stages=[],
                      accuracy=0.5, macro_accuracy=0.5, n_eval=10, per_type=per_type, blind_accuracy=None,
                      blind_per_type={}, params_total=1, params_trainable=1, params_strategy=1, visual_tokens=16,
-                     train_time_s=1.0, latency_ms=None, layer_weights=layer_weights)
+                     train_time_s=1.0, latency_ms=None, extras=extras)
 
 
 def _runs(arch: str, qtype: str, values: list[float]) -> list[RunRecord]:
@@ -122,7 +123,7 @@ def test_seeds_for_a_3_point_effect():
     assert _one_row(_claim(), runs)["seeds_for_3pt"] == seeds_to_resolve(5.0) == 44
 
 
-def test_layer_weight_spread_row():
+def test_spread_of_a_declared_extra_row():
     """The largest spread across question types ("all" excluded) of a group's weight, per seed, in points."""
     from vlmzoo.study_claims import Claim
 
@@ -132,23 +133,24 @@ def test_layer_weight_spread_row():
 
     spreads = [0.10, 0.12, 0.14]  # w1: max - min = 1.25 x spread; w2: 0.5 x spread
     runs = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate(spreads)] + _runs("llava", "shade", [50, 50, 50])
-    row = _one_row(Claim(claim="w", methods=("igva",), measure="layer_weight_spread"), runs)
+    row = _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), runs)
     want = [125 * v for v in spreads]
     assert row["question_type"] == "across_types" and row["negative_control"] == "" and row["positive_control"] == ""
+    assert row["measure"] == "spread:layer_weights"
     assert row["method_mean"] == pytest.approx(statistics.fmean(want)) and row["effect"] == row["method_mean"]
     assert row["noise"] == pytest.approx(statistics.stdev(want), abs=1e-4)
     assert row["verdict"] == "reproduces"  # 15 points >> 2 x 2.5
     # a spread is never negative: under 3 points it does not reproduce (not "inconclusive")
     flat = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate([0.002, 0.001, 0.003])]
-    row = _one_row(Claim(claim="w", methods=("igva",), measure="layer_weight_spread"), flat)
+    row = _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), flat)
     assert row["method_mean"] == pytest.approx(0.25) and row["verdict"] == "does not reproduce"
     from vlmzoo.study_claims import claim_rows
 
     one_type = [_run("igva", s, {"colour": 0.5}, {"colour": {"mean": [0.3, 0.7]}, "all": {"mean": [0.3, 0.7]}})
                 for s in range(3)]
-    assert claim_rows([Claim(claim="w", methods=("igva",), measure="layer_weight_spread")], one_type) == []
+    assert claim_rows([Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights")], one_type) == []
     noisy = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate([0.0, 0.04, 0.08])]
-    assert _one_row(Claim(claim="w", methods=("igva",), measure="layer_weight_spread"), noisy)["verdict"] == "inconclusive"
+    assert _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), noisy)["verdict"] == "inconclusive"
 
 
 def test_csv_and_markdown(tmp_path):
@@ -188,7 +190,8 @@ def test_the_shipped_claims_file():
     budget = claims["instruction-aware pooling under a budget"]
     assert (budget.question_types, budget.methods, budget.negative_control, budget.positive_control) == (
         ("colour", "position"), ("ta_llava",), "resampler", "llava")
-    assert claims["IGVA's instruction-dependent weights"].measure == "layer_weight_spread"
+    weights = claims["IGVA's instruction-dependent weights"]
+    assert (weights.measure, weights.extra) == ("spread", "layer_weights")
 
     entries = {e for c in claims.values() for e in c.entries()}
     assert entries == set(preset_archs("claims"))
@@ -208,9 +211,12 @@ def test_the_shipped_claims_file():
     ("claims:\n  - {claim: x, methods: [a], question_types: [fine], positive_control: b}",
      r"'negative_control' is required"),
     ("claims:\n  - {claim: x, methods: [a], negative_control: b, positive_control: c}", r"'question_types'"),
-    ("claims:\n  - {claim: w, methods: [igva], measure: spread}", r"measure must be one of accuracy, layer_weight_spread"),
-    ("claims:\n  - {claim: w, methods: [igva], measure: layer_weight_spread, negative_control: llava}",
+    ("claims:\n  - {claim: w, methods: [igva], measure: spred}", r"measure must be one of accuracy, spread"),
+    ("claims:\n  - {claim: w, methods: [igva], measure: spread}", r"names the strategy extra it spreads: 'extra'"),
+    ("claims:\n  - {claim: w, methods: [igva], measure: spread, extra: layer_weights, negative_control: llava}",
      r"takes no negative_control"),
+    ("claims:\n  - {claim: x, methods: [a], question_types: [fine], negative_control: b, positive_control: c, extra: w}",
+     r"'extra' belongs to a spread claim only"),
     ("claims:\n  - {claim: x, methods: a, question_types: [fine], negative_control: b, positive_control: c}",
      r"claims\[0\]\.methods must be a list"),
 ])

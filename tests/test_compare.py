@@ -91,9 +91,11 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
             assert im.format == "PNG" and im.width >= 300 and im.height >= 200
 
     # IGVA's layer weights per question type: the table holds each run's measured means
-    weights = json.loads((out / "runs" / "igva-s0" / "study_measurements.json").read_text())["layer_weights"]
+    extras = json.loads((out / "runs" / "igva-s0" / "study_measurements.json").read_text())["extras"]
+    assert list(extras) == ["layer_weights"] and extras["layer_weights"]["component"] == "w"
+    weights = extras["layer_weights"]["by_type"]
     llava_meas = json.loads((out / "runs" / "llava-s0" / "study_measurements.json").read_text())
-    assert llava_meas["layer_weights"] is None  # llava returns none: no panel, no rows
+    assert llava_meas["extras"] == {}  # llava declares none: no panel, no rows
     assert set(weights) >= {"all"} and sum(weights["all"]["mean"]) == pytest.approx(1.0, abs=1e-4)
     igva_row = next(r for r in rows if r["kind"] == "run" and r["arch"] == "igva")
     assert igva_row["layer_weights"] == ";".join(f"{w:.4f}" for w in weights["all"]["mean"])

@@ -504,7 +504,7 @@ def test_tiny_configs_train_two_stages_and_evaluate(small_world, tmp_path, caplo
     assert not torch.equal(first.strategy.connector.layers[0].weight, model.strategy.connector.layers[0].weight)
     eval_model, processor = load_for_eval(stage2)
     records = load_eval_records(_eval_json(result), max_samples=40)
-    stats = extras_by_question_type(eval_model, processor, records, _images_dir(result), batch_size=16)
+    stats = extras_by_question_type(eval_model, processor, records, _images_dir(result), key="layer_weights", batch_size=16)
     assert stats["all"]["n"] == sum(len(r.images) for r in records)
     for s in stats.values():
         assert len(s["mean"]) == LAYERS and abs(sum(s["mean"]) - 1) < 1e-5

@@ -41,8 +41,12 @@ class StrategyNeeds:
         high_res_factor: if > 1, the (normalised) image is upsampled by this factor, cut into
             ``factor**2`` crops of the tower's input size and passed through the tower in one batch.
         high_res_layers: which tower layers to return for the crops.
-        instruction_text: which text-encoder outputs are needed (``()`` = no text encoder).
-        instruction_span: the strategy reads the instruction's token positions in the LLM sequence.
+        instruction_text: which text-encoder outputs of each image's *query* are needed (``()`` =
+            no text encoder). The query is the last user message, the question being answered
+            (``EncodedConversation.query_text``); it is not the instruction span below.
+        instruction_span: the strategy reads the *instruction span*'s token positions in the LLM
+            sequence (``instruction_mask``): by default the first user message
+            (``instruction_span_rule``).
         instruction_span_rule: which tokens ``instruction_mask`` marks (the processor applies it):
             ``"first_user_text"``: the text of the first user message, nothing else;
             ``"before_reply_role"``: every text token before the role name of the first assistant
@@ -173,7 +177,7 @@ class GuidanceInputs:
         input_ids: ``(B, T)`` the LLM token ids (image placeholders included).
         attention_mask: ``(B, T)`` 1 = real token, 0 = padding.
         image_token_mask: ``(B, T)`` True at image placeholder positions.
-        instruction_mask: ``(B, T)`` True at the instruction's tokens, if asked for.
+        instruction_mask: ``(B, T)`` True at the instruction span's tokens (``instruction_span_rule``), if asked for.
         llm_embed_tokens: the LLM's input embedding (some strategies embed the instruction with it).
     """
 

@@ -11,7 +11,8 @@ the same trailing overrides, then collects per run:
   strategy adds, its connector included);
 * visual tokens per image (the saved processor's ``num_visual_tokens``);
 * training time: the sum of the stages' ``runtime_s``;
-* for strategies that return ``layer_weights`` (IGVA), their mean per question type;
+* for every extra output the strategy declares (:attr:`vlmzoo.GuidanceStrategy.extra_outputs`, e.g.
+  IGVA's layer weights), its mean per question type;
 * generation latency: the median wall time of one greedy answer of exactly ``eval.max_new_tokens``
   tokens (batch 1, after one warm-up) over the first ``latency_prompts`` eval questions;
 * the training loss log of every stage (``<stage>/final/trainer_state.json``).
@@ -30,7 +31,7 @@ Layout of ``--out`` (default ``outputs/study``)::
                               effect, noise and verdict (vlmzoo.study_claims; also a table in results.md)
     accuracy.png              accuracy per question type per strategy, std error bars, blind control
     loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
-    layer_weights.png         mean layer weights per question type (strategies returning them)
+    <extra>.png               per declared extra (e.g. layer_weights.png): its mean per question type
 
 Parallel runs: ``--jobs N`` trains and evaluates N runs at a time, each in its own process with
 ``cores // N`` torch threads (on a small CPU two 1-thread runs get more done than one 2-thread
@@ -68,7 +69,7 @@ logger = logging.getLogger(__name__)
 RUNS_DIRNAME = "runs"
 MEASUREMENTS_FILE = "study_measurements.json"
 #: Bump when measure_generation measures something new (older measurement files are redone).
-MEASUREMENTS_VERSION = 3
+MEASUREMENTS_VERSION = 4
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -126,7 +127,8 @@ class RunRecord:
     visual_tokens: int | None
     train_time_s: float
     latency_ms: float | None
-    layer_weights: dict[str, Any] | None = None
+    #: per declared extra (key): ``{"title", "component", "description", "by_type": {type: {"n", "mean", "std"}}}``
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     loss_steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stage_ends: list[int] = field(default_factory=list)
@@ -313,26 +315,25 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
         if i:
             times.append(time.perf_counter() - start)
     out["latency_ms"] = round(1000 * statistics.median(times), 3)
-    out["layer_weights"] = layer_weights_by_type(model, processor, cfg, images_dir)
+    out["extras"] = declared_extras_by_type(model, processor, cfg, images_dir)
     return out
 
 
-def layer_weights_by_type(model, processor, cfg, images_dir: str) -> dict[str, Any] | None:
-    """Mean ``layer_weights`` per question type over the eval questions
-    (:func:`vlmzoo.analysis.extras_by_question_type`), or ``None`` for a strategy that returns none."""
+def declared_extras_by_type(model, processor, cfg, images_dir: str) -> dict[str, dict[str, Any]]:
+    """Each extra the model's strategy declares with ``summary="mean_by_question_type"``, averaged per
+    question type over the eval questions (:func:`vlmzoo.analysis.extras_by_question_type`):
+    ``{key: {"title", "component", "description", "by_type"}}``; ``{}`` for a strategy declaring none."""
     from .analysis import extras_by_question_type
-    from .evaluation import generation_batch, image_first_messages, load_eval_records, record_images
+    from .evaluation import load_eval_records
 
+    declared = [e for e in model.strategy.extra_outputs if e.summary == "mean_by_question_type"]
     records = [r for r in load_eval_records(cfg.eval.data, cfg.eval.question_type_key, cfg.eval.max_samples) if r.images]
-    if not records:
-        return None
-    probe = generation_batch(model, processor, [image_first_messages(records[0].messages, len(records[0].images))],
-                             [record_images(records[0], images_dir)])
-    with torch.inference_mode():
-        extras = model(**probe, output_strategy_extras=True, logits_to_keep=1).strategy_extras or {}
-    if "layer_weights" not in extras:
-        return None
-    return extras_by_question_type(model, processor, records, images_dir, batch_size=cfg.eval.batch_size)
+    if not declared or not records:
+        return {}
+    return {e.key: {"title": e.heading, "component": e.component, "description": e.description,
+                    "by_type": extras_by_question_type(model, processor, records, images_dir, key=e.key,
+                                                       batch_size=cfg.eval.batch_size)}
+            for e in declared}
 
 
 def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
@@ -383,7 +384,7 @@ def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused
         params_strategy=sum(g["total"] for name, g in last.items() if name not in CORE_GROUPS),
         visual_tokens=measurements.get("visual_tokens"),
         train_time_s=round(sum(float(s.metrics.get("runtime_s") or 0.0) for s in stages), 2),
-        latency_ms=measurements.get("latency_ms"), layer_weights=measurements.get("layer_weights"),
+        latency_ms=measurements.get("latency_ms"), extras=measurements.get("extras") or {},
         loss_steps=steps, losses=losses, stage_ends=ends,
     )
 

@@ -56,7 +56,7 @@ ENCODED_FEATURES = Features(
         "input_ids": List(Value("int32")),
         "labels": List(Value("int32")),
         "instruction_mask": List(Value("bool")),
-        "instruction_text": Value("string"),
+        "query_text": Value("string"),
         "truncated": Value("bool"),
         "length": Value("int32"),
         "error": Value("string"),
@@ -83,7 +83,7 @@ def _prepare_messages(messages: list[dict[str, str]], n_images: int, image_token
 def _encode_batch(
     batch: dict[str, list[Any]], encoder: TemplateEncoder, max_length: int | None, move_image_to_front: bool
 ) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "instruction_mask", "instruction_text", "truncated", "length", "error")}
+    out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "instruction_mask", "query_text", "truncated", "length", "error")}
     for messages, images, error in zip(batch["messages"], batch["images"], batch["error"]):
         enc = None
         if error is None:
@@ -95,7 +95,7 @@ def _encode_batch(
         out["input_ids"].append(enc.input_ids if enc else [])
         out["labels"].append(enc.labels if enc else [])
         out["instruction_mask"].append(enc.instruction_mask if enc else [])
-        out["instruction_text"].append(enc.instruction_text if enc else "")
+        out["query_text"].append(enc.query_text if enc else "")
         out["truncated"].append(bool(enc and enc.truncated))
         out["length"].append(len(enc) if enc else 0)
         out["error"].append(error)
@@ -142,7 +142,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         cache_dir: ``datasets`` cache directory (default: the ``datasets`` cache).
         num_proc: processes for tokenisation.
 
-    ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
+    ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "query_text",
     "pixel_values" (n_i, 3, H, W), "image_keys"}`` (+ ``"pixel_values_hr"`` with a high-res
     folder); batch those with :class:`VLMDataCollator`. ``image_keys`` names each image's files
     (its path, and its high-res path after a ``|``).
@@ -346,7 +346,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             "input_ids": row["input_ids"],
             "labels": row["labels"],
             "instruction_mask": row["instruction_mask"],
-            "instruction_text": row["instruction_text"],
+            "query_text": row["query_text"],
             "image_keys": keys,
         }
         if keys and self.features_cached is not None and all(self.features_cached(k) for k in keys):
