@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conformance import reference_model
 from vlmzoo import benchmark as bench
 
 
@@ -23,8 +24,9 @@ def _script_main():
 
 @pytest.fixture(scope="module")
 def reference_rows():
+    """The reference configs' rows, on the meta models the conformance suite builds (once a session)."""
     files = bench.reference_config_files(["llava", "ta_llava"])
-    return {row["config"]: row for row in map(bench.reference_costs, files)}
+    return {row["config"]: row for row in (bench.reference_costs(f, model=reference_model(f)) for f in files)}
 
 
 def test_reference_llava_flops_match_a_plain_count(reference_rows):

@@ -42,14 +42,15 @@ def reference_config_files(archs: list[str]) -> list[Path]:
     return files
 
 
-def reference_costs(config_file: Path, n_text: int = N_TEXT) -> dict[str, Any]:
-    """Parameters per module group, visual tokens and prefill FLOPs of one reference config."""
+def reference_costs(config_file: Path, n_text: int = N_TEXT, model=None) -> dict[str, Any]:
+    """Parameters per module group, visual tokens and prefill FLOPs of one reference config
+    (``model``: the config already built on the meta device, else it is built here)."""
     from .build import build_on_meta
     from .flops import prefill_flops
     from .training.groups import group_layout
 
     cfg = load_run_config(config_file)
-    model = build_on_meta(cfg)
+    model = build_on_meta(cfg) if model is None else model
     params = dict(model.named_parameters())
     groups = {name: sum(params[n].numel() for n in names) for name, names in group_layout(model).groups.items() if names}
     return {
