@@ -28,7 +28,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from test_templates import build_word_tokenizer  # noqa: E402
-from vlmzoo.training.runner import processor_with_template  # noqa: E402
+from vlmzoo.processing import processor_with_template  # noqa: E402
 from test_tg_llava import CLIP_TEXT, TINY_TG  # noqa: E402
 from tiny import TINY_LLMS, tiny_clip_vision_spec  # noqa: E402
 

@@ -241,7 +241,7 @@ def test_strategy_layout_settings_come_from_the_model_and_are_saved(processor, t
     """instruction_rule and visual_tokens_first follow the strategy's needs (a conflicting value
     is an error), are saved with the processor, and survive processor_with_template."""
     from vlmzoo.processing import processor_options
-    from vlmzoo.training.runner import processor_with_template
+    from vlmzoo.processing import processor_with_template
 
     tok = processor.tokenizer
     config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"), strategy="x",
@@ -274,7 +274,7 @@ def test_strategy_layout_settings_come_from_the_model_and_are_saved(processor, t
 def test_a_stage_can_centre_crop_instead_of_padding(processor):
     """processor_with_template(..., pad_to_square=False) (a stage's pad_to_square: false) lets the
     image processor resize the short side and centre-crop; True pads with the mean colour."""
-    from vlmzoo.training.runner import processor_with_template
+    from vlmzoo.processing import processor_with_template
 
     wide = image(2 * SIZE, SIZE, seed=7)
     crop = processor_with_template(processor, "qwen2", pad_to_square=False)

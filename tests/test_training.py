@@ -601,7 +601,8 @@ def test_group_by_length_batches_similar_lengths(world, tmp_path):
     from vlmzoo.build import build_model_and_processor
     from vlmzoo.data import LlavaJsonDataset
     from vlmzoo.training import StagePlan, VLMTrainer
-    from vlmzoo.training.runner import processor_with_template, training_arguments
+    from vlmzoo.processing import processor_with_template
+    from vlmzoo.training.runner import training_arguments
 
     tree = toy_config_dict(world, tmp_path / "run", batch_size=4)
     tree["training"]["group_by_length"] = True

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import add_config_arguments, config_from_args
     from .evaluation import load_eval_records, load_for_eval, model_folder
-    from .training.cli import setup_logging
+    from .utils import setup_logging
 
     parser = argparse.ArgumentParser(description="Mean of a strategy's declared extra output (e.g. IGVA's layer weights) "
                                      "per question type.")

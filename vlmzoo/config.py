@@ -28,7 +28,9 @@ from typing import Any, Sequence
 import yaml
 
 from .config_tree import apply_override, interpolate, load_yaml_tree, parse_override
-from .utils import ConfigKeyError, build_dataclass, nearest_names, unknown_key_error
+from .registry import STRATEGIES, UnknownStrategyError, available_strategies, get_strategy_class
+from .utils import ConfigKeyError, atomic_write_text, build_dataclass, nearest_names, unknown_key_error
+
 CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
@@ -364,8 +366,6 @@ TINY_BASE = "base/tiny_world.yaml"
 def strategy_config_dirs(name: str) -> list[Path]:
     """Folders holding run configs of strategy ``name``: ``configs/<name>/`` of this repository, then
     the ``config_dir`` its class declares (configs shipped with a third-party package)."""
-    from .registry import STRATEGIES
-
     dirs = [CONFIGS_DIR / name] if name not in _NOT_ARCHS and (CONFIGS_DIR / name).is_dir() else []
     cls = STRATEGIES.find(name)
     if cls is not None and cls.config_dir is not None:
@@ -395,8 +395,6 @@ def arch_config(arch: str, scale: str = "tiny") -> tuple[Path, tuple[str, ...]]:
     another package trains on the tiny world with no config file. An unknown strategy or scale is an
     error naming the ones that exist.
     """
-    from .registry import available_strategies
-
     registered = available_strategies()
     files = {p.stem: p for p in strategy_config_files(arch)} if arch not in _NOT_ARCHS else {}
     if scale in files:
@@ -468,7 +466,6 @@ def validate(cfg: RunConfig) -> None:
     """Checks a schema cannot express: value ranges, choices, the strategy and its fields, unique
     stage names. Each failure is a ``ValueError`` (or :class:`ConfigKeyError`) naming the key."""
     check_ranges(cfg)
-    from .registry import UnknownStrategyError, get_strategy_class
 
     if cfg.model.strategy is None:  # allowed where no model is built (scripts/eval.py reads the saved one)
         strategy_cls = None
@@ -597,8 +594,6 @@ def identity_hash(identity: dict[str, Any]) -> str:
 
 def save_resolved_config(cfg: RunConfig, directory: str | os.PathLike) -> Path:
     """Write ``resolved_config.yaml`` (every default filled in, every variable resolved)."""
-    from .utils import atomic_write_text
-
     path = Path(directory) / "resolved_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, cfg.to_yaml())

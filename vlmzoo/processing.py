@@ -565,3 +565,25 @@ def _image_list(images: Any) -> list[Image.Image]:
     if isinstance(images, Image.Image):
         return [images]
     return list(images)
+
+
+def processor_with_template(processor, template: str | dict[str, Any], pad_to_square: bool | None = None):
+    """The same tokenizers and image processing under another conversation template (name or spec);
+    ``pad_to_square`` (``None``: the processor's) pads images to a square (True) or lets the image
+    processor resize the short side and centre-crop (False)."""
+    template = get_template(template)
+    if processor.template == template and pad_to_square in (None, processor.pad_to_square):
+        return processor
+    return VLMProcessor(
+        processor.tokenizer,
+        image_processor=processor.image_processor,
+        text_tokenizer=processor.text_tokenizer,
+        template=template,
+        image_token=processor.image_token,
+        num_visual_tokens=processor.num_visual_tokens,
+        text_max_length=processor.text_max_length,
+        pad_to_square=processor.pad_to_square if pad_to_square is None else pad_to_square,
+        high_res_factor=processor.high_res_factor,
+        instruction_rule=processor.instruction_rule,
+        visual_tokens_first=processor.visual_tokens_first,
+    )

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable, TypeVar
 
-if TYPE_CHECKING:
-    from .strategy import GuidanceStrategy
+from .strategy import GuidanceStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ class StrategyRegistry:
 
     def register(self, name: str) -> Callable[[_S], _S]:
         """Class decorator: ``@register_strategy("my_method")``."""
-        from .strategy import GuidanceStrategy
-
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"Strategy name must be a Python identifier, got {name!r}.")
 

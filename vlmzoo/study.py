@@ -438,7 +438,7 @@ def train_in_parallel(spec: StudySpec, paths: dict[str, Path], runs: list[tuple[
 
 
 def _init_worker(threads: int) -> None:
-    from .training.cli import setup_logging
+    from .utils import setup_logging
 
     setup_logging()
     torch.set_num_threads(threads)
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     """``scripts/compare.py``: the study of :func:`run_study`; prints the markdown table."""
     import argparse
 
-    from .training.cli import setup_logging
+    from .utils import setup_logging
 
     parser = argparse.ArgumentParser(
         description="Train and evaluate several strategies with the same data, budget and seeds; "

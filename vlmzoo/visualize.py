@@ -315,7 +315,7 @@ def visualize(
     high_res_path: str | os.PathLike | None = None,
 ) -> tuple[Path, list[AnswerAttention]]:
     """Load each saved model + processor, compute its :class:`AnswerAttention`, draw all side by side."""
-    from .data.llava_json import open_rgb_image
+    from .data.checks import open_rgb_image
     from .evaluation import load_for_eval
 
     image = open_rgb_image(image_path)

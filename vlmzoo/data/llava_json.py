@@ -33,7 +33,7 @@ from datasets import Features, List, Value
 from datasets.fingerprint import Hasher
 from PIL import Image
 
-from .checks import ImagePathError, image_problems, resolve_image_path
+from .checks import ImagePathError, image_problems, open_rgb_image, resolve_image_path
 from .records import CACHE_VERSION, LlavaDataError, SkippedRecord, read_llava_records
 from .supervision import TokenizationMismatchError, check_supervision
 from .templates import DEFAULT_IMAGE_TOKEN, TemplateEncoder
@@ -389,13 +389,6 @@ def high_res_size_problem(base: tuple[int, int], high_res: tuple[int, int]) -> s
     if hw < w or hh < h or abs(hw * h - hh * w) > max(hw, hh):
         return f"the high-res image is {hw}x{hh} pixels, its base image {w}x{h}: not the same picture at a higher resolution"
     return None
-
-
-def open_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """The image file at ``path``, fully read and converted to RGB (the file is closed on return)."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
 
 
 # ---- 4. collation ----------------------------------------------------------------------------------

@@ -35,15 +35,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback, TrainingArguments
 
+from ..build import build_model_and_processor, torch_dtype
 from ..config import RunConfig, StageConfig, save_resolved_config
+from ..configuration import VLMConfig
+from ..data import LlavaJsonDataset, VLMDataCollator
+from ..evaluation import evaluate_run
 from ..feature_cache import InstructionFeatureCache, VisionFeatureCache
+from ..modeling import VLMForConditionalGeneration
+from ..processing import VLMProcessor, processor_options, processor_with_template
 from ..registry import get_strategy_class
 from ..utils import atomic_write_text
 from .checkpoints import Checkpoint, find_resume_checkpoint, fsync_tree, publish
 from .groups import StagePlan
-from .preflight import check_data, check_lengths
+from .preflight import check_data, check_lengths, position_limit
 from .run_folder import (
     FINAL_DIRNAME,
     STAGE_DONE_FILE,
@@ -156,8 +163,6 @@ def _run_locked(cfg: RunConfig, out: Path, main: bool, first_args: TrainingArgum
 
     result = RunResult(output_dir=out, final_model_dir=previous, stages=results)
     if evaluate and cfg.eval.data and main:
-        from ..evaluation import evaluate_run
-
         result.eval_metrics = evaluate_run(cfg, previous, out / "eval")
     return result
 
@@ -169,11 +174,6 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     they differ from those the previous stage's model was saved with, that model is rebuilt with the
     stage's fields and its weights loaded by name (see :func:`rebuild_with_strategy_config`).
     """
-    from ..build import build_model_and_processor, torch_dtype
-    from ..configuration import VLMConfig
-    from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor, processor_options
-
     fields = cfg.stage_strategy_config(stage) if stage is not None else dict(cfg.model.strategy_config)
     if previous_final is None:
         torch.manual_seed(cfg.seed)  # the fresh strategy's initialisation
@@ -182,7 +182,6 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         if cfg.model.init_from:
             load_weights_by_name(model, cfg.model.init_from)
         return model, processor
-    from safetensors import SafetensorError
 
     dtype = torch_dtype(cfg.model.dtype)
     try:
@@ -202,9 +201,6 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     """Load the model saved in ``model_dir`` into the same architecture built with other strategy
     fields; log which weights load, which start fresh (initialised as a new model's) and which are
     dropped. -> ``(model, processor)``, the processor matched to the new visual-token count."""
-    from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor, processor_options
-
     changed = sorted(k for k in strategy_config if strategy_config[k] != config.strategy_config.get(k))
     logger.info("Strategy %r rebuilt with %s (saved model: %s).", config.strategy,
                 ", ".join(f"{k}={strategy_config[k]!r}" for k in changed),
@@ -233,8 +229,6 @@ def load_weights_by_name(model, model_dir: str | os.PathLike, what: str = "model
     ``loaded``, which ``kept`` their built values (absent from the checkpoint) and which were
     ``dropped`` (absent from the model). A shape mismatch or an unreadable file raises, naming
     ``what``, the file and (for a shape) the key and both shapes."""
-    from safetensors import SafetensorError, safe_open
-
     directory = Path(model_dir)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -281,31 +275,6 @@ def log_key_groups(label: str, keys: list[str], depth: int = 2) -> None:
         counts[prefix] = counts.get(prefix, 0) + 1
     for prefix, count in counts.items():
         logger.info("%s: %s.* (%d tensors)", label, prefix, count)
-
-
-def processor_with_template(processor, template: str | dict[str, Any], pad_to_square: bool | None = None):
-    """The same tokenizers and image processing under another conversation template (name or spec);
-    ``pad_to_square`` (``None``: the processor's) pads images to a square (True) or lets the image
-    processor resize the short side and centre-crop (False)."""
-    from ..data.templates import get_template
-    from ..processing import VLMProcessor
-
-    template = get_template(template)
-    if processor.template == template and pad_to_square in (None, processor.pad_to_square):
-        return processor
-    return VLMProcessor(
-        processor.tokenizer,
-        image_processor=processor.image_processor,
-        text_tokenizer=processor.text_tokenizer,
-        template=template,
-        image_token=processor.image_token,
-        num_visual_tokens=processor.num_visual_tokens,
-        text_max_length=processor.text_max_length,
-        pad_to_square=processor.pad_to_square if pad_to_square is None else pad_to_square,
-        high_res_factor=processor.high_res_factor,
-        instruction_rule=processor.instruction_rule,
-        visual_tokens_first=processor.visual_tokens_first,
-    )
 
 
 def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
@@ -357,8 +326,6 @@ def train_stage(
     """Train stage ``index`` on ``model`` (from its newest intact checkpoint, if any); save its final
     model + processor; -> stage metrics. ``status``: the stage's :func:`plan_stages` entry (default:
     computed here)."""
-    from ..data import LlavaJsonDataset, VLMDataCollator
-
     stage = cfg.training.stages[index]
     where = f"training.stages.{index}"
     tag = f"[{stage.name}]"
@@ -382,7 +349,6 @@ def train_stage(
         model.text_feature_cache = text_cache
     args = training_arguments(cfg, stage)
     processor = processor_with_template(processor, stage.template, stage.pad_to_square)
-    from .preflight import position_limit
 
     with args.main_process_first(desc=f"{stage.name} dataset"):
         dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),
