@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """``scripts/strategy_extras.py``: mean strategy extras per question type of an evaluation set."""
     import argparse
 
-    from .config import add_config_arguments, config_from_args
+    from .config import add_config_arguments, config_from_args, prepare_run_files
     from .evaluation import load_eval_records, load_for_eval, model_folder
     from .utils import setup_logging
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     setup_logging()
     cfg = config_from_args(args)
+    prepare_run_files(cfg)
     data = args.data or cfg.eval.data
     images = args.images or cfg.eval.images or cfg.data.images
     if not data or not images:

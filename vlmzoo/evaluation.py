@@ -33,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .build import torch_dtype
-from .config import add_config_arguments, config_from_args
+from .config import add_config_arguments, config_from_args, prepare_run_files
 from .data import LlavaDataError, iter_json_records, normalize_record
 from .data.checks import ImagePathError, open_rgb_image, resolve_image_path
 from .data.llava_json import _prepare_messages
@@ -401,6 +401,7 @@ def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     e = cfg.eval
     if not e.data:
         raise ValueError("eval.data is not set (the evaluation JSON file).")
+    prepare_run_files(cfg)
     model, processor = load_for_eval(model_dir, e.template, torch_dtype(cfg.model.dtype))
     return evaluate_model(
         model, processor, e.data, cfg.eval_images(), high_res_images=cfg.eval_high_res_images(),

@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback, TrainingArguments
 
 from ..build import build_model_and_processor, torch_dtype
-from ..config import RunConfig, StageConfig, save_resolved_config
+from ..config import RunConfig, StageConfig, prepare_run_files, save_resolved_config
 from ..configuration import VLMConfig
 from ..data import LlavaJsonDataset, VLMDataCollator
 from ..evaluation import evaluate_run
@@ -111,6 +111,7 @@ def run_training(
     (:mod:`vlmzoo.training.preflight`)."""
     if not cfg.training.stages:
         raise ValueError("training.stages is empty: nothing to train.")
+    prepare_run_files(cfg)  # e.g. builds the tiny world on first use (safe across processes)
     out = Path(cfg.output.dir)
     main = is_main_process()
     if main:
