@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from vlmzoo import available_strategies
-from vlmzoo import benchmark as bench
 from vlmzoo.utils import cli_entry
+from vlmzoo_lab import benchmark as bench
+from vlmzoo_lab.llava_vs_transformers import llava_vs_transformers
 
 PARTS = ("reference", "tiny", "transformers")
 
@@ -126,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         result["tiny"] = bench.tiny_costs(archs, repeats=args.repeats, batch=args.batch)
         sections += ["## Tiny scale (this CPU)", "", tiny_table(result["tiny"], args.batch, args.baseline), ""]
     if "transformers" in args.parts:
-        from architectures.llava_benchmark import llava_vs_transformers
-
         result["transformers"] = llava_vs_transformers(repeats=args.repeats, batch=args.batch)
         sections += ["## `llava` vs transformers' Llava (tiny scale, same run)", "", transformers_table(result["transformers"]), ""]
     result["seconds"] = time.perf_counter() - start

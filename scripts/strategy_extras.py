@@ -4,12 +4,12 @@
     python scripts/strategy_extras.py --model outputs/igva-tiny-XXXX/stage2_instruct/final --config configs/igva/tiny.yaml
     python scripts/strategy_extras.py --model DIR --data eval.json --images images/ --key layer_weights --output weights.json
 
-See ``vlmzoo.analysis.main`` for every option.
+See ``vlmzoo_lab.analysis.main`` for every option.
 """
 
 import sys
 
-from vlmzoo.analysis import main
+from vlmzoo_lab.analysis import main
 from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conformance import reference_model
-from vlmzoo import benchmark as bench
+from vlmzoo_lab import benchmark as bench
 
 
 def _script_main():
@@ -50,7 +50,7 @@ def test_reference_ta_llava_on_the_same_llm_is_a_fraction_of_llava(reference_row
 
 
 def test_llava_and_transformers_llava_agree_before_they_are_timed():
-    from architectures.llava_benchmark import llava_vs_transformers
+    from vlmzoo_lab.llava_vs_transformers import llava_vs_transformers
 
     result = llava_vs_transformers(repeats=1, batch=2)
     assert result["max_abs_logit_difference"] < 1e-5

@@ -1,4 +1,4 @@
-"""The claims table (vlmzoo.study_claims) on hand-made runs: every verdict of the rule, the numbers,
+"""The claims table (vlmzoo_lab.study_claims) on hand-made runs: every verdict of the rule, the numbers,
 missing runs, the spread of a declared extra (IGVA's layer weights), and the checks of configs/claims.yaml."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmzoo.study import RunRecord
+from vlmzoo_lab.study import RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,14 +28,14 @@ def _runs(arch: str, qtype: str, values: list[float]) -> list[RunRecord]:
 
 
 def _claim(**fields):
-    from vlmzoo.study_claims import Claim
+    from vlmzoo_lab.study_claims import Claim
 
     base = dict(claim="c", methods=("m",), question_types=("fine",), negative_control="neg", positive_control="pos")
     return Claim(**{**base, **fields})
 
 
 def _one_row(claim, runs) -> dict:
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     rows = claim_rows([claim], runs)
     assert len(rows) == 1
@@ -90,7 +90,7 @@ def test_missing_controls_and_seeds_are_marked_not_guessed():
     row = _one_row(_claim(), method[:1] + neg[:1] + _runs("pos", "fine", [90]))
     assert row["verdict"] == "too few seeds" and row["seeds"] == 1 and row["seeds_for_3pt"] is None
 
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     assert claim_rows([_claim(methods=("never_run",))], neg) == []  # a method not in the study: no row
     # a type the study did not evaluate (e.g. --max-eval): no row either
@@ -98,7 +98,7 @@ def test_missing_controls_and_seeds_are_marked_not_guessed():
 
 
 def test_one_row_per_type_and_method_in_claim_order():
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     runs = []
     for arch, base in (("a", 60), ("b", 50), ("neg", 40), ("pos", 90)):
@@ -111,7 +111,7 @@ def test_one_row_per_type_and_method_in_claim_order():
 
 def test_seeds_for_a_3_point_effect():
     """Two-sample z-test, two-sided 5%, power 80%: n = ceil(2 (1.95996 + 0.84162)^2 sigma^2 / 9)."""
-    from vlmzoo.study_claims import seeds_to_resolve
+    from vlmzoo_lab.study_claims import seeds_to_resolve
 
     z = 1.959964 + 0.841621
     for sigma in (0.5, 1.7, 2.6, 11.9):
@@ -125,7 +125,7 @@ def test_seeds_for_a_3_point_effect():
 
 def test_spread_of_a_declared_extra_row():
     """The largest spread across question types ("all" excluded) of a group's weight, per seed, in points."""
-    from vlmzoo.study_claims import Claim
+    from vlmzoo_lab.study_claims import Claim
 
     def weights(spread: float) -> dict:
         return {"colour": {"mean": [0.2, 0.8]}, "shade": {"mean": [0.2 + spread, 0.8 - spread / 2]},
@@ -144,7 +144,7 @@ def test_spread_of_a_declared_extra_row():
     flat = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate([0.002, 0.001, 0.003])]
     row = _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), flat)
     assert row["method_mean"] == pytest.approx(0.25) and row["verdict"] == "does not reproduce"
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     one_type = [_run("igva", s, {"colour": 0.5}, {"colour": {"mean": [0.3, 0.7]}, "all": {"mean": [0.3, 0.7]}})
                 for s in range(3)]
@@ -156,7 +156,7 @@ def test_spread_of_a_declared_extra_row():
 def test_csv_and_markdown(tmp_path):
     import csv
 
-    from vlmzoo.study_claims import COLUMNS, claim_rows, claims_markdown, write_claims_csv
+    from vlmzoo_lab.study_claims import COLUMNS, claim_rows, claims_markdown, write_claims_csv
 
     runs = _runs("m", "fine", [40, 45, 50]) + _runs("neg", "fine", [30, 31, 32])
     rows = claim_rows([_claim()], runs)
@@ -173,8 +173,8 @@ def test_csv_and_markdown(tmp_path):
 
 def test_the_shipped_claims_file():
     """configs/claims.yaml holds the issue's rows; every entry has a config and the `claims` preset runs them all."""
-    from vlmzoo.study import StudySpec, config_path, preset_archs
-    from vlmzoo.study_claims import load_claims
+    from vlmzoo_lab.study import StudySpec, config_path, preset_archs
+    from vlmzoo_lab.study_claims import load_claims
 
     claims = {c.claim: c for c in load_claims()}
     dp = claims["TG-DP reads detail"]
@@ -221,7 +221,7 @@ def test_the_shipped_claims_file():
      r"claims\[0\]\.methods must be a list"),
 ])
 def test_a_malformed_claims_file_names_the_entry_and_key(tmp_path, text, match):
-    from vlmzoo.study_claims import load_claims
+    from vlmzoo_lab.study_claims import load_claims
 
     path = tmp_path / "claims.yaml"
     path.write_text(text)

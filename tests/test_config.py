@@ -345,7 +345,7 @@ def test_reference_config_loads():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
 
     cache = tmp_path_factory.mktemp("tiny_world_cache")
     small = small_test_config()
@@ -357,7 +357,7 @@ def small_world(tmp_path_factory):
 
 
 def test_tiny_config_resolves_tiny_world_variables(small_world):
-    from vlmzoo.tinyworld import TinyWorldPaths
+    from vlmzoo_lab.tinyworld import TinyWorldPaths
 
     cfg, small, cache = small_world["cfg"], small_world["small"], small_world["cache"]
     root = cache / "tiny_world" / small.config_hash()  # the override's fields made this world

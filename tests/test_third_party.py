@@ -53,7 +53,7 @@ def test_the_installed_strategy_is_registered_only_there(installed):
 
 
 def test_train_script_runs_it_on_the_tiny_world_with_no_config_file(installed, tmp_path):
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
 
     out = tmp_path / "run"
     args = [f"tiny_world.cache_dir={tmp_path / 'cache'}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}",

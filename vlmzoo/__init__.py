@@ -1,9 +1,10 @@
 """vlmzoo: interchangeable vision-guidance strategies for LLaVA-style VLMs, head to head.
 
 Public API: the strategy interface and registry, the Hugging Face-native config/model, and the
-processor. The lab around it (tiny world, comparison study, benchmark, visualisations, demo) is
-the separate package ``vlmzoo_lab``, which this one never imports. Strategies live outside this package (``architectures/`` for the built-ins) and are
-found through the ``vlmzoo.strategies`` entry-point group.
+processor. Strategies live outside this package (``architectures/`` for the built-ins) and are
+found through the ``vlmzoo.strategies`` entry-point group. The lab around it (tiny world,
+comparison study, benchmark, visualisations, demo) is the package ``vlmzoo_lab``, which this one
+never imports.
 """
 
 from .registry import (

@@ -99,7 +99,7 @@ class TokenGrid:
     Token ``start + r * cols + c`` of the strategy's ``num_visual_tokens`` covers the cell in row
     ``r`` (top to bottom) and column ``c`` (left to right) of a ``rows x cols`` grid over the image
     the tower sees; cells need not be square (e.g. 1 x 8-patch strips). Used by attention maps
-    (:mod:`vlmzoo.visualize`), never by training.
+    (:mod:`vlmzoo_lab.visualize`), never by training.
 
     Attributes:
         start: index of the grid's first token among the strategy's visual tokens.

@@ -9,7 +9,7 @@ Three parts (``scripts/benchmark.py`` runs them and writes JSON + Markdown):
   training-step time, prefill latency, decode latency with and without the KV cache, peak memory.
   Strategies are measured round-robin, so drift of the machine spreads over all of them.
 * :func:`time_models` — any models over the same inputs, measured in turn (the ``llava`` strategy
-  against transformers' ``LlavaForConditionalGeneration`` uses it: ``architectures/llava_benchmark.py``).
+  against transformers' ``LlavaForConditionalGeneration`` uses it: ``vlmzoo_lab/llava_vs_transformers.py``).
 
 Timings are medians of ``repeats`` after a warm-up call, on ``torch.get_num_threads()`` threads.
 """
@@ -23,8 +23,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from .config import arch_config, load_run_config, strategy_config_files
+from vlmzoo.build import build_on_meta
+from vlmzoo.config import arch_config, load_run_config, strategy_config_files
+from vlmzoo.configuration import VLMConfig
+from vlmzoo.flops import prefill_flops
+from vlmzoo.modeling import VLMForConditionalGeneration
+from vlmzoo.towers.text import HFTextEncoder
+from vlmzoo.towers.vision import HFVisionTower
+from vlmzoo.training.groups import group_layout
+
+from .tinyworld.config import TinyWorldConfig
+from .tinyworld.pretrain import clip_config, llm_config
 
 N_TEXT = 40
 BATCH = 32
@@ -45,10 +56,6 @@ def reference_config_files(archs: list[str]) -> list[Path]:
 def reference_costs(config_file: Path, n_text: int = N_TEXT, model=None) -> dict[str, Any]:
     """Parameters per module group, visual tokens and prefill FLOPs of one reference config
     (``model``: the config already built on the meta device, else it is built here)."""
-    from .build import build_on_meta
-    from .flops import prefill_flops
-    from .training.groups import group_layout
-
     cfg = load_run_config(config_file)
     model = build_on_meta(cfg) if model is None else model
     params = dict(model.named_parameters())
@@ -80,13 +87,6 @@ def tiny_world_config(strategy: str, vocab_size: int = 96):
     vocabulary id as the image token) with the strategy fields of its tiny config
     (:func:`vlmzoo.config.arch_config`; the config dataclass's defaults for a strategy without one)
     and the tiny CLIP's text tower if the config names a text encoder or the strategy reads instruction text."""
-    from .configuration import VLMConfig
-    from .modeling import VLMForConditionalGeneration
-    from .tinyworld.config import TinyWorldConfig
-    from .tinyworld.pretrain import clip_config, llm_config
-    from .towers.text import HFTextEncoder
-    from .towers.vision import HFVisionTower
-
     world = TinyWorldConfig()
     vocab = _Vocab(vocab_size)
     clip = clip_config(world, vocab)
@@ -229,8 +229,6 @@ def time_models(models: dict[str, Any], like, batch: int = BATCH, repeats: int =
 
 def tiny_costs(strategies: list[str], repeats: int = 5, batch: int = BATCH) -> dict[str, dict[str, Any]]:
     """Step / prefill / decode timings of each strategy at tiny-world size (see the module doc)."""
-    from .modeling import VLMForConditionalGeneration
-
     timers, info = {}, {}
     for name in strategies:
         torch.manual_seed(0)
@@ -250,8 +248,6 @@ def tiny_costs(strategies: list[str], repeats: int = 5, batch: int = BATCH) -> d
 
 def peak_train_memory_mib(timer: _Timer) -> float:
     """Peak bytes of tensors alive during one training step (CPU allocator, via the profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         timer.train_step()

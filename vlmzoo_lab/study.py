@@ -28,7 +28,7 @@ Layout of ``--out`` (default ``outputs/study``)::
     results.csv               one row per run (kind=run) plus kind=mean and kind=std rows per strategy
     claims.csv                one row per claim, question type and method of configs/claims.yaml whose
                               method the study ran: its negative and positive controls side by side,
-                              effect, noise and verdict (vlmzoo.study_claims; also a table in results.md)
+                              effect, noise and verdict (vlmzoo_lab.study_claims; also a table in results.md)
     accuracy.png              accuracy per question type per strategy, std error bars, blind control
     loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
     <extra>.png               per declared extra (e.g. layer_weights.png): its mean per question type
@@ -42,18 +42,21 @@ another's load.
 Reuse: running the same study again skips the completed stages of every run (the runner's resume),
 re-uses ``eval/eval_metrics.json`` when no stage had to train and the ``eval`` section is unchanged,
 and re-uses ``study_measurements.json`` likewise. ``results.csv`` columns are listed in
-:data:`vlmzoo.study_report.CSV_DOC`; the table and plots are written by
-:mod:`vlmzoo.study_report`.
+:data:`vlmzoo_lab.study_report.CSV_DOC`; the table and plots are written by
+:mod:`vlmzoo_lab.study_report`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,7 +64,31 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .config import prepare_run_files
+from vlmzoo.build import torch_dtype
+from vlmzoo.config import (
+    CONFIGS_DIR,
+    arch_config,
+    diff_configs,
+    load_run_config,
+    prepare_run_files,
+    strategy_config_files,
+)
+from vlmzoo.evaluation import (
+    METRICS_FILE,
+    evaluate_run,
+    generation_batch,
+    greedy_generate,
+    image_first_messages,
+    load_eval_records,
+    load_for_eval,
+    record_images,
+)
+from vlmzoo.registry import available_strategies
+from vlmzoo.training.groups import CORE_GROUPS
+from vlmzoo.training.runner import FINAL_DIRNAME, TRAINER_STATE_FILE, run_training
+from vlmzoo.utils import setup_logging
+
+from .analysis import extras_by_question_type
 from .study_claims import load_claims
 from .study_report import write_outputs
 
@@ -155,8 +182,6 @@ def config_source(spec: StudySpec, arch: str) -> tuple[Path, tuple[str, ...]]:
     ``<scale>.yaml`` (:func:`vlmzoo.config.arch_config`: its config folders, else the shared tiny base
     for a strategy that ships none), or of ``arch:stem`` (an ablation variant) its ``<stem>.yaml``;
     with ``config_dir``, ``<config_dir>/<arch>/<stem>.yaml``."""
-    from .config import arch_config
-
     folder, stem = split_variant(arch, spec.scale)
     if spec.config_dir is None:
         return arch_config(folder, stem)
@@ -173,8 +198,6 @@ def config_path(spec: StudySpec, arch: str) -> Path:
 
 def load_presets(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """``configs/presets.yaml``: named studies (``archs``, optional ``description``)."""
-    from .config import CONFIGS_DIR
-
     path = Path(path) if path else CONFIGS_DIR / "presets.yaml"
     presets = (yaml.safe_load(path.read_text()) or {}).get("presets") or {}
     for name, preset in presets.items():
@@ -195,9 +218,6 @@ def default_archs(scale: str = "tiny", config_dir: str | os.PathLike | None = No
     """Every registered strategy with a ``<scale>.yaml`` (:func:`vlmzoo.config.strategy_config_files`;
     at ``tiny`` every one: a strategy without a tiny config runs the shared tiny base), or with
     ``config_dir`` those with ``<config_dir>/<arch>/<scale>.yaml``."""
-    from .config import strategy_config_files
-    from .registry import available_strategies
-
     if config_dir:
         return [a for a in available_strategies() if (Path(config_dir) / a / f"{scale}.yaml").is_file()]
     return [a for a in available_strategies() if scale == "tiny" or strategy_config_files(a, f"{scale}.yaml")]
@@ -233,8 +253,6 @@ def run_budget(cfg) -> dict[str, Any]:
 
 
 def check_budgets(budgets: dict[str, dict[str, Any]], paths: dict[str, Path]) -> None:
-    from .config import diff_configs
-
     archs = list(budgets)
     for arch in archs[1:]:
         diffs = diff_configs(budgets[archs[0]], budgets[arch])
@@ -262,9 +280,6 @@ def train_and_evaluate(
     -> ``(eval_metrics, measurements, stage results, reused)``; ``reused`` is True when no stage
     trained and both the eval metrics and the measurements came from disk. ``measure=False``
     skips the measurements (``None``)."""
-    from .evaluation import METRICS_FILE, evaluate_run
-    from .training.runner import run_training
-
     out = Path(cfg.output.dir)
     eval_file = out / "eval" / METRICS_FILE
     same_eval = _previous_eval_section(out) == dataclasses.asdict(cfg.eval)
@@ -294,9 +309,6 @@ def train_and_evaluate(
 def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dict[str, Any]:
     """Visual tokens per image, and the median latency (ms) of one greedy answer of exactly
     ``eval.max_new_tokens`` tokens at batch 1 over the first ``n_prompts`` eval questions."""
-    from .build import torch_dtype
-    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval, record_images
-
     model, processor = load_for_eval(model_dir, cfg.eval.template, torch_dtype(cfg.model.dtype))
     out: dict[str, Any] = {"visual_tokens": int(processor.num_visual_tokens), "latency_ms": None}
     if n_prompts <= 0 or not cfg.eval.data:
@@ -322,11 +334,8 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
 
 def declared_extras_by_type(model, processor, cfg, images_dir: str) -> dict[str, dict[str, Any]]:
     """Each extra the model's strategy declares with ``summary="mean_by_question_type"``, averaged per
-    question type over the eval questions (:func:`vlmzoo.analysis.extras_by_question_type`):
+    question type over the eval questions (:func:`vlmzoo_lab.analysis.extras_by_question_type`):
     ``{key: {"title", "component", "description", "by_type"}}``; ``{}`` for a strategy declaring none."""
-    from .analysis import extras_by_question_type
-    from .evaluation import load_eval_records
-
     declared = [e for e in model.strategy.extra_outputs if e.summary == "mean_by_question_type"]
     records = [r for r in load_eval_records(cfg.eval.data, cfg.eval.question_type_key, cfg.eval.max_samples) if r.images]
     if not declared or not records:
@@ -339,8 +348,6 @@ def declared_extras_by_type(model, processor, cfg, images_dir: str) -> dict[str,
 
 def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
     """A stage's Trainer state: ``final/trainer_state.json``, else its latest checkpoint's."""
-    from .training.runner import FINAL_DIRNAME, TRAINER_STATE_FILE
-
     path = stage_dir / FINAL_DIRNAME / TRAINER_STATE_FILE
     if not path.is_file():
         checkpoints = sorted(stage_dir.glob("checkpoint-*/" + TRAINER_STATE_FILE),
@@ -353,8 +360,6 @@ def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
 
 def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused: bool) -> RunRecord:
     """One :class:`RunRecord` from a run's eval metrics, stage metrics and trainer states."""
-    from .training.groups import CORE_GROUPS
-
     last = stages[-1].metrics.get("parameters") or {}
     if not last:
         raise ValueError(f"{stages[-1].final_dir}/stage_complete.json has no 'parameters' entry.")
@@ -393,8 +398,6 @@ def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused
 # ---- the study -----------------------------------------------------------------------------------
 def run_study(spec: StudySpec) -> StudyResult:
     """Train, evaluate and measure every ``(arch, seed)`` of ``spec``; write the table, CSV and plots."""
-    from .config import load_run_config
-
     if not spec.archs or not spec.seeds:
         raise ValueError("A study needs at least one arch and one seed.")
     claims = load_claims(spec.claims)  # a malformed claims file fails before hours of training
@@ -421,9 +424,6 @@ def run_study(spec: StudySpec) -> StudyResult:
 def train_in_parallel(spec: StudySpec, paths: dict[str, Path], runs: list[tuple[str, int]]) -> None:
     """Train and evaluate ``runs`` (``(arch, seed)`` pairs) ``spec.jobs`` at a time, each in a
     fresh process with ``cores // jobs`` torch threads; the caller then collects them (reused)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     threads = max(1, (os.cpu_count() or 1) // spec.jobs)
     logger.info("Study: %d runs, %d at a time with %d torch thread(s) each", len(runs), spec.jobs, threads)
     with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -441,15 +441,11 @@ def train_in_parallel(spec: StudySpec, paths: dict[str, Path], runs: list[tuple[
 
 
 def _init_worker(threads: int) -> None:
-    from .utils import setup_logging
-
     setup_logging()
     torch.set_num_threads(threads)
 
 
 def _train_one(config_path: str, overrides: list[str]) -> None:
-    from .config import load_run_config
-
     cfg = load_run_config(config_path, overrides)
     logger.info("Study run %s -> %s (worker %d)", cfg.output.name, cfg.output.dir, os.getpid())
     train_and_evaluate(cfg, measure=False)
@@ -458,10 +454,6 @@ def _train_one(config_path: str, overrides: list[str]) -> None:
 # ---- command line --------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``scripts/compare.py``: the study of :func:`run_study`; prints the markdown table."""
-    import argparse
-
-    from .utils import setup_logging
-
     parser = argparse.ArgumentParser(
         description="Train and evaluate several strategies with the same data, budget and seeds; "
         "write results.md, results.csv, claims.csv, accuracy.png and loss.png.",

@@ -2,7 +2,7 @@
 (accuracy, training loss, and each declared strategy extra per question type, e.g. IGVA's layer
 weights: :attr:`vlmzoo.GuidanceStrategy.extra_outputs`).
 
-Rows come from :class:`vlmzoo.study.RunRecord` objects; :data:`CSV_DOC` documents the CSV columns.
+Rows come from :class:`vlmzoo_lab.study.RunRecord` objects; :data:`CSV_DOC` documents the CSV columns.
 """
 
 from __future__ import annotations

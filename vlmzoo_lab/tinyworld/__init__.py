@@ -20,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from transformers import AutoTokenizer
 
 from .config import FORMAT_VERSION, TinyClipConfig, TinyLLMConfig, TinyWorldConfig, small_test_config
-from .questions import QUESTION_TYPES
+from .generate import generate_world
+from .pretrain import pretrain_clip, pretrain_llm
+from .questions import QUESTION_TYPES, every_phrase
+from .tokenizer import save_tokenizers
 
 __all__ = [
     "FORMAT_VERSION",
@@ -135,11 +139,6 @@ def build_tiny_world(
 
 
 def _build(cfg: TinyWorldConfig, paths: TinyWorldPaths, log: Any) -> dict[str, Any]:
-    from .generate import generate_world
-    from .pretrain import pretrain_clip, pretrain_llm
-    from .questions import every_phrase
-    from .tokenizer import save_tokenizers
-
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     world = generate_world(cfg, str(paths.data_dir), keep_train_hires=True, log=log)
@@ -148,7 +147,6 @@ def _build(cfg: TinyWorldConfig, paths: TinyWorldPaths, log: Any) -> dict[str, A
     t = time.perf_counter()
     texts = every_phrase(cfg) + _json_texts(paths.stage2_json)
     tokenizer = save_tokenizers(texts, str(paths.llm_dir), str(paths.clip_dir), cfg.clip.max_text_positions)
-    from transformers import AutoTokenizer
 
     clip_tokenizer = AutoTokenizer.from_pretrained(paths.clip_dir)
     seconds["tokenizer"] = time.perf_counter() - t

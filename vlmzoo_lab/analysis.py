@@ -9,6 +9,7 @@ is the command line.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections import defaultdict
@@ -17,7 +18,17 @@ from typing import Any, Sequence
 
 import torch
 
-from .evaluation import EvalRecord, _image_first, generation_batch, record_images
+from vlmzoo.config import add_config_arguments, config_from_args, prepare_run_files
+from vlmzoo.evaluation import (
+    EvalRecord,
+    _image_first,
+    generation_batch,
+    load_eval_records,
+    load_for_eval,
+    model_folder,
+    record_images,
+)
+from vlmzoo.utils import setup_logging
 
 
 @torch.inference_mode()
@@ -69,12 +80,6 @@ def format_extras_table(stats: dict[str, dict[str, Any]], column: str = "w") -> 
 
 def main(argv: list[str] | None = None) -> int:
     """``scripts/strategy_extras.py``: mean strategy extras per question type of an evaluation set."""
-    import argparse
-
-    from .config import add_config_arguments, config_from_args, prepare_run_files
-    from .evaluation import load_eval_records, load_for_eval, model_folder
-    from .utils import setup_logging
-
     parser = argparse.ArgumentParser(description="Mean of a strategy's declared extra output (e.g. IGVA's layer weights) "
                                      "per question type.")
     parser.add_argument("--model", required=True, type=model_folder,

@@ -2,7 +2,7 @@
 by side on each question type, the effect, the seed noise and a verdict.
 
 The claims are data (``configs/claims.yaml``, read by :func:`load_claims`); the rows are computed
-from a study's :class:`vlmzoo.study.RunRecord` objects by :func:`claim_rows`. Accuracies are in
+from a study's :class:`vlmzoo_lab.study.RunRecord` objects by :func:`claim_rows`. Accuracies are in
 points (0..100), mean and sample standard deviation over a strategy's seeds.
 
 The verdict rule (docs/results.md, docs/controls.md), in order:
@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
-from .utils import build_dataclass
+from vlmzoo.config import CONFIGS_DIR
+from vlmzoo.utils import build_dataclass
 
 if TYPE_CHECKING:
     from .study import RunRecord
@@ -99,8 +100,6 @@ class Claim:
 
 
 def default_claims_path() -> Path:
-    from .config import CONFIGS_DIR
-
     return CONFIGS_DIR / "claims.yaml"
 
 
