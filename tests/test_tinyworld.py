@@ -189,7 +189,7 @@ def test_second_call_reuses_the_cache(world, monkeypatch):
 def test_cache_folder_follows_the_config(tmp_path, monkeypatch):
     calls: list[str] = []
 
-    def fake_build(cfg, paths, log):
+    def fake_build(cfg, paths, log, shipped):
         calls.append(cfg.config_hash())
         paths.root.mkdir(parents=True)
         (paths.root / "marker").write_text(str(cfg.seed))
@@ -213,7 +213,7 @@ def test_cache_folder_follows_the_config(tmp_path, monkeypatch):
 
 
 def test_failed_build_leaves_no_world_and_is_retried(tmp_path, monkeypatch):
-    def failing(cfg, paths, log):
+    def failing(cfg, paths, log, shipped):
         paths.root.mkdir(parents=True)
         raise RuntimeError("interrupted")
 
@@ -225,7 +225,7 @@ def test_failed_build_leaves_no_world_and_is_retried(tmp_path, monkeypatch):
 
     calls = []
 
-    def ok(cfg, paths, log):
+    def ok(cfg, paths, log, shipped):
         calls.append(1)
         paths.root.mkdir(parents=True)
         return {"seconds": {"total": 0.0}}
