@@ -292,13 +292,13 @@ def test_records_whose_features_are_cached_are_not_read(hr_folder, hr_processor)
     batch = VLMDataCollator(hr_processor)([ds[i] for i in range(3)])
     assert batch["image_keys"] == keys[0] + keys[2]  # row for row with pixel_values
 
-    ds.features_cached = lambda key: key == sq
+    cached = load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x",
+                  features_cached=lambda key: key == sq)
     (hr_folder / "img" / "sq.png").unlink()  # a cached record is never opened
-    item = ds[0]
+    item = cached[0]
     assert item["pixel_values"].shape == (1, 3, SIZE, SIZE) and item["pixel_values"].isnan().all()
     assert item["pixel_values_hr"].shape == (1, 3, 2 * SIZE, 2 * SIZE) and item["pixel_values_hr"].isnan().all()
-    assert not ds[2]["pixel_values"].isnan().any() and ds.reads_saved == 1  # not cached: read as always
-    ds.features_cached = None
+    assert not cached[2]["pixel_values"].isnan().any() and cached.reads_saved == 1  # not cached: read as always
     with pytest.raises(LlavaDataError, match=r"record 'sq' \(#0\): image file not found"):
         ds[0]
 

@@ -141,16 +141,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             says (it is the template or tokenizer at fault, not the record). 0 = no check.
         cache_dir: ``datasets`` cache directory (default: the ``datasets`` cache).
         num_proc: processes for tokenisation.
+        features_cached: optional ``image_key -> bool``, from a training run whose frozen tower's
+            features are memoised (:mod:`vlmzoo.feature_cache`). A record all of whose images are
+            cached is not read from disk: its pixel rows are NaN placeholders, which the model never
+            encodes (it raises if it would). Only for loading in the training process
+            (``num_workers=0``).
 
     ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
     "pixel_values" (n_i, 3, H, W), "image_keys"}`` (+ ``"pixel_values_hr"`` with a high-res
     folder); batch those with :class:`VLMDataCollator`. ``image_keys`` names each image's files
     (its path, and its high-res path after a ``|``).
 
-    ``features_cached``: optional ``image_key -> bool``, set by a training run whose frozen tower's
-    features are memoised (:mod:`vlmzoo.feature_cache`). A record all of whose images are cached
-    is not read from disk: its pixel rows are NaN placeholders, which the model never encodes (it
-    raises if it would). Only for loading in the training process (``num_workers=0``).
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         check_samples: int = 4,
         cache_dir: str | None = None,
         num_proc: int | None = None,
+        features_cached: Callable[[str], bool] | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
@@ -192,7 +194,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.allow_absolute_paths = allow_absolute_paths
         self.skipped: list[SkippedRecord] = []
         self.runtime_skipped: list[SkippedRecord] = []  # found in __getitem__ (this process only)
-        self.features_cached: Callable[[str], bool] | None = None
+        self.features_cached = features_cached
         self.reads_saved = 0  # records served without reading their images (features_cached)
 
         records = read_llava_records(self.json_path, cache_dir=cache_dir)
