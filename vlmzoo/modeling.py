@@ -105,6 +105,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             self.text_encoder = build_text_encoder(config.text_encoder_config)
         self.strategy: GuidanceStrategy = strategy_cls(config.get_strategy_config(), self._core_dims())
         self._check_strategy_fits()
+        # The one record of what the inputs hold; processors and data pipelines build from it.
+        config.input_spec = self.strategy.input_spec.to_dict()
         self._adapter_hooks: list[Any] = []
         self._install_adapter_hooks()
         self._freeze_towers()

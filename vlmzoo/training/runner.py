@@ -172,7 +172,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     from ..build import build_model_and_processor, torch_dtype
     from ..configuration import VLMConfig
     from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor, processor_options
+    from ..processing import VLMProcessor
 
     fields = cfg.stage_strategy_config(stage) if stage is not None else dict(cfg.model.strategy_config)
     if previous_final is None:
@@ -190,7 +190,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
         if wanted == config.strategy_config:
             model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-            return model, VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
+            return model, VLMProcessor.from_pretrained(previous_final)
         torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
         return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
     except (SafetensorError, OSError) as exc:  # a damaged file of a completed stage
@@ -201,9 +201,9 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
 def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
     """Load the model saved in ``model_dir`` into the same architecture built with other strategy
     fields; log which weights load, which start fresh (initialised as a new model's) and which are
-    dropped. -> ``(model, processor)``, the processor matched to the new visual-token count."""
+    dropped. -> ``(model, processor)``: the saved processor serving the new model's input spec."""
     from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor, processor_options
+    from ..processing import VLMProcessor
 
     changed = sorted(k for k in strategy_config if strategy_config[k] != config.strategy_config.get(k))
     logger.info("Strategy %r rebuilt with %s (saved model: %s).", config.strategy,
@@ -216,14 +216,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
     log_key_groups("New (fresh init)", info["missing_keys"])
     log_key_groups("Dropped (unused)", info["unexpected_keys"])
-    processor = VLMProcessor.from_pretrained(model_dir, **processor_options(model.strategy.needs))
-    if processor.num_visual_tokens != model.strategy.num_visual_tokens:
-        processor = VLMProcessor.for_model(
-            model, processor.tokenizer, image_processor=processor.image_processor,
-            text_tokenizer=processor.text_tokenizer, template=processor.template,
-            text_max_length=processor.text_max_length, pad_to_square=processor.pad_to_square,
-        )
-    return model, processor
+    return model, VLMProcessor.from_pretrained(model_dir, config=model.config)
 
 
 def load_weights_by_name(model, model_dir: str | os.PathLike, what: str = "model.init_from",
@@ -281,31 +274,6 @@ def log_key_groups(label: str, keys: list[str], depth: int = 2) -> None:
         counts[prefix] = counts.get(prefix, 0) + 1
     for prefix, count in counts.items():
         logger.info("%s: %s.* (%d tensors)", label, prefix, count)
-
-
-def processor_with_template(processor, template: str | dict[str, Any], pad_to_square: bool | None = None):
-    """The same tokenizers and image processing under another conversation template (name or spec);
-    ``pad_to_square`` (``None``: the processor's) pads images to a square (True) or lets the image
-    processor resize the short side and centre-crop (False)."""
-    from ..data.templates import get_template
-    from ..processing import VLMProcessor
-
-    template = get_template(template)
-    if processor.template == template and pad_to_square in (None, processor.pad_to_square):
-        return processor
-    return VLMProcessor(
-        processor.tokenizer,
-        image_processor=processor.image_processor,
-        text_tokenizer=processor.text_tokenizer,
-        template=template,
-        image_token=processor.image_token,
-        num_visual_tokens=processor.num_visual_tokens,
-        text_max_length=processor.text_max_length,
-        pad_to_square=processor.pad_to_square if pad_to_square is None else pad_to_square,
-        high_res_factor=processor.high_res_factor,
-        instruction_rule=processor.instruction_rule,
-        visual_tokens_first=processor.visual_tokens_first,
-    )
 
 
 def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
@@ -385,7 +353,7 @@ def train_stage(
     features_cached = (functools.partial(caches.vision.contains, model.strategy.needs)
                        if caches.vision is not None and cfg.data.num_workers == 0 else None)
     args = training_arguments(cfg, stage)
-    processor = processor_with_template(processor, stage.template, stage.pad_to_square)
+    processor = processor.with_template(stage.template, stage.pad_to_square)
     from .preflight import position_limit
 
     with args.main_process_first(desc=f"{stage.name} dataset"):
