@@ -309,3 +309,13 @@ def test_a_saved_model_folder_gives_its_processor_the_model_spec_with_no_overrid
     assert (spec.high_res_factor, spec.image_views) == ((2, (1, 2)) if strategy == "crop_tokens" else (1, (1,)))
     other = tiny_model(strategy, strategy_config={"vision_layer": -1} if strategy == "llava" else {"include_base": False})
     assert VLMProcessor.from_pretrained(tmp_path, config=other.config).input_spec == other.strategy.input_spec
+
+
+def test_input_spec_round_trips_through_json_and_rejects_bad_views():
+    spec = InputSpec(num_visual_tokens=24, image_views=(1, 2), instruction_text=("pooled", "tokens"))
+    assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec and spec.high_res_factor == 2
+    for views in [(2,), (1, 1), (1, 2, 3), (1, 0)]:
+        with pytest.raises(ValueError, match="image_views"):
+            InputSpec(num_visual_tokens=3, image_views=views)
+    with pytest.raises(ValueError, match=r"config\.input_spec must be a mapping with 'num_visual_tokens'"):
+        InputSpec.from_dict({"image_views": [1]}, where="config.input_spec")

@@ -123,6 +123,8 @@ class InputSpec:
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "input_spec") -> "InputSpec":
         """The inverse of :meth:`to_dict`; unknown or missing keys are errors naming ``where``."""
+        if not isinstance(values, dict) or "num_visual_tokens" not in values:
+            raise ValueError(f"{where} must be a mapping with 'num_visual_tokens', got {values!r}.")
         return build_dataclass(cls, values, where=where)
 
 
