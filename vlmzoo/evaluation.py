@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .config import prepare_run_files
 from .data.templates import DEFAULT_IMAGE_TOKEN
 from .strategy import view_key, view_name
 
@@ -412,6 +413,7 @@ def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     e = cfg.eval
     if not e.data:
         raise ValueError("eval.data is not set (the evaluation JSON file).")
+    prepare_run_files(cfg)
     model, processor = load_for_eval(model_dir, e.template, torch_dtype(cfg.model.dtype))
     return evaluate_model(
         model, processor, e.data, cfg.eval_images(), high_res_images=cfg.eval_high_res_images(),

@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from .config import prepare_run_files
 from .study_claims import load_claims
 from .study_report import write_outputs
 
@@ -386,6 +387,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for s in spec.seeds for a in spec.archs}
     if not spec.allow_unequal_budgets:
         check_budgets({a: run_budget(configs[(a, spec.seeds[0])]) for a in spec.archs}, paths)
+    for cfg in configs.values():  # once, before any worker starts (the first call builds, the rest verify)
+        prepare_run_files(cfg)
     if spec.jobs > 1:
         train_in_parallel(spec, paths, list(configs))
     runs = []

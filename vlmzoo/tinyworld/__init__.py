@@ -34,6 +34,7 @@ __all__ = [
     "build_tiny_world",
     "default_cache_dir",
     "small_test_config",
+    "world_root",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VLMZOO_CACHE") or Path.home() / ".cache" / "vlmzoo")
 
 
+def world_root(cache_dir: str | os.PathLike | None, config: TinyWorldConfig) -> Path:
+    """The folder of ``config``'s world: ``<cache root>/tiny_world/<config hash>`` (nothing is built)."""
+    return Path(cache_dir or default_cache_dir()).expanduser() / "tiny_world" / config.config_hash()
+
+
 _ANNOUNCED: set[Path] = set()
 
 
@@ -107,7 +113,7 @@ def build_tiny_world(
     elif isinstance(config, dict):
         config = TinyWorldConfig.from_dict(config)
     log = log or logger.info
-    root = Path(cache_dir or default_cache_dir()).expanduser() / "tiny_world" / config.config_hash()
+    root = world_root(cache_dir, config)
     paths = TinyWorldPaths.at(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root) + ".lock"):

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from ..config import RunConfig, StageConfig, save_resolved_config
+from ..config import RunConfig, StageConfig, prepare_run_files, save_resolved_config
 from ..feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
 from ..registry import get_strategy_class
 from ..utils import atomic_write_text
@@ -104,6 +104,7 @@ def run_training(
     (:mod:`vlmzoo.training.preflight`)."""
     if not cfg.training.stages:
         raise ValueError("training.stages is empty: nothing to train.")
+    prepare_run_files(cfg)  # e.g. builds the tiny world on first use (safe across processes)
     out = Path(cfg.output.dir)
     main = is_main_process()
     if main:
