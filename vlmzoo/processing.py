@@ -245,10 +245,15 @@ class VLMProcessor:
         """scale -> the folder each view this processor makes is read from (same relative paths in
         each): the base view from ``images``; the crop view, when the input spec has one, from
         ``high_res_images`` if given (else the model cuts its crops from the base view upsampled)."""
-        folders = {1: os.fspath(images)}
-        if high_res_images is not None and self.high_res_factor > 1:
-            folders[self.high_res_factor] = os.fspath(high_res_images)
-        return folders
+        return {scale: os.fspath(folder) for scale, folder in self._view_sources(images, high_res_images).items()}
+
+    def _view_sources(self, base: Any, high_res: Any) -> dict[int, Any]:
+        """scale -> where each view of the input spec comes from: the base view from ``base``, the
+        crop view (if the spec has one) from ``high_res`` when given (``None``: not made)."""
+        sources = {1: base}
+        if high_res is not None and self.high_res_factor > 1:
+            sources[self.high_res_factor] = high_res
+        return sources
 
     def encode(
         self, messages: Messages, max_length: int | None = None, add_generation_prompt: bool = False
@@ -439,11 +444,10 @@ class VLMProcessor:
             images = [None] * len(batch)
         elif len(images) != len(batch):
             raise ValueError(f"Got {len(batch)} conversations but images for {len(images)} samples.")
-        views = {1: images}
-        if high_res_images is not None and self.high_res_factor > 1:
-            if len(high_res_images) != len(batch):
-                raise ValueError(f"Got {len(batch)} conversations but high-res images for {len(high_res_images)} samples.")
-            views[self.high_res_factor] = high_res_images
+        views = self._view_sources(images, high_res_images)
+        for scale, view_images in views.items():
+            if len(view_images) != len(batch):
+                raise ValueError(f"Got {len(batch)} conversations but {view_name(scale)}s for {len(view_images)} samples.")
 
         features = []
         n_truncated = 0
