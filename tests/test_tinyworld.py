@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 import vlmzoo.tinyworld as tw
 from vlmzoo.data import LlavaJsonDataset
 from vlmzoo.processing import VLMProcessor
+from vlmzoo.strategy import InputSpec
 from vlmzoo.tinyworld import QUESTION_TYPES, build_tiny_world, small_test_config
 from vlmzoo.tinyworld.generate import generate_world
 from vlmzoo.tinyworld.pretrain import (
@@ -248,8 +249,8 @@ STAGE2_TEMPLATE = {"base": "vicuna_v1", "default_system": None}
 )
 def test_files_load_with_the_project_loader(world, data, tokenizer, tmp_path, name, template):
     n_vis = CFG.grid**2
-    processor = VLMProcessor(tokenizer, AutoImageProcessor.from_pretrained(world.clip_dir), template=template,
-                             num_visual_tokens=n_vis)
+    processor = VLMProcessor(tokenizer, InputSpec(num_visual_tokens=n_vis), AutoImageProcessor.from_pretrained(world.clip_dir),
+                             template=template)
     ds = LlavaJsonDataset(world.data_dir / name, processor, world.images_dir, on_error="raise",
                           check_images="decode", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(data[name]) and not ds.skipped and ds.num_truncated == 0
