@@ -81,7 +81,7 @@ from vlmzoo.evaluation import (
     image_first_messages,
     load_eval_records,
     load_for_eval,
-    record_images,
+    record_views,
 )
 from vlmzoo.registry import available_strategies
 from vlmzoo.training.groups import CORE_GROUPS
@@ -315,14 +315,13 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
         return out
     records = load_eval_records(cfg.eval.data, cfg.eval.question_type_key, n_prompts)
     images_dir = cfg.eval.images or cfg.data.images or os.path.dirname(os.path.abspath(cfg.eval.data))
-    hr_dir = cfg.eval_high_res_images() if processor.high_res_factor > 1 else None  # as the evaluator reads them
+    folders = processor.view_folders(images_dir, cfg.eval_high_res_images())  # as the evaluator reads them
     n_new = cfg.eval.max_new_tokens
     times = []
     for i, rec in enumerate([records[0], *records]):  # the first one warms up
-        images = record_images(rec, images_dir)
-        high_res = [record_images(rec, hr_dir, "high-res image")] if hr_dir else None
+        images, high_res = record_views(rec, folders)
         batch = generation_batch(model, processor, [image_first_messages(rec.messages, len(rec.images))], [images],
-                                 high_res)
+                                 None if high_res is None else [high_res])
         start = time.perf_counter()
         greedy_generate(model, processor, batch, n_new, min_new_tokens=n_new)
         if i:
