@@ -228,7 +228,8 @@ def test_failed_build_leaves_no_world_and_is_retried(tmp_path, monkeypatch):
 
     def ok(cfg, paths, log, shipped):
         calls.append(1)
-        paths.root.mkdir(parents=True)
+        assert paths.root.is_dir()  # the interrupted build's folder is kept for _build to resume in
+        paths.root.mkdir(parents=True, exist_ok=True)
         return {"seconds": {"total": 0.0}}
 
     monkeypatch.setattr(tw, "_build", ok)

@@ -125,3 +125,15 @@ def test_two_builders_at_once_build_one_world(scratch, shipped_dir, tmp_path):
     root = tmp_path / "tiny_world" / CFG.config_hash()
     assert json.loads((root / tw.MANIFEST).read_text())["files"] == _files(scratch)
     assert sorted(p.name for p in root.parent.iterdir()) == [root.name, root.name + ".lock"]
+
+
+@pytest.mark.parametrize("flags", [["--help"], ["--print-config"]])
+def test_reading_a_config_builds_nothing(tmp_path, flags):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "VLMZOO_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "scripts/train.py", "--arch", "tg_llava", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "cache").exists()
+    if flags == ["--print-config"]:
+        root = tmp_path / "cache" / "tiny_world" / tw.TinyWorldConfig().config_hash()
+        assert f"llm: {root / 'llm'}" in proc.stdout and f"root: {root}" in proc.stdout

@@ -31,7 +31,7 @@ import yaml
 from .config_tree import apply_override, interpolate, load_yaml_tree, parse_override
 from .registry import STRATEGIES, UnknownStrategyError, available_strategies, get_strategy_class
 from .utils import ConfigKeyError, atomic_write_text, build_dataclass, nearest_names, unknown_key_error
-from .variables import prepare_variables, resolver, variable_providers
+from .variables import VariableResolver, prepare_variables, variable_providers
 
 CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
@@ -426,12 +426,12 @@ def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (
     if not tree["output"].get("dir"):
         tree["output"]["dir"] = str(Path("outputs") / f"{tree['output']['name']}-{config_hash(tree)}")
     if resolve_vars:
-        sections = provider_sections(tree)
-        tree = interpolate(tree, resolver(sections, {"configs_dir": str(CONFIGS_DIR)}))
-        for name, settings in provider_sections(tree).items():
+        resolve = VariableResolver(provider_sections(tree), {"configs_dir": str(CONFIGS_DIR)})
+        tree = interpolate(tree, resolve)
+        for name, settings in resolve.used.items():  # the section records the folder its variables name
+            section = {**dataclasses.asdict(settings), **(tree.get(name) or {})}
             root = variable_providers()[name].values(settings).get("root")
-            if root is not None:
-                tree[name] = {**(tree.get(name) or {}), "root": root}
+            tree[name] = section if root is None else {**section, "root": root}
     cfg = _typed(tree)
     validate(cfg)
     return cfg

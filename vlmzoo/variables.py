@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from typing import Any, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Mapping, Protocol, runtime_checkable
 
 from .utils import ConfigKeyError, unknown_key_error
 
@@ -73,25 +73,30 @@ def variable_providers() -> dict[str, VariableProvider]:
     return dict(_PROVIDERS)
 
 
-def resolver(sections: Mapping[str, Any], builtins: Mapping[str, str]) -> Callable[[str, str | None], str]:
+class VariableResolver:
     """A ``(name, field) -> str`` for :func:`vlmzoo.config_tree.interpolate`: ``builtins`` answer
-    ``${name}``, the providers of ``sections`` (name -> typed settings) answer ``${name.field}``."""
-    values: dict[str, Mapping[str, str]] = {}
+    ``${name}``, the providers answer ``${name.field}`` from ``sections`` (name -> typed settings;
+    a provider without a section uses its default settings). :attr:`used` then holds the settings
+    of every provider a variable was resolved with."""
 
-    def resolve(name: str, attr: str | None) -> str:
-        if attr is None and name in builtins:
-            return builtins[name]
-        if attr is not None and name in variable_providers():
-            if name not in values:
-                settings = sections.get(name) or variable_providers()[name].settings_type()
-                values[name] = variable_providers()[name].values(settings)
-            if attr not in values[name]:
-                raise unknown_key_error(attr, sorted(values[name]), f"${{{name}.*}}")
-            return str(values[name][attr])
-        known = [f"${{{b}}}" for b in builtins] + [f"${{{p}.FIELD}}" for p in sorted(variable_providers())]
+    def __init__(self, sections: Mapping[str, Any], builtins: Mapping[str, str]) -> None:
+        self._sections, self._builtins = sections, builtins
+        self._values: dict[str, Mapping[str, str]] = {}
+        self.used: dict[str, Any] = {}
+
+    def __call__(self, name: str, attr: str | None) -> str:
+        providers = variable_providers()
+        if attr is None and name in self._builtins:
+            return self._builtins[name]
+        if attr is not None and name in providers:
+            if name not in self._values:
+                settings = self._sections.get(name) or providers[name].settings_type()
+                self._values[name], self.used[name] = providers[name].values(settings), settings
+            if attr not in self._values[name]:
+                raise unknown_key_error(attr, sorted(self._values[name]), f"${{{name}.*}}")
+            return str(self._values[name][attr])
+        known = [f"${{{b}}}" for b in self._builtins] + [f"${{{p}.FIELD}}" for p in sorted(providers)]
         raise ConfigKeyError(f"Unknown variable ${{{name}{'.' + attr if attr else ''}}}; known: {', '.join(known)}.")
-
-    return resolve
 
 
 def prepare_variables(sections: Mapping[str, Any]) -> None:
