@@ -45,6 +45,7 @@ from torch import nn
 
 from vlmzoo import (
     CoreDims,
+    ExtraOutput,
     GuidanceInputs,
     GuidanceStrategy,
     StrategyConfig,
@@ -177,6 +178,11 @@ class IGVAStrategy(GuidanceStrategy):
     # A zero head gives exactly uniform weights 1/K: a fresh allocator starts at the stage-1 model.
     zero_init_equivalences = (
         ZeroInitEquivalence(overrides={"zero_init_head": True}, reference_overrides={"use_allocator": False}),
+    )
+    # The study and its report summarise the weights per eval question type.
+    extra_outputs = (
+        ExtraOutput("layer_weights", title="layer weights", component="w",
+                    description="mean weight per layer group, ';'-separated, all questions"),
     )
 
     def __init__(self, config: IGVAConfig, dims: CoreDims) -> None:

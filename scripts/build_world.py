@@ -6,13 +6,13 @@
     python scripts/build_world.py --from-scratch --ship    # ... and make them the towers the package ships
     python scripts/build_world.py --small                  # the test world (seconds)
 
-See ``vlmzoo.tinyworld.cli`` and docs/tiny_world.md.
+See ``vlmzoo_lab.tinyworld.cli`` and docs/tiny_world.md.
 """
 
 import sys
 
-from vlmzoo.tinyworld.cli import main
 from vlmzoo.utils import cli_entry
+from vlmzoo_lab.tinyworld.cli import main
 
 if __name__ == "__main__":
     sys.exit(cli_entry(main))

@@ -6,13 +6,13 @@ and the claims table (claims.csv: each claim of configs/claims.yaml with its con
     python scripts/compare.py --preset claims --seeds 3 --jobs 2      # every claim's method and controls
     python scripts/compare.py --archs llava igva --seed-list 0 1 --out outputs/study training.stages.1.max_steps=500
 
-Re-running the same command reuses finished runs. See ``vlmzoo.study`` for every output and column,
-``vlmzoo.study_claims`` and docs/controls.md for claims.csv.
+Re-running the same command reuses finished runs. See ``vlmzoo_lab.study`` for every output and column,
+``vlmzoo_lab.study_claims`` and docs/controls.md for claims.csv.
 """
 
 import sys
 
-from vlmzoo.study import main
+from vlmzoo_lab.study import main
 from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":

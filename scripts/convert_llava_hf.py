@@ -4,7 +4,7 @@
     python scripts/convert_llava_hf.py --src llava-1.5-7b-hf --dst unused --dry-run   # print the key mapping
 
 ``--src`` is a local directory (download it first, e.g. ``hf download llava-hf/llava-1.5-7b-hf
---local-dir llava-1.5-7b-hf``). The logic lives in :mod:`architectures.llava_convert`.
+--local-dir llava-1.5-7b-hf``). The logic lives in :mod:`converters.llava_hf`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from architectures.llava_convert import DTYPES, ConversionError, convert_llava_hf
+from converters.llava_hf import DTYPES, ConversionError, convert_llava_hf
 from vlmzoo.utils import cli_entry
 
 

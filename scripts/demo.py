@@ -5,12 +5,12 @@
     python scripts/demo.py --models outputs/study/runs/llava-s0/stage2_instruct/final \
         outputs/study/runs/igva-s0/stage2_instruct/final --port 7860
 
-See ``vlmzoo.demo_app`` for every option and ``vlmzoo.demo`` for what each column shows.
+See ``vlmzoo_lab.demo_app`` for every option and ``vlmzoo_lab.demo`` for what each column shows.
 """
 
 import sys
 
-from vlmzoo.demo_app import main
+from vlmzoo_lab.demo_app import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,12 +5,12 @@
         --image photo.png --question "What colour is the square?" --out attention.png
     python scripts/visualize.py --model DIR_A --compare DIR_B --image photo.png --question "..." --out ab.png
 
-See ``vlmzoo.visualize.main`` for every option and docs/visualize.md for what is drawn.
+See ``vlmzoo_lab.visualize.main`` for every option and docs/visualize.md for what is drawn.
 """
 
 import sys
 
-from vlmzoo.visualize import main
+from vlmzoo_lab.visualize import main
 from vlmzoo.utils import cli_entry
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ adapters after layers 0 and 1). A model gets the tiny CLIP text tower exactly wh
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ import torch
 
 from tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, TINY_CLIP_TEXT, left_pad, tiny_clip_vision_spec, tiny_config
 from vlmzoo import VLMConfig, VLMForConditionalGeneration, get_strategy_class
+from vlmzoo.build import build_on_meta
+from vlmzoo.config import load_run_config, strategy_config_files
+from vlmzoo.flops import prefill_flops
 from vlmzoo.strategy import ZeroInitEquivalence
 
 REPO = Path(__file__).resolve().parent.parent
@@ -221,18 +225,22 @@ def check_zero_init_equivalence(name: str, declared: ZeroInitEquivalence) -> Non
 
 
 def reference_configs(names: list[str]) -> list[tuple[str, Path]]:
-    """(strategy, file) for every ``configs/<strategy>/reference*.yaml`` the strategies ship."""
-    return [(n, p) for n in names for p in sorted((REPO / "configs" / n).glob("reference*.yaml"))]
+    """(strategy, file) for every ``reference*.yaml`` the strategies ship (``configs/<strategy>/`` or the
+    class's ``config_dir``)."""
+    return [(n, p) for n in names for p in strategy_config_files(n, "reference*.yaml")]
+
+
+@functools.cache
+def reference_model(path: Path) -> VLMForConditionalGeneration:
+    """``path``'s model built on the meta device, once per test session (tests/test_benchmark.py
+    measures the same objects)."""
+    return build_on_meta(load_run_config(path))
 
 
 def check_reference_config(name: str, path: Path) -> None:
     """The reference config builds ``name`` on the meta device (text encoder included) and one prefill
     is FLOP-counted, as scripts/benchmark.py does."""
-    from vlmzoo.build import build_on_meta
-    from vlmzoo.config import load_run_config
-    from vlmzoo.flops import prefill_flops
-
-    model = build_on_meta(load_run_config(path))
+    model = reference_model(path)
     assert model.config.strategy == name and all(p.is_meta for p in model.parameters())
     flops = prefill_flops(model, 40)
     assert flops["language_model"] > 1e11 and flops["vision_tower"] > 1e10 and flops["strategy"] > 0

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmzoo import benchmark as bench
+from conformance import reference_model
+from vlmzoo_lab import benchmark as bench
 
 
 def _script_main():
@@ -23,8 +24,9 @@ def _script_main():
 
 @pytest.fixture(scope="module")
 def reference_rows():
+    """The reference configs' rows, on the meta models the conformance suite builds (once a session)."""
     files = bench.reference_config_files(["llava", "ta_llava"])
-    return {row["config"]: row for row in map(bench.reference_costs, files)}
+    return {row["config"]: row for row in (bench.reference_costs(f, model=reference_model(f)) for f in files)}
 
 
 def test_reference_llava_flops_match_a_plain_count(reference_rows):
@@ -48,7 +50,7 @@ def test_reference_ta_llava_on_the_same_llm_is_a_fraction_of_llava(reference_row
 
 
 def test_llava_and_transformers_llava_agree_before_they_are_timed():
-    from architectures.llava_benchmark import llava_vs_transformers
+    from vlmzoo_lab.llava_vs_transformers import llava_vs_transformers
 
     result = llava_vs_transformers(repeats=1, batch=2)
     assert result["max_abs_logit_difference"] < 1e-5
@@ -83,3 +85,28 @@ def test_an_unknown_strategy_is_a_usage_error_naming_the_available_ones(tmp_path
     err = capsys.readouterr().err
     assert "--archs nope" in err and "available: " in err and "tg_llava" in err
     assert not (tmp_path / "benchmark.json").exists()  # nothing measured for a partial list
+
+
+def test_a_strategy_without_reference_configs_is_skipped_in_one_line(tmp_path, capsys):
+    """Every registered strategy is benchmarked; one that ships no reference*.yaml is skipped at
+    reference scale, saying so, and still measured at tiny scale (its config dataclass's defaults)."""
+    from vlmzoo import get_strategy_class, register_strategy
+    from vlmzoo.registry import STRATEGIES
+
+    class Unshipped(get_strategy_class("llava")):
+        pass
+
+    register_strategy("unshipped_llava")(Unshipped)
+    try:
+        main = _script_main()
+        assert main(["--parts", "reference", "tiny", "--archs", "llava", "unshipped_llava", "--repeats", "1",
+                     "--batch", "2", "--out", str(tmp_path)]) == 0
+    finally:
+        STRATEGIES.unregister("unshipped_llava")
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if "skipping" in line] == [
+        "reference scale: skipping unshipped_llava (it ships no reference*.yaml)"]
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [row["config"] for row in result["reference"]] == ["llava/reference.yaml"]
+    assert set(result["tiny"]) == {"llava", "unshipped_llava"}
+    assert result["tiny"]["unshipped_llava"]["visual_tokens"] == result["tiny"]["llava"]["visual_tokens"]

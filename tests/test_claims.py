@@ -1,5 +1,5 @@
-"""The claims table (vlmzoo.study_claims) on hand-made runs: every verdict of the rule, the numbers,
-missing runs, the layer-weight spread, and the checks of configs/claims.yaml."""
+"""The claims table (vlmzoo_lab.study_claims) on hand-made runs: every verdict of the rule, the numbers,
+missing runs, the spread of a declared extra (IGVA's layer weights), and the checks of configs/claims.yaml."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from vlmzoo.study import RunRecord
+from vlmzoo_lab.study import RunRecord
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(arch: str, seed: int, per_type: dict[str, float], layer_weights: dict | None = None) -> RunRecord:
+    extras = {"layer_weights": {"title": "layer weights", "component": "w", "by_type": layer_weights}} if layer_weights else {}
     """A run with the given accuracies (0..1) per type; the other fields do not enter the claims."""
     return RunRecord(arch=arch, seed=seed, run_dir=Path(f"runs/{arch}-s{seed}"), reused=False, trained_stages=[],
                      accuracy=0.5, macro_accuracy=0.5, n_eval=10, per_type=per_type, blind_accuracy=None,
                      blind_per_type={}, params_total=1, params_trainable=1, params_strategy=1, visual_tokens=16,
-                     train_time_s=1.0, latency_ms=None, layer_weights=layer_weights)
+                     train_time_s=1.0, latency_ms=None, extras=extras)
 
 
 def _runs(arch: str, qtype: str, values: list[float]) -> list[RunRecord]:
@@ -27,14 +28,14 @@ def _runs(arch: str, qtype: str, values: list[float]) -> list[RunRecord]:
 
 
 def _claim(**fields):
-    from vlmzoo.study_claims import Claim
+    from vlmzoo_lab.study_claims import Claim
 
     base = dict(claim="c", methods=("m",), question_types=("fine",), negative_control="neg", positive_control="pos")
     return Claim(**{**base, **fields})
 
 
 def _one_row(claim, runs) -> dict:
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     rows = claim_rows([claim], runs)
     assert len(rows) == 1
@@ -89,7 +90,7 @@ def test_missing_controls_and_seeds_are_marked_not_guessed():
     row = _one_row(_claim(), method[:1] + neg[:1] + _runs("pos", "fine", [90]))
     assert row["verdict"] == "too few seeds" and row["seeds"] == 1 and row["seeds_for_3pt"] is None
 
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     assert claim_rows([_claim(methods=("never_run",))], neg) == []  # a method not in the study: no row
     # a type the study did not evaluate (e.g. --max-eval): no row either
@@ -97,7 +98,7 @@ def test_missing_controls_and_seeds_are_marked_not_guessed():
 
 
 def test_one_row_per_type_and_method_in_claim_order():
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     runs = []
     for arch, base in (("a", 60), ("b", 50), ("neg", 40), ("pos", 90)):
@@ -110,7 +111,7 @@ def test_one_row_per_type_and_method_in_claim_order():
 
 def test_seeds_for_a_3_point_effect():
     """Two-sample z-test, two-sided 5%, power 80%: n = ceil(2 (1.95996 + 0.84162)^2 sigma^2 / 9)."""
-    from vlmzoo.study_claims import seeds_to_resolve
+    from vlmzoo_lab.study_claims import seeds_to_resolve
 
     z = 1.959964 + 0.841621
     for sigma in (0.5, 1.7, 2.6, 11.9):
@@ -122,9 +123,9 @@ def test_seeds_for_a_3_point_effect():
     assert _one_row(_claim(), runs)["seeds_for_3pt"] == seeds_to_resolve(5.0) == 44
 
 
-def test_layer_weight_spread_row():
+def test_spread_of_a_declared_extra_row():
     """The largest spread across question types ("all" excluded) of a group's weight, per seed, in points."""
-    from vlmzoo.study_claims import Claim
+    from vlmzoo_lab.study_claims import Claim
 
     def weights(spread: float) -> dict:
         return {"colour": {"mean": [0.2, 0.8]}, "shade": {"mean": [0.2 + spread, 0.8 - spread / 2]},
@@ -132,29 +133,30 @@ def test_layer_weight_spread_row():
 
     spreads = [0.10, 0.12, 0.14]  # w1: max - min = 1.25 x spread; w2: 0.5 x spread
     runs = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate(spreads)] + _runs("llava", "shade", [50, 50, 50])
-    row = _one_row(Claim(claim="w", methods=("igva",), measure="layer_weight_spread"), runs)
+    row = _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), runs)
     want = [125 * v for v in spreads]
     assert row["question_type"] == "across_types" and row["negative_control"] == "" and row["positive_control"] == ""
+    assert row["measure"] == "spread:layer_weights"
     assert row["method_mean"] == pytest.approx(statistics.fmean(want)) and row["effect"] == row["method_mean"]
     assert row["noise"] == pytest.approx(statistics.stdev(want), abs=1e-4)
     assert row["verdict"] == "reproduces"  # 15 points >> 2 x 2.5
     # a spread is never negative: under 3 points it does not reproduce (not "inconclusive")
     flat = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate([0.002, 0.001, 0.003])]
-    row = _one_row(Claim(claim="w", methods=("igva",), measure="layer_weight_spread"), flat)
+    row = _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), flat)
     assert row["method_mean"] == pytest.approx(0.25) and row["verdict"] == "does not reproduce"
-    from vlmzoo.study_claims import claim_rows
+    from vlmzoo_lab.study_claims import claim_rows
 
     one_type = [_run("igva", s, {"colour": 0.5}, {"colour": {"mean": [0.3, 0.7]}, "all": {"mean": [0.3, 0.7]}})
                 for s in range(3)]
-    assert claim_rows([Claim(claim="w", methods=("igva",), measure="layer_weight_spread")], one_type) == []
+    assert claim_rows([Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights")], one_type) == []
     noisy = [_run("igva", s, {"shade": 0.5}, weights(v)) for s, v in enumerate([0.0, 0.04, 0.08])]
-    assert _one_row(Claim(claim="w", methods=("igva",), measure="layer_weight_spread"), noisy)["verdict"] == "inconclusive"
+    assert _one_row(Claim(claim="w", methods=("igva",), measure="spread", extra="layer_weights"), noisy)["verdict"] == "inconclusive"
 
 
 def test_csv_and_markdown(tmp_path):
     import csv
 
-    from vlmzoo.study_claims import COLUMNS, claim_rows, claims_markdown, write_claims_csv
+    from vlmzoo_lab.study_claims import COLUMNS, claim_rows, claims_markdown, write_claims_csv
 
     runs = _runs("m", "fine", [40, 45, 50]) + _runs("neg", "fine", [30, 31, 32])
     rows = claim_rows([_claim()], runs)
@@ -171,8 +173,8 @@ def test_csv_and_markdown(tmp_path):
 
 def test_the_shipped_claims_file():
     """configs/claims.yaml holds the issue's rows; every entry has a config and the `claims` preset runs them all."""
-    from vlmzoo.study import StudySpec, config_path, preset_archs
-    from vlmzoo.study_claims import load_claims
+    from vlmzoo_lab.study import StudySpec, config_path, preset_archs
+    from vlmzoo_lab.study_claims import load_claims
 
     claims = {c.claim: c for c in load_claims()}
     dp = claims["TG-DP reads detail"]
@@ -188,7 +190,8 @@ def test_the_shipped_claims_file():
     budget = claims["instruction-aware pooling under a budget"]
     assert (budget.question_types, budget.methods, budget.negative_control, budget.positive_control) == (
         ("colour", "position"), ("ta_llava",), "resampler", "llava")
-    assert claims["IGVA's instruction-dependent weights"].measure == "layer_weight_spread"
+    weights = claims["IGVA's instruction-dependent weights"]
+    assert (weights.measure, weights.extra) == ("spread", "layer_weights")
 
     entries = {e for c in claims.values() for e in c.entries()}
     assert entries == set(preset_archs("claims"))
@@ -208,14 +211,17 @@ def test_the_shipped_claims_file():
     ("claims:\n  - {claim: x, methods: [a], question_types: [fine], positive_control: b}",
      r"'negative_control' is required"),
     ("claims:\n  - {claim: x, methods: [a], negative_control: b, positive_control: c}", r"'question_types'"),
-    ("claims:\n  - {claim: w, methods: [igva], measure: spread}", r"measure must be one of accuracy, layer_weight_spread"),
-    ("claims:\n  - {claim: w, methods: [igva], measure: layer_weight_spread, negative_control: llava}",
+    ("claims:\n  - {claim: w, methods: [igva], measure: spred}", r"measure must be one of accuracy, spread"),
+    ("claims:\n  - {claim: w, methods: [igva], measure: spread}", r"names the strategy extra it spreads: 'extra'"),
+    ("claims:\n  - {claim: w, methods: [igva], measure: spread, extra: layer_weights, negative_control: llava}",
      r"takes no negative_control"),
+    ("claims:\n  - {claim: x, methods: [a], question_types: [fine], negative_control: b, positive_control: c, extra: w}",
+     r"'extra' belongs to a spread claim only"),
     ("claims:\n  - {claim: x, methods: a, question_types: [fine], negative_control: b, positive_control: c}",
      r"claims\[0\]\.methods must be a list"),
 ])
 def test_a_malformed_claims_file_names_the_entry_and_key(tmp_path, text, match):
-    from vlmzoo.study_claims import load_claims
+    from vlmzoo_lab.study_claims import load_claims
 
     path = tmp_path / "claims.yaml"
     path.write_text(text)

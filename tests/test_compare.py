@@ -1,4 +1,4 @@
-"""scripts/compare.py (vlmzoo.study): a reduced study end to end on a seconds-scale tiny world, then
+"""scripts/compare.py (vlmzoo_lab.study): a reduced study end to end on a seconds-scale tiny world, then
 the same study again, which must reuse every finished run."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ARCHS = ("llava", "igva")
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
 
     base = small_test_config()
     world = small_test_config(clip=dataclasses.replace(base.clip, vision_layers=4))  # igva's 4 layer groups
@@ -41,7 +41,7 @@ def _stage_mtimes(out: Path) -> dict[str, int]:
 def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
     from PIL import Image
 
-    from vlmzoo.study import main
+    from vlmzoo_lab.study import main
 
     out = tmp_path / "study"
     assert main(_study_args(small_world, out)) == 0
@@ -81,7 +81,7 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
 
     # claims.csv: the shipped claims' columns; with one eval type (colour) and one seed, no claim of
     # configs/claims.yaml has a row (shade is not evaluated; a weight spread needs two types)
-    from vlmzoo.study_claims import COLUMNS
+    from vlmzoo_lab.study_claims import COLUMNS
 
     with open(out / "claims.csv") as f:
         assert next(csv.reader(f)) == COLUMNS and f.read() == ""
@@ -91,9 +91,11 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
             assert im.format == "PNG" and im.width >= 300 and im.height >= 200
 
     # IGVA's layer weights per question type: the table holds each run's measured means
-    weights = json.loads((out / "runs" / "igva-s0" / "study_measurements.json").read_text())["layer_weights"]
+    extras = json.loads((out / "runs" / "igva-s0" / "study_measurements.json").read_text())["extras"]
+    assert list(extras) == ["layer_weights"] and extras["layer_weights"]["component"] == "w"
+    weights = extras["layer_weights"]["by_type"]
     llava_meas = json.loads((out / "runs" / "llava-s0" / "study_measurements.json").read_text())
-    assert llava_meas["layer_weights"] is None  # llava returns none: no panel, no rows
+    assert llava_meas["extras"] == {}  # llava declares none: no panel, no rows
     assert set(weights) >= {"all"} and sum(weights["all"]["mean"]) == pytest.approx(1.0, abs=1e-4)
     igva_row = next(r for r in rows if r["kind"] == "run" and r["arch"] == "igva")
     assert igva_row["layer_weights"] == ";".join(f"{w:.4f}" for w in weights["all"]["mean"])
@@ -111,7 +113,7 @@ def test_compare_study_end_to_end_and_reuse(small_world, tmp_path, capsys):
 
 def test_unequal_budgets_are_refused(tmp_path):
     """Strategies trained for different step counts cannot be compared in one table."""
-    from vlmzoo.study import check_budgets
+    from vlmzoo_lab.study import check_budgets
 
     a = {"stages": [{"data": "s1.json", "max_steps": 2}], "eval": {"data": "e.json"}}
     b = {"stages": [{"data": "s1.json", "max_steps": 3}], "eval": {"data": "e.json"}}
@@ -121,7 +123,7 @@ def test_unequal_budgets_are_refused(tmp_path):
 
 
 def test_presets_name_existing_configs_and_variants_get_their_own_runs(tmp_path):
-    from vlmzoo.study import StudySpec, config_path, load_presets, preset_archs, run_dir
+    from vlmzoo_lab.study import StudySpec, config_path, load_presets, preset_archs, run_dir
 
     presets = load_presets()
     assert {"main", "tg_llava_ablation", "ta_llava_ablation", "igva_ablation"} <= set(presets)
@@ -138,12 +140,14 @@ def test_presets_name_existing_configs_and_variants_get_their_own_runs(tmp_path)
         config_path(spec, "llava:tiny_fom_only")
 
 
-def test_default_archs_are_the_registered_strategies_with_a_config(tmp_path):
+def test_default_archs_are_the_registered_strategies(tmp_path):
     from vlmzoo import available_strategies
-    from vlmzoo.study import default_archs
+    from vlmzoo_lab.study import default_archs
 
-    archs = default_archs("tiny")
-    assert {"llava", "tg_llava", "ta_llava", "igva", "dense_connector", "resampler"} <= set(archs) <= set(available_strategies())
+    assert default_archs("tiny") == available_strategies()  # a strategy without tiny.yaml runs the tiny base
+    assert {"llava", "tg_llava", "ta_llava", "igva"} <= set(default_archs("reference_siglip")) | set(
+        default_archs("reference")) and "reference_siglip" not in default_archs("reference")
+    assert default_archs("reference_siglip") == ["tg_llava"]
     (tmp_path / "llava").mkdir()
     (tmp_path / "llava" / "small.yaml").write_text("{}")
     assert default_archs("small", tmp_path) == ["llava"]
@@ -152,7 +156,7 @@ def test_default_archs_are_the_registered_strategies_with_a_config(tmp_path):
 def test_parallel_study_trains_every_run_in_worker_processes(small_world, tmp_path, capsys):
     """``--jobs 2``: two runs train at once in their own processes; the table then holds each run's
     own eval numbers and the latency measured afterwards in the main process."""
-    from vlmzoo.study import main
+    from vlmzoo_lab.study import main
 
     out = tmp_path / "study"
     args = _study_args(small_world, out)
@@ -173,7 +177,7 @@ def test_parallel_study_trains_every_run_in_worker_processes(small_world, tmp_pa
 
 
 def test_jobs_must_be_positive(tmp_path, capsys):
-    from vlmzoo.study import main
+    from vlmzoo_lab.study import main
 
     with pytest.raises(SystemExit):
         main(["--archs", "llava", "--jobs", "0", "--out", str(tmp_path)])

@@ -22,6 +22,7 @@ from vlmzoo.config import (
     run_config_from_dict,
 )
 from vlmzoo.config_tree import deep_merge, load_yaml_tree, parse_override
+from vlmzoo.registry import register_strategy
 from vlmzoo.utils import ConfigKeyError, build_dataclass
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,12 +228,46 @@ def test_variables(tmp_path):
 def test_arch_lookup_names_what_exists():
     assert arch_config_path("llava") == CONFIGS_DIR / "llava" / "tiny.yaml"
     assert arch_config_path("llava", "reference") == CONFIGS_DIR / "llava" / "reference.yaml"
-    with pytest.raises(FileNotFoundError, match=r"No configs for arch 'lava'.*Did you mean 'llava'\?.*Available: .*llava"):
+    with pytest.raises(FileNotFoundError, match=r"No strategy 'lava'.*Did you mean 'llava'\?.*Registered strategies: .*llava"):
         arch_config_path("lava")
     with pytest.raises(FileNotFoundError, match=r"No 'huge' config for arch 'llava'; available: reference, tiny"):
         arch_config_path("llava", "huge")
-    with pytest.raises(FileNotFoundError, match=r"No configs for arch 'base'"):
+    with pytest.raises(FileNotFoundError, match=r"No strategy 'base'"):
         arch_config_path("base", "reference")
+
+
+def test_a_registered_strategy_without_a_config_folder_gets_the_tiny_base(tmp_path):
+    """--arch NAME of a strategy with no configs/NAME/: the shared tiny base, model.strategy=NAME and
+    the config dataclass's defaults; reference configs come from the strategy's own config_dir."""
+    from vlmzoo.config import TINY_BASE, arch_config, strategy_config_files
+    from vlmzoo.registry import STRATEGIES, get_strategy_class
+
+    class NoFolder(get_strategy_class("llava")):
+        config_dir = None
+
+    register_strategy("no_folder_llava")(NoFolder)
+    try:
+        path, first = arch_config("no_folder_llava")
+        assert path == CONFIGS_DIR / TINY_BASE
+        cfg = load_run_config(path, first, resolve_vars=False)
+        assert cfg.model.strategy == "no_folder_llava" and cfg.model.strategy_config == {}
+        assert cfg.output.name == "no_folder_llava-tiny"
+        assert [s.name for s in cfg.training.stages] == ["stage1_align", "stage2_instruct"]
+        with pytest.raises(FileNotFoundError, match=r"No 'reference' config for arch 'no_folder_llava'; available: tiny"):
+            arch_config("no_folder_llava", "reference")
+        assert strategy_config_files("no_folder_llava", "reference*.yaml") == []
+
+        (tmp_path / "reference.yaml").write_text(
+            f"_base_: [{CONFIGS_DIR / 'llava' / 'reference.yaml'}]\nmodel: {{strategy: no_folder_llava}}\n")
+        NoFolder.config_dir = tmp_path
+        assert strategy_config_files("no_folder_llava", "reference*.yaml") == [tmp_path / "reference.yaml"]
+        assert arch_config("no_folder_llava", "reference") == (tmp_path / "reference.yaml", ())
+        assert load_run_config(tmp_path / "reference.yaml").model.strategy == "no_folder_llava"
+        NoFolder.config_dir = tmp_path / "missing"
+        with pytest.raises(FileNotFoundError, match="declares config_dir .*missing"):
+            strategy_config_files("no_folder_llava")
+    finally:
+        STRATEGIES.unregister("no_folder_llava")
 
 
 def test_train_cli_config_file_and_overrides(chain, capsys):
@@ -310,7 +345,7 @@ def test_reference_config_loads():
 
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
 
     cache = tmp_path_factory.mktemp("tiny_world_cache")
     small = small_test_config()
@@ -322,7 +357,7 @@ def small_world(tmp_path_factory):
 
 
 def test_tiny_config_resolves_tiny_world_variables(small_world):
-    from vlmzoo.tinyworld import TinyWorldPaths
+    from vlmzoo_lab.tinyworld import TinyWorldPaths
 
     cfg, small, cache = small_world["cfg"], small_world["small"], small_world["cache"]
     root = cache / "tiny_world" / small.config_hash()  # the override's fields made this world

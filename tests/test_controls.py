@@ -51,8 +51,8 @@ claims:
 def test_shade_layer_config_reads_the_worlds_shade_layer():
     """configs/llava/tiny_shade_layer.yaml = llava's tiny.yaml reading hidden_states[clip.shade_layer]."""
     from vlmzoo.config import load_run_config
-    from vlmzoo.study import run_budget
-    from vlmzoo.tinyworld import TinyWorldConfig
+    from vlmzoo_lab.study import run_budget
+    from vlmzoo_lab.tinyworld import TinyWorldConfig
 
     shade = load_run_config(REPO / "configs" / "llava" / "tiny_shade_layer.yaml", resolve_vars=False)
     llava = load_run_config(REPO / "configs" / "llava" / "tiny.yaml", resolve_vars=False)
@@ -65,8 +65,8 @@ def test_shade_layer_config_reads_the_worlds_shade_layer():
 @pytest.fixture(scope="module")
 def controls_study(tmp_path_factory):
     """A reduced study of the four controls, two seeds, two steps per stage, the whole eval."""
-    from vlmzoo.study import main
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.study import main
+    from vlmzoo_lab.tinyworld import small_test_config
 
     base = small_test_config()
     world = small_test_config(clip=dataclasses.replace(base.clip, vision_layers=4))  # layer -2 != shade layer 1
@@ -116,7 +116,7 @@ def _accuracies(out: Path, entry: str, qtype: str) -> list[float]:
 
 @pytest.mark.slow
 def test_claims_csv_recomputed_from_the_runs_eval_files(controls_study):
-    from vlmzoo.study_claims import COLUMNS
+    from vlmzoo_lab.study_claims import COLUMNS
 
     with open(controls_study / "claims.csv") as f:
         reader = csv.DictReader(f)

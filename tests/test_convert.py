@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, NUM_PATCHES, PATCH, TINY_LLMS, VOCAB, left_pad, prompt_ids
 from vlmzoo import VLMForConditionalGeneration
-from architectures.llava_convert import ConversionError, convert_llava_hf, map_llava_key
+from converters.llava_hf import ConversionError, convert_llava_hf, map_llava_key
 
 ROOT = Path(__file__).resolve().parents[1]
 VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

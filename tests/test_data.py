@@ -85,10 +85,10 @@ def test_loads_text_only_multi_turn_and_image_at_end(folder, processor):
     expected = processor.encode([{"role": "user", "content": "<image>\n" + Q}, {"role": "assistant", "content": A},
                                  {"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "It is black."}])
     assert multi["input_ids"] == expected.input_ids and multi["labels"] == expected.labels
-    assert multi["instruction_text"] == "What colour is it?"  # the last user turn
+    assert multi["query_text"] == "What colour is it?"  # the last user turn
     # "<image>" at the end of the turn is moved to the front, as LLaVA-1.5 does.
     assert f"USER: {img}\n{Q} ASSISTANT: A dog.</s>" in decode(processor, at_end["input_ids"])
-    assert text["instruction_text"] == "Hello there" and ds.modality_lengths[1] < 0 < ds.modality_lengths[0]
+    assert text["query_text"] == "Hello there" and ds.modality_lengths[1] < 0 < ds.modality_lengths[0]
 
     kept = load(folder, processor, GOOD, name="kept.json", move_image_to_front=False)
     assert f"USER: {Q}\n{img} ASSISTANT: A dog.</s>" in decode(processor, kept[2]["input_ids"])

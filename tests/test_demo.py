@@ -1,4 +1,4 @@
-"""The web demo (vlmzoo/demo.py, vlmzoo/demo_app.py, scripts/demo.py), driven in a real headless browser.
+"""The web demo (vlmzoo_lab/demo.py, vlmzoo_lab/demo_app.py, scripts/demo.py), driven in a real headless browser.
 
 Saved tiny models of two strategies (llava and igva, as in test_chat.py) are loaded from their
 folders; every answer shown is checked against ``model.generate`` on the same conversation. The
@@ -25,9 +25,9 @@ from PIL import Image
 from test_chat import MAX_NEW, Q1, Q2, Reference, save_models_and_images
 from vlmzoo.chat import GenerationSettings, ModelFolderError
 from vlmzoo.config import RunConfig
-from vlmzoo.demo import DemoBackend, file_key, folder_examples, load_models, run_config_of, run_examples
-from vlmzoo.demo_app import main as demo_main
-from vlmzoo.demo_app import prepare
+from vlmzoo_lab.demo import DemoBackend, file_key, folder_examples, load_models, run_config_of, run_examples
+from vlmzoo_lab.demo_app import main as demo_main
+from vlmzoo_lab.demo_app import prepare
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
@@ -72,7 +72,7 @@ def test_every_model_answers_side_by_side_streamed_and_equal_to_generate(backend
     for i, panel in enumerate(final.panels):
         assert panel.chat[-2:] == [{"role": "user", "content": Q1}, {"role": "assistant", "content": expected[i]}]
         assert panel.stats.startswith("16 visual tokens - latency ") and f"{MAX_NEW} tokens" in panel.stats
-        assert panel.heatmap is not None and panel.heatmap.size == (400, 460)  # vlmzoo.visualize's panel
+        assert panel.heatmap is not None and panel.heatmap.size == (400, 460)  # vlmzoo_lab.visualize's panel
     # Extras: igva returns its layer weights (1, K); llava returns none.
     assert final.panels[0].extras is None and final.panels[0].extras_values == {}
     weights = final.panels[1].extras_values["layer_weights"]
@@ -86,7 +86,7 @@ def test_every_model_answers_side_by_side_streamed_and_equal_to_generate(backend
 
 
 def test_the_page_gets_each_picture_once(backend, saved):
-    from vlmzoo.demo_app import page_values
+    from vlmzoo_lab.demo_app import page_values
 
     sent = [page_values(u) for u in backend.ask(None, str(saved["image"]), Q1)]
     n = len(backend.models)
@@ -116,7 +116,7 @@ def test_follow_ups_continue_each_models_own_conversation_and_a_new_image_starts
 
 def test_a_follow_ups_map_is_its_attention_over_the_whole_conversation(saved):
     from vlmzoo.chat import ChatSession, load_model_folder, open_image
-    from vlmzoo.visualize import answer_tokens, attention_to_image
+    from vlmzoo_lab.visualize import answer_tokens, attention_to_image
 
     model, processor = load_model_folder(saved["llava"])
     session = ChatSession(model, processor, GenerationSettings(max_new_tokens=MAX_NEW), image=open_image(saved["image"]))
@@ -278,8 +278,8 @@ def test_in_a_real_browser_two_strategies_answer_the_uploaded_image(saved, refer
     from selenium.webdriver.support.ui import WebDriverWait
 
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must not look for drivers online
-    assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"  # set by vlmzoo.demo_app on import
-    from vlmzoo.demo_app import serve
+    assert os.environ.get("GRADIO_ANALYTICS_ENABLED") == "False"  # set by vlmzoo_lab.demo_app on import
+    from vlmzoo_lab.demo_app import serve
 
     port = free_port()
     backend, args = prepare(["--models", str(saved["llava"]), str(saved["igva"]), "--max-new-tokens", str(MAX_NEW),

@@ -440,7 +440,7 @@ def test_stage_strategy_config_is_validated():
 
 
 def _small_world_overrides(tmp_path_factory) -> list[str]:
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
 
     base = small_test_config()
     world = small_test_config(clip=dataclasses.replace(base.clip, vision_layers=LAYERS))
@@ -479,7 +479,7 @@ def test_tiny_configs_train_two_stages_and_evaluate(small_world, tmp_path, caplo
     """configs/<name>.yaml on a seconds-scale tiny world (4-layer tower): both stages train, the saved
     model reloads with its encoder and token count, eval runs. IGVA: stage 1 has no allocator, stage 2
     rebuilds the model with a fresh one (logged), and the layer weights per question type come out."""
-    from vlmzoo.analysis import extras_by_question_type
+    from vlmzoo_lab.analysis import extras_by_question_type
     from vlmzoo.evaluation import load_eval_records, load_for_eval
     from vlmzoo.processing import VLMProcessor
 
@@ -504,7 +504,7 @@ def test_tiny_configs_train_two_stages_and_evaluate(small_world, tmp_path, caplo
     assert not torch.equal(first.strategy.connector.layers[0].weight, model.strategy.connector.layers[0].weight)
     eval_model, processor = load_for_eval(stage2)
     records = load_eval_records(_eval_json(result), max_samples=40)
-    stats = extras_by_question_type(eval_model, processor, records, _images_dir(result), batch_size=16)
+    stats = extras_by_question_type(eval_model, processor, records, _images_dir(result), key="layer_weights", batch_size=16)
     assert stats["all"]["n"] == sum(len(r.images) for r in records)
     for s in stats.values():
         assert len(s["mean"]) == LAYERS and abs(sum(s["mean"]) - 1) < 1e-5

@@ -216,7 +216,7 @@ def test_registered_through_the_entry_point_and_found_by_the_study():
     import importlib.metadata as md
 
     from vlmzoo import available_strategies
-    from vlmzoo.study import default_archs
+    from vlmzoo_lab.study import default_archs
 
     declared = {ep.name: ep.value for ep in md.entry_points(group="vlmzoo.strategies")}
     assert declared.get("resampler") == "architectures.resampler"

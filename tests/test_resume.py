@@ -279,7 +279,7 @@ def test_resume_false_starts_in_a_new_folder(world, tmp_path):
 @pytest.mark.slow
 def test_a_run_resumes_with_the_same_world_in_another_cache(tmp_path):
     from vlmzoo.config import CONFIGS_DIR, load_run_config
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
     from vlmzoo.training import run_training
 
     small = json.dumps(small_test_config().to_dict())

@@ -451,7 +451,7 @@ def test_tiny_config_trains_both_stages_and_evaluates(tmp_path):
     import json
 
     from vlmzoo.config import load_run_config
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
     from vlmzoo.training import run_training
 
     overrides = [f"tiny_world.cache_dir={tmp_path / 'world'}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}",

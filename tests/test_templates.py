@@ -147,7 +147,7 @@ def test_multi_turn_labels_token_by_token(tok, name):
     positions = [i for i, m in enumerate(enc.instruction_mask) if m]
     assert positions == list(range(positions[0], positions[-1] + 1))
     # The text encoder's instruction is the question being answered: the last user turn.
-    assert enc.instruction_text == Q2
+    assert enc.query_text == Q2
     assert not enc.truncated
 
 
@@ -163,15 +163,15 @@ def test_plain_template_drops_user_text(tok):
 
 
 @pytest.mark.parametrize("content", ["Describe the image.\n<image>", "<image>\nDescribe the image.", "Describe <image> the image."])
-def test_plain_template_instruction_text_is_the_human_turn(tok, content):
+def test_plain_template_query_text_is_the_human_turn(tok, content):
     """Stage 1 (``plain``): the LLM never sees the user's text, but the text encoder's instruction is
     still that turn's text with the image placeholder removed (and stripped), wherever it sits."""
     messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "A dog runs in the park."}]
     enc = encode_conversation(tok, "plain", messages, num_visual_tokens=N_VIS)
-    assert enc.instruction_text == content.replace("<image>", "").strip()
+    assert enc.query_text == content.replace("<image>", "").strip()
     assert "Describe" not in decode(tok, enc.input_ids)  # the LLM's tokens still drop it
     image_only = [{"role": "user", "content": "<image>\n"}, {"role": "assistant", "content": "A dog."}]
-    assert encode_conversation(tok, "plain", image_only, num_visual_tokens=N_VIS).instruction_text == ""
+    assert encode_conversation(tok, "plain", image_only, num_visual_tokens=N_VIS).query_text == ""
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

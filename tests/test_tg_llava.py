@@ -343,7 +343,7 @@ TINY_CONFIGS = {"tiny": (True, 8), "tiny_fom_only": (True, 0), "tiny_dp_only": (
 def small_world(tmp_path_factory):
     import json
 
-    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo_lab.tinyworld import small_test_config
 
     cache = tmp_path_factory.mktemp("tg_world")
     return [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}"]

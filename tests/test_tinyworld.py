@@ -1,4 +1,4 @@
-"""The tiny world (:mod:`vlmzoo.tinyworld`): determinism, caching, the data contract, fine marks,
+"""The tiny world (:mod:`vlmzoo_lab.tinyworld`): determinism, caching, the data contract, fine marks,
 the tokenizer, the saved towers and the embedding-collapse check, on :func:`small_test_config`.
 
 One real world is built per module (seconds); cache-logic tests replace the expensive build by
@@ -20,17 +20,17 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-import vlmzoo.tinyworld as tw
+import vlmzoo_lab.tinyworld as tw
 from vlmzoo.data import LlavaJsonDataset
 from vlmzoo.processing import VLMProcessor
 from vlmzoo.strategy import InputSpec
-from vlmzoo.tinyworld import QUESTION_TYPES, build_tiny_world, small_test_config
-from vlmzoo.tinyworld.generate import generate_world
-from vlmzoo.tinyworld.pretrain import (
+from vlmzoo_lab.tinyworld import QUESTION_TYPES, build_tiny_world, small_test_config
+from vlmzoo_lab.tinyworld.generate import generate_world
+from vlmzoo_lab.tinyworld.pretrain import (
     base_view, check_word_embeddings, embedding_cosines, normalize, question_word_groups, word_groups,
 )
-from vlmzoo.tinyworld.questions import NUMBER_WORDS, POPE_SPLITS, answer_choices, plural, question_types
-from vlmzoo.tinyworld.scene import (
+from vlmzoo_lab.tinyworld.questions import NUMBER_WORDS, POPE_SPLITS, answer_choices, plural, question_types
+from vlmzoo_lab.tinyworld.scene import (
     MARK_RGB,
     box_downsample,
     cell_name,
@@ -40,7 +40,7 @@ from vlmzoo.tinyworld.scene import (
     sample_scene,
     shaded,
 )
-from vlmzoo.tinyworld.tokenizer import IMAGE, template_texts, vicuna_prompt
+from vlmzoo_lab.tinyworld.tokenizer import IMAGE, template_texts, vicuna_prompt
 from vlmzoo.towers.vision import build_vision_tower, load_pretrained_vision_tower
 
 CFG = small_test_config()

@@ -1,4 +1,4 @@
-"""Attention heat maps (vlmzoo/visualize.py, scripts/visualize.py) and the strategies' token grids.
+"""Attention heat maps (vlmzoo_lab/visualize.py, scripts/visualize.py) and the strategies' token grids.
 
 Models are tiny, saved with their processors (word-level tokenizer, qwen2 template) and given large
 random weights so that attention is far from uniform and answers are several tokens long.

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-import vlmzoo.tinyworld as tw
-from vlmzoo.tinyworld import build_tiny_world, small_test_config
-from vlmzoo.tinyworld.files import ship
+import vlmzoo_lab.tinyworld as tw
+from vlmzoo_lab.tinyworld import build_tiny_world, small_test_config
+from vlmzoo_lab.tinyworld.files import ship
 
 REPO = Path(__file__).resolve().parent.parent
 CFG = small_test_config()
@@ -113,7 +113,7 @@ def test_a_damaged_cached_world_is_named_and_rebuilt(scratch, shipped_dir, tmp_p
 
 def test_two_builders_at_once_build_one_world(scratch, shipped_dir, tmp_path):
     script = ("import sys, logging; logging.basicConfig(level=logging.INFO, format='%(message)s')\n"
-              "from vlmzoo.tinyworld import build_tiny_world, small_test_config\n"
+              "from vlmzoo_lab.tinyworld import build_tiny_world, small_test_config\n"
               "build_tiny_world(sys.argv[1], small_test_config(), shipped_dir=sys.argv[2])\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(shipped_dir)], env=env,

@@ -2,7 +2,9 @@
 
 Public API: the strategy interface and registry, the Hugging Face-native config/model, and the
 processor. Strategies live outside this package (``architectures/`` for the built-ins) and are
-found through the ``vlmzoo.strategies`` entry-point group.
+found through the ``vlmzoo.strategies`` entry-point group. The lab around it (tiny world,
+comparison study, benchmark, visualisations, demo) is the package ``vlmzoo_lab``, which this one
+never imports.
 """
 
 from .registry import (
@@ -14,6 +16,7 @@ from .registry import (
 )
 from .strategy import (
     CoreDims,
+    ExtraOutput,
     GuidanceInputs,
     GuidanceStrategy,
     InputSpec,
@@ -27,10 +30,12 @@ from .strategy import (
 )
 from .configuration import VLMConfig  # noqa: E402  (after the registry: it validates strategy names)
 from .modeling import VLMCausalLMOutputWithPast, VLMForConditionalGeneration
+from .processing import VLMProcessor
 
 __all__ = [
     "CoreDims",
     "DuplicateStrategyError",
+    "ExtraOutput",
     "GuidanceInputs",
     "GuidanceStrategy",
     "InputSpec",
@@ -43,6 +48,7 @@ __all__ = [
     "VLMCausalLMOutputWithPast",
     "VLMConfig",
     "VLMForConditionalGeneration",
+    "VLMProcessor",
     "VisionFeatures",
     "available_strategies",
     "get_strategy_class",
@@ -50,11 +56,3 @@ __all__ = [
     "register_strategy",
 ]
 
-
-def __getattr__(name: str):
-    # The processor pulls in image/tokenizer code; import it on first use.
-    if name == "VLMProcessor":
-        from .processing import VLMProcessor
-
-        return VLMProcessor
-    raise AttributeError(f"module 'vlmzoo' has no attribute {name!r}")

@@ -17,6 +17,10 @@ from transformers import AddedToken, AutoConfig, AutoModelForCausalLM, AutoToken
 from .config import ModelSection, RunConfig
 from .configuration import VLMConfig
 from .modeling import VLMForConditionalGeneration
+from .processing import VLMProcessor
+from .registry import available_strategies
+from .towers.text import load_pretrained_text_encoder, text_encoder_spec_from_pretrained, text_tokenizer_for
+from .towers.vision import HFVisionTower, load_pretrained_vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +64,6 @@ def build_model_and_processor(cfg: RunConfig, template: str = "vicuna_v1"):
 
     The tokenizer gains the image token if it lacks one (the LLM's embeddings grow to match).
     """
-    from .processing import VLMProcessor
-    from .towers.vision import load_pretrained_vision_tower
-
     m = cfg.model
     _require_strategy(m)
     missing = [k for k in ("vision_tower", "llm") if not getattr(m, k)]
@@ -80,8 +81,6 @@ def build_model_and_processor(cfg: RunConfig, template: str = "vicuna_v1"):
         llm.resize_token_embeddings(len(tokenizer))
     text_encoder = text_tokenizer = None
     if m.text_encoder:
-        from .towers.text import load_pretrained_text_encoder, text_tokenizer_for
-
         text_encoder = load_pretrained_text_encoder(m.text_encoder, backend=m.text_encoder_backend).to(dtype)
         text_tokenizer = text_tokenizer_for(text_encoder.spec, m.text_encoder)
     config = vlm_config_for(m, tower.spec, llm.config, None if text_encoder is None else text_encoder.spec, image_token_id)
@@ -109,8 +108,6 @@ def build_on_meta(cfg: RunConfig) -> VLMForConditionalGeneration:
         text_config["vocab_size"] += 1
     text_encoder_spec = dict(m.text_encoder_config) if m.text_encoder_config else None
     if text_encoder_spec is None and m.text_encoder:
-        from .towers.text import text_encoder_spec_from_pretrained
-
         text_encoder_spec = text_encoder_spec_from_pretrained(m.text_encoder, m.text_encoder_backend)
     config = vlm_config_for(m, vision_spec, text_config, text_encoder_spec, image_token_id)
     with torch.device("meta"):
@@ -119,8 +116,6 @@ def build_on_meta(cfg: RunConfig) -> VLMForConditionalGeneration:
 
 def _require_strategy(m: ModelSection) -> None:
     if m.strategy is None:
-        from .registry import available_strategies
-
         raise ValueError(
             "model.strategy is not set (give --arch NAME or model.strategy=NAME). "
             f"Registered strategies: {', '.join(available_strategies())}."
@@ -135,8 +130,6 @@ def _require(m: ModelSection, key: str, loader):
 
 
 def _vision_spec_from_pretrained(m: ModelSection) -> dict:
-    from .towers.vision import HFVisionTower
-
     if m.vision_backend != "hf":
         raise ValueError("build_on_meta needs model.vision_config for non-hf vision backends.")
     config = _require(m, "vision_tower", AutoConfig.from_pretrained)

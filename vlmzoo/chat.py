@@ -27,8 +27,11 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from .configuration import VLMConfig
+from .data.checks import open_rgb_image
 from .data.templates import DEFAULT_IMAGE_TOKEN
-from .evaluation import generation_batch
+from .evaluation import generation_batch, load_for_eval
+from .processing import PROCESSOR_CONFIG_NAME
 
 Messages = list[dict[str, str]]
 
@@ -49,10 +52,6 @@ def load_model_folder(path: str | os.PathLike, template: str | None = None, dtyp
     Anything that is not such a folder (missing, a file, another model's checkpoint, no processor)
     is a :class:`ModelFolderError` of one line naming the path.
     """
-    from .configuration import VLMConfig
-    from .evaluation import load_for_eval
-    from .processing import PROCESSOR_CONFIG_NAME
-
     folder = Path(path)
     if not folder.is_dir():
         reason = "no such folder" if not folder.exists() else "not a folder"
@@ -76,8 +75,6 @@ def load_model_folder(path: str | os.PathLike, template: str | None = None, dtyp
 
 def open_image(path: str | os.PathLike) -> Image.Image:
     """The image file at ``path`` as RGB; a missing or unreadable file is an :class:`ImageFileError` naming it."""
-    from .data.llava_json import open_rgb_image
-
     if not os.path.exists(path):
         raise ImageFileError(f"{path}: no such file")
     if os.path.isdir(path):

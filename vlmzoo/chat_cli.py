@@ -20,6 +20,8 @@ import argparse
 import sys
 from typing import TextIO
 
+import transformers
+
 from .chat import ChatSession, GenerationSettings, ImageFileError, ModelFolderError, load_model_folder, open_image
 
 USER_PROMPT = "user: "
@@ -164,8 +166,6 @@ class ChatREPL:
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None,
          stderr: TextIO | None = None) -> int:
     """Parse ``argv``, load the model folder and chat over the given streams (default: the process's)."""
-    import transformers
-
     args = build_parser().parse_args(argv)
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     transformers.logging.set_verbosity_error()

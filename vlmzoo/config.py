@@ -29,8 +29,10 @@ from typing import Any, Sequence
 import yaml
 
 from .config_tree import apply_override, interpolate, load_yaml_tree, parse_override
-from .utils import ConfigKeyError, build_dataclass, nearest_names, unknown_key_error
+from .registry import STRATEGIES, UnknownStrategyError, available_strategies, get_strategy_class
+from .utils import ConfigKeyError, atomic_write_text, build_dataclass, nearest_names, unknown_key_error
 from .variables import VariableResolver, prepare_variables, variable_providers
+
 CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
@@ -42,8 +44,9 @@ class ModelSection:
     ``text_encoder_config``) for building on the meta device; reference configs give both.
 
     Attributes:
-        strategy: registered strategy name (required; ``--arch NAME`` picks ``configs/NAME/``);
-            ``strategy_config`` holds its fields.
+        strategy: registered strategy name (required; ``--arch NAME`` picks its config,
+            :func:`arch_config`); ``strategy_config`` holds its fields (unset ones: the defaults of
+            the strategy's config dataclass).
         vision_tower / vision_backend: tower hub name or local path, and its backend (``hf``,
             ``timm``, ``open_clip``).
         llm: causal LM hub name or local path; ``tokenizer`` defaults to it.
@@ -343,20 +346,60 @@ def prepare_run_files(cfg: RunConfig) -> None:
 
 # ---- entry points --------------------------------------------------------------------------------
 _NOT_ARCHS = ("base",)  # folders of configs/ that hold shared bases, not strategies
+#: The shared tiny-world base: the tiny recipe of a registered strategy that ships no ``tiny.yaml``.
+TINY_BASE = "base/tiny_world.yaml"
+
+
+def strategy_config_dirs(name: str) -> list[Path]:
+    """Folders holding run configs of strategy ``name``: ``configs/<name>/`` of this repository, then
+    the ``config_dir`` its class declares (configs shipped with a third-party package)."""
+    dirs = [CONFIGS_DIR / name] if name not in _NOT_ARCHS and (CONFIGS_DIR / name).is_dir() else []
+    cls = STRATEGIES.find(name)
+    if cls is not None and cls.config_dir is not None:
+        own = Path(cls.config_dir)
+        if not own.is_dir():
+            raise FileNotFoundError(f"Strategy {name!r} declares config_dir {own}, which is not a folder.")
+        dirs.append(own)
+    return dirs
+
+
+def strategy_config_files(name: str, pattern: str = "*.yaml") -> list[Path]:
+    """The run configs of strategy ``name`` matching ``pattern`` (e.g. ``reference*.yaml``), sorted by
+    stem; a stem in ``configs/<name>/`` hides the same stem in the strategy's own ``config_dir``."""
+    found: dict[str, Path] = {}
+    for folder in strategy_config_dirs(name):
+        for path in sorted(folder.glob(pattern)):
+            found.setdefault(path.stem, path)
+    return [found[stem] for stem in sorted(found)]
+
+
+def arch_config(arch: str, scale: str = "tiny") -> tuple[Path, tuple[str, ...]]:
+    """The run config of ``--arch ARCH --scale SCALE`` as ``(file, overrides applied first)``.
+
+    ``SCALE.yaml`` of the strategy's config folders (:func:`strategy_config_files`) if there is one;
+    else, for ``tiny`` and any registered strategy, the shared tiny base (:data:`TINY_BASE`) with
+    ``model.strategy=ARCH`` and the strategy's config dataclass defaults: a strategy installed from
+    another package trains on the tiny world with no config file. An unknown strategy or scale is an
+    error naming the ones that exist.
+    """
+    registered = available_strategies()
+    files = {p.stem: p for p in strategy_config_files(arch)} if arch not in _NOT_ARCHS else {}
+    if scale in files:
+        return files[scale], ()
+    if arch in registered and scale == "tiny":
+        return CONFIGS_DIR / TINY_BASE, (f"model.strategy={json.dumps(arch)}", f"output.name={json.dumps(arch + '-tiny')}")
+    if arch not in registered and not files:
+        near = nearest_names(arch, registered)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        raise FileNotFoundError(f"No strategy {arch!r}: none is registered under that name and {CONFIGS_DIR} has "
+                                f"no folder {arch}/.{hint} Registered strategies: {', '.join(registered)}.")
+    scales = sorted({*files, *(("tiny",) if arch in registered else ())})
+    raise FileNotFoundError(f"No {scale!r} config for arch {arch!r}; available: {', '.join(scales)}.")
 
 
 def arch_config_path(arch: str, scale: str = "tiny") -> Path:
-    """``configs/<arch>/<scale>.yaml``; an unknown arch or scale names the ones that exist."""
-    path = CONFIGS_DIR / arch / f"{scale}.yaml"
-    if arch in _NOT_ARCHS or not path.is_file():
-        archs = sorted(p.name for p in CONFIGS_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")) and p.name not in _NOT_ARCHS)
-        if arch not in archs:
-            near = nearest_names(arch, archs)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise FileNotFoundError(f"No configs for arch {arch!r} in {CONFIGS_DIR}.{hint} Available: {', '.join(archs)}.")
-        scales = sorted(p.stem for p in (CONFIGS_DIR / arch).glob("*.yaml"))
-        raise FileNotFoundError(f"No {scale!r} config for arch {arch!r}; available: {', '.join(scales)}.")
-    return path
+    """The file of :func:`arch_config` (its overrides dropped: use :func:`arch_config` to load it)."""
+    return arch_config(arch, scale)[0]
 
 
 def load_config_tree(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -412,7 +455,6 @@ def validate(cfg: RunConfig) -> None:
     """Checks a schema cannot express: value ranges, choices, the strategy and its fields, unique
     stage names. Each failure is a ``ValueError`` (or :class:`ConfigKeyError`) naming the key."""
     check_ranges(cfg)
-    from .registry import UnknownStrategyError, get_strategy_class
 
     if cfg.model.strategy is None:  # allowed where no model is built (scripts/eval.py reads the saved one)
         strategy_cls = None
@@ -545,8 +587,6 @@ def identity_hash(identity: dict[str, Any]) -> str:
 
 def save_resolved_config(cfg: RunConfig, directory: str | os.PathLike) -> Path:
     """Write ``resolved_config.yaml`` (every default filled in, every variable resolved)."""
-    from .utils import atomic_write_text
-
     path = Path(directory) / "resolved_config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, cfg.to_yaml())
@@ -571,7 +611,8 @@ def add_config_arguments(parser, arch: bool = True) -> None:
     group = parser.add_mutually_exclusive_group(required=False)
     group.add_argument("--config", help="run config YAML file")
     if arch:
-        group.add_argument("--arch", help="strategy config folder: uses configs/<arch>/<scale>.yaml")
+        group.add_argument("--arch", help="registered strategy: its <scale>.yaml (configs/<arch>/ or the strategy's "
+                           "config_dir), else for tiny the shared tiny base with the strategy's defaults")
         parser.add_argument("--scale", default="tiny", help="config file of --arch (default: tiny)")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
@@ -581,7 +622,7 @@ def add_config_arguments(parser, arch: bool = True) -> None:
 
 def config_from_args(args, extra_overrides: Sequence[str] = ()) -> RunConfig:
     """The run config the parsed command line names (``extra_overrides`` come last)."""
-    path = args.config
+    path, first = args.config, ()
     if path is None and getattr(args, "arch", None):
-        path = arch_config_path(args.arch, args.scale)
-    return load_run_config(path, [*args.overrides, *extra_overrides])
+        path, first = arch_config(args.arch, args.scale)
+    return load_run_config(path, [*first, *args.overrides, *extra_overrides])

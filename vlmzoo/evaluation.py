@@ -18,6 +18,7 @@ Outputs: ``eval_metrics.json`` and ``predictions.jsonl`` (one line per record).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -31,9 +32,16 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .config import prepare_run_files
+from .build import torch_dtype
+from .config import add_config_arguments, config_from_args, prepare_run_files
+from .data import LlavaDataError, iter_json_records, normalize_record
+from .data.checks import ImagePathError, open_rgb_image, resolve_image_path
+from .data.llava_json import _prepare_messages
 from .data.templates import DEFAULT_IMAGE_TOKEN
+from .modeling import VLMForConditionalGeneration
+from .processing import VLMProcessor
 from .strategy import view_key, view_name
+from .utils import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +93,6 @@ class EvalRecord:
 
 def load_eval_records(path: str | os.PathLike, question_type_key: str = "question_type", max_samples: int | None = None) -> list[EvalRecord]:
     """LLaVA-format records ending in an assistant turn (the gold answer); bad records raise."""
-    from .data import LlavaDataError, iter_json_records, normalize_record
-
     records = []
     for index, raw in iter_json_records(path):
         if max_samples is not None and len(records) >= max_samples:
@@ -116,8 +122,6 @@ class BlindControl:
     """
 
     def __init__(self, train_path: str | os.PathLike, eval_records: Sequence[EvalRecord], question_type_key: str = "question_type") -> None:
-        from .data import iter_json_records, normalize_record
-
         eval_types = {r.question: r.question_type for r in eval_records}
         self.by_text: dict[str, Counter] = defaultdict(Counter)
         self.by_type: dict[str, Counter] = defaultdict(Counter)
@@ -232,8 +236,6 @@ def generate_texts(
 
 def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> list[dict[str, str]]:
     """LLaVA-1.5's prompt layout, as in training: a single image goes first in its turn."""
-    from .data.llava_json import _prepare_messages
-
     return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
 
 
@@ -250,9 +252,6 @@ def record_images(record: EvalRecord, images_dir: str | os.PathLike, what: str =
     missing file raises ``FileNotFoundError`` naming it (``what``) and the record, a path that
     leaves ``images_dir`` a ``ValueError`` (:func:`vlmzoo.data.checks.resolve_image_path`;
     ``allow_absolute``: ``data.allow_absolute_image_paths``)."""
-    from .data.checks import ImagePathError, resolve_image_path
-    from .data.llava_json import open_rgb_image
-
     loaded = []
     for rel in record.images:
         try:
@@ -391,9 +390,6 @@ def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dty
                   device: str | torch.device | None = None):
     """A saved model (eval mode) + processor (with another template if asked), on ``device``
     (default: the GPU when there is one)."""
-    from .modeling import VLMForConditionalGeneration
-    from .processing import VLMProcessor
-
     require_model_folder(model_dir)
     model = VLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype or torch.float32)
     if device is None:
@@ -408,8 +404,6 @@ def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dty
 
 def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Evaluate a saved model with a run config's ``eval`` section (see :class:`vlmzoo.config.EvalSection`)."""
-    from .build import torch_dtype
-
     e = cfg.eval
     if not e.data:
         raise ValueError("eval.data is not set (the evaluation JSON file).")
@@ -446,8 +440,6 @@ def format_table(metrics: dict[str, Any]) -> str:
 
 def model_folder(path: str) -> str:
     """argparse ``type`` of a ``--model`` option: an existing folder, else a usage error naming it."""
-    import argparse
-
     try:
         require_model_folder(path)
     except FileNotFoundError as exc:
@@ -457,11 +449,6 @@ def model_folder(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``scripts/eval.py``: evaluate a saved model; flags override the config's ``eval`` section."""
-    import argparse
-
-    from .config import add_config_arguments, config_from_args
-    from .training.cli import setup_logging
-
     parser = argparse.ArgumentParser(description="Evaluate a saved vlmzoo model on a LLaVA-format question file.")
     parser.add_argument("--model", required=True, type=model_folder,
                         help="folder of a saved model + processor (e.g. <run>/<stage>/final)")

@@ -261,7 +261,7 @@ class VLMZooLMM(lmms):
             "input_ids": list(enc.input_ids) + cont_ids,
             "labels": [],
             "instruction_mask": list(enc.instruction_mask) + [False] * len(cont_ids),
-            "instruction_text": enc.instruction_text,
+            "query_text": enc.query_text,
             "pixel_values": self._processor.preprocess_images(images),
         }
         return feature, (len(enc.input_ids), len(cont_ids))

@@ -30,6 +30,7 @@ from .configuration import VLMConfig
 from .feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
 from .registry import get_strategy_class
 from .strategy import CoreDims, GuidanceInputs, GuidanceStrategy, InstructionFeatures, StrategyNeeds, VisionFeatures
+from .towers.text import build_text_encoder
 from .towers.vision import VisionTower, build_vision_tower
 
 logger = logging.getLogger(__name__)
@@ -100,8 +101,6 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         )
         self.text_encoder = None
         if config.text_encoder_config is not None:
-            from .towers.text import build_text_encoder
-
             self.text_encoder = build_text_encoder(config.text_encoder_config)
         self.strategy: GuidanceStrategy = strategy_cls(config.get_strategy_config(), self._core_dims())
         self._check_strategy_fits()

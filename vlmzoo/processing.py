@@ -17,7 +17,7 @@ Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
   times the tower's size; only when the spec has that view and high-res images are given;
 * ``image_keys`` list of N str: the files each image was read from, when every sample names them
   (:class:`~vlmzoo.data.LlavaJsonDataset` items do); the frozen-feature cache's keys in training;
-* ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text (the
+* ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the query text (``query_text``: the
   last user message, i.e. the question being answered) of the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
   ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
 
@@ -355,7 +355,7 @@ class VLMProcessor:
         """Collate per-sample features into a batch.
 
         Each feature has ``input_ids``, ``labels`` and ``instruction_mask`` (lists of length T_i),
-        ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str), and optionally the other
+        ``pixel_values`` ``(n_i, 3, H, W)`` and ``query_text`` (str), and optionally the other
         views of the input spec (``pixel_values_hr`` ``(n_i, 3, f*H, f*W)``; a view one sample with
         images has, every one must have) and ``image_keys`` (``n_i`` str).
         Returns the batch keys described in the module docstring, padded to the longest sample on
@@ -400,7 +400,7 @@ class VLMProcessor:
             if all("image_keys" in f for _, f in with_images):
                 data["image_keys"] = [key for _, f in with_images for key in f["image_keys"]]
             if self.text_tokenizer is not None:
-                texts = [f["instruction_text"] for f in features for _ in range(len(f["pixel_values"]))]
+                texts = [f["query_text"] for f in features for _ in range(len(f["pixel_values"]))]
                 ids, mask = self.tokenize_instructions(texts)
                 data["instruction_input_ids"], data["instruction_attention_mask"] = ids, mask
         return BatchFeature(data=data)
@@ -464,7 +464,7 @@ class VLMProcessor:
                 "input_ids": enc.input_ids,
                 "labels": enc.labels,
                 "instruction_mask": enc.instruction_mask,
-                "instruction_text": enc.instruction_text,
+                "query_text": enc.query_text,
             }
             for scale, view_images in views.items():
                 sample_view = sample_images if scale == 1 else _image_list(view_images[i])

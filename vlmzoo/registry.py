@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import Callable, TypeVar
 
-if TYPE_CHECKING:
-    from .strategy import GuidanceStrategy
+from .strategy import GuidanceStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,6 @@ class StrategyRegistry:
 
     def register(self, name: str) -> Callable[[_S], _S]:
         """Class decorator: ``@register_strategy("my_method")``."""
-        from .strategy import GuidanceStrategy
-
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"Strategy name must be a Python identifier, got {name!r}.")
 
@@ -72,6 +69,12 @@ class StrategyRegistry:
         if name not in self._classes:
             raise UnknownStrategyError(f"Unknown strategy {name!r}. Registered strategies: {self._names_str()}.")
         return self._classes[name]
+
+    def find(self, name: str) -> type[GuidanceStrategy] | None:
+        """The class registered as ``name``, or ``None`` (entry points loaded first)."""
+        if name not in self._classes:
+            self._load_entry_points()
+        return self._classes.get(name)
 
     def names(self) -> list[str]:
         self._load_entry_points()

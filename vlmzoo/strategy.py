@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -40,8 +41,12 @@ class StrategyNeeds:
         high_res_factor: if > 1, the (normalised) image is upsampled by this factor, cut into
             ``factor**2`` crops of the tower's input size and passed through the tower in one batch.
         high_res_layers: which tower layers to return for the crops.
-        instruction_text: which text-encoder outputs are needed (``()`` = no text encoder).
-        instruction_span: the strategy reads the instruction's token positions in the LLM sequence.
+        instruction_text: which text-encoder outputs of each image's *query* are needed (``()`` =
+            no text encoder). The query is the last user message, the question being answered
+            (``EncodedConversation.query_text``); it is not the instruction span below.
+        instruction_span: the strategy reads the *instruction span*'s token positions in the LLM
+            sequence (``instruction_mask``): by default the first user message
+            (``instruction_span_rule``).
         instruction_span_rule: which tokens ``instruction_mask`` marks (the processor applies it):
             ``"first_user_text"``: the text of the first user message, nothing else;
             ``"before_reply_role"``: every text token before the role name of the first assistant
@@ -75,7 +80,7 @@ class InputSpec:
             ``1`` is the base view (``pixel_values``); a scale f > 1 is the picture at f times the
             tower's size, which the core cuts into f x f crops (``pixel_values_hr``; from the base view
             upsampled when not given). At most one scale > 1.
-        instruction_text: the text-encoder features read (``()``: no instruction text is tokenised
+        instruction_text: the text-encoder features of the query read (``()``: no query text is tokenised
             for an encoder).
         instruction_span: the strategy reads ``instruction_mask``.
         instruction_span_rule: which tokens ``instruction_mask`` marks (see :class:`StrategyNeeds`).
@@ -171,7 +176,7 @@ class TokenGrid:
     Token ``start + r * cols + c`` of the strategy's ``num_visual_tokens`` covers the cell in row
     ``r`` (top to bottom) and column ``c`` (left to right) of a ``rows x cols`` grid over the image
     the tower sees; cells need not be square (e.g. 1 x 8-patch strips). Used by attention maps
-    (:mod:`vlmzoo.visualize`), never by training.
+    (:mod:`vlmzoo_lab.visualize`), never by training.
 
     Attributes:
         start: index of the grid's first token among the strategy's visual tokens.
@@ -249,7 +254,7 @@ class GuidanceInputs:
         input_ids: ``(B, T)`` the LLM token ids (image placeholders included).
         attention_mask: ``(B, T)`` 1 = real token, 0 = padding.
         image_token_mask: ``(B, T)`` True at image placeholder positions.
-        instruction_mask: ``(B, T)`` True at the instruction's tokens, if asked for.
+        instruction_mask: ``(B, T)`` True at the instruction span's tokens (``instruction_span_rule``), if asked for.
         llm_embed_tokens: the LLM's input embedding (some strategies embed the instruction with it).
     """
 
@@ -301,6 +306,42 @@ class ZeroInitEquivalence:
     reference_overrides: dict[str, Any] = field(default_factory=dict)
 
 
+ExtraSummary = Literal["mean_by_question_type"]
+
+
+@dataclass(frozen=True)
+class ExtraOutput:
+    """An extra tensor a strategy returns in :attr:`StrategyOutput.extras`, and how reports summarise it.
+
+    The comparison study, its report and ``scripts/strategy_extras.py`` handle every declared extra
+    by these fields alone (no strategy is named there).
+
+    Attributes:
+        key: the key in ``StrategyOutput.extras`` (e.g. ``"layer_weights"``).
+        summary: ``"mean_by_question_type"``: the tensor is ``(N, K)`` (one row per image); reports
+            give its mean (and std) per eval question type, a table, a CSV column and a bar plot.
+        title: what it is, for headings and plots (e.g. ``"layer weights"``).
+        component: prefix of the K column names (``w`` -> ``w1 .. wK``).
+        description: one line for the CSV column's documentation.
+    """
+
+    key: str
+    summary: ExtraSummary = "mean_by_question_type"
+    title: str = ""
+    component: str = "v"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key.isidentifier():
+            raise ValueError(f"ExtraOutput.key must be a Python identifier, got {self.key!r}.")
+        if self.summary not in ("mean_by_question_type",):
+            raise ValueError(f"ExtraOutput({self.key!r}).summary must be 'mean_by_question_type', got {self.summary!r}.")
+
+    @property
+    def heading(self) -> str:
+        return self.title or self.key.replace("_", " ")
+
+
 @dataclass
 class StrategyConfig:
     """Base of every strategy's config dataclass; fields must be JSON-serialisable."""
@@ -316,12 +357,18 @@ class GuidanceStrategy(nn.Module):
     strategies also :attr:`adapter_layers` and :meth:`adapt`. Strategies whose tokens sit at image
     positions declare them in :attr:`visual_token_grids` (attention maps use it). A strategy that
     reduces exactly to another one under some config (a zero-initialised branch, a module switched
-    off) lists it in :attr:`zero_init_equivalences`.
+    off) lists it in :attr:`zero_init_equivalences`. Extras that reports should summarise are listed
+    in :attr:`extra_outputs`; run configs shipped with the package sit in :attr:`config_dir`.
     """
 
     config_class: ClassVar[type[StrategyConfig]] = StrategyConfig
     strategy_name: ClassVar[str] = ""  # set by the registry
     zero_init_equivalences: ClassVar[tuple[ZeroInitEquivalence, ...]] = ()
+    #: extras of :attr:`StrategyOutput.extras` that reports summarise (:class:`ExtraOutput`).
+    extra_outputs: ClassVar[tuple[ExtraOutput, ...]] = ()
+    #: a folder of run configs shipped with the strategy's package (``reference.yaml``, variants),
+    #: found exactly as ``configs/<name>/`` is (:func:`vlmzoo.config.strategy_config_files`).
+    config_dir: ClassVar[str | os.PathLike | None] = None
 
     def __init__(self, config: StrategyConfig, dims: CoreDims) -> None:
         super().__init__()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import tempfile
@@ -12,6 +13,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+import transformers
 
 _T = TypeVar("_T")
 
@@ -153,6 +156,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigKeyError, ValueError, TypeError, FileNotFoundError,
                                                 NotADirectoryError, IsADirectoryError, PermissionError, ImportError)
 DEBUG_FLAG = "--debug"
+
+
+def setup_logging() -> None:
+    """INFO logs with a time stamp for the command lines; transformers' own at WARNING."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    transformers.logging.set_verbosity_warning()
 
 
 def cli_entry(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:

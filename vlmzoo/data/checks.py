@@ -7,7 +7,7 @@ every image, in parallel, remembered across runs.
   (``data.allow_absolute_image_paths``) accepts absolute paths and symlinks leading out of the
   folder; ``..`` climbing out of it stays an error.
 * :func:`check_image_files`: whether each file exists and (``decode=True``) decodes, with the
-  same reader training uses (:func:`vlmzoo.data.llava_json.open_rgb_image`). Decoding runs on a
+  same reader training uses (:func:`open_rgb_image`). Decoding runs on a
   thread pool; a file that decoded is remembered by path, size and modification time in
   ``<cache root>/image_checks/`` (``$VLMZOO_CACHE``, else ``~/.cache/vlmzoo``), so a second run
   over the same, unchanged files only stats them.
@@ -23,7 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable
 
+from PIL import Image
+
 from ..utils import atomic_write_text
+from .records import LlavaDataError, read_llava_records
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +120,14 @@ class DecodedImages:
             logger.warning("Could not record decoded images in %s: %s", self.path, exc)
 
 
-def _decode_problem(path: str) -> str | None:
-    from .llava_json import open_rgb_image
+def open_rgb_image(path: str | os.PathLike) -> Image.Image:
+    """The image file at ``path``, fully read and converted to RGB (the file is closed on return)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
 
+
+def _decode_problem(path: str) -> str | None:
     try:
         open_rgb_image(path)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
@@ -201,8 +209,6 @@ def check_data_file(json_path: str | os.PathLike, image_folder: str | os.PathLik
     """Check a LLaVA JSON file without tokenising it: the JSON, every record (roles, ``<image>``
     count), every image path and (``mode``) file; -> the number of records. The first problem is a
     :class:`~vlmzoo.data.LlavaDataError` naming the file and the record."""
-    from .records import LlavaDataError, read_llava_records
-
     path = os.path.abspath(os.fspath(json_path))
     folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(path)
     folders = [(folder, "image")]

@@ -34,7 +34,7 @@ from datasets.fingerprint import Hasher
 from PIL import Image
 
 from ..strategy import view_key, view_name
-from .checks import ImagePathError, image_problems, resolve_image_path
+from .checks import ImagePathError, image_problems, open_rgb_image, resolve_image_path
 from .records import CACHE_VERSION, LlavaDataError, SkippedRecord, read_llava_records
 from .supervision import TokenizationMismatchError, check_supervision
 from .templates import DEFAULT_IMAGE_TOKEN, TemplateEncoder
@@ -57,7 +57,7 @@ ENCODED_FEATURES = Features(
         "input_ids": List(Value("int32")),
         "labels": List(Value("int32")),
         "instruction_mask": List(Value("bool")),
-        "instruction_text": Value("string"),
+        "query_text": Value("string"),
         "truncated": Value("bool"),
         "length": Value("int32"),
         "error": Value("string"),
@@ -84,7 +84,7 @@ def _prepare_messages(messages: list[dict[str, str]], n_images: int, image_token
 def _encode_batch(
     batch: dict[str, list[Any]], encoder: TemplateEncoder, max_length: int | None, move_image_to_front: bool
 ) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "instruction_mask", "instruction_text", "truncated", "length", "error")}
+    out: dict[str, list[Any]] = {k: [] for k in ("input_ids", "labels", "instruction_mask", "query_text", "truncated", "length", "error")}
     for messages, images, error in zip(batch["messages"], batch["images"], batch["error"]):
         enc = None
         if error is None:
@@ -96,7 +96,7 @@ def _encode_batch(
         out["input_ids"].append(enc.input_ids if enc else [])
         out["labels"].append(enc.labels if enc else [])
         out["instruction_mask"].append(enc.instruction_mask if enc else [])
-        out["instruction_text"].append(enc.instruction_text if enc else "")
+        out["query_text"].append(enc.query_text if enc else "")
         out["truncated"].append(bool(enc and enc.truncated))
         out["length"].append(len(enc) if enc else 0)
         out["error"].append(error)
@@ -148,7 +148,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             encodes (it raises if it would). Only for loading in the training process
             (``num_workers=0``).
 
-    ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
+    ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "query_text",
     "pixel_values" (n_i, 3, H, W), "image_keys"}`` (+ ``"pixel_values_hr"`` with a high-res
     folder); batch those with :class:`VLMDataCollator`. ``image_keys`` names each image's files
     (its path, and its high-res path after a ``|``).
@@ -343,7 +343,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             "input_ids": row["input_ids"],
             "labels": row["labels"],
             "instruction_mask": row["instruction_mask"],
-            "instruction_text": row["instruction_text"],
+            "query_text": row["query_text"],
             "image_keys": keys,
         }
         if keys and self.features_cached is not None and all(self.features_cached(k) for k in keys):
@@ -383,13 +383,6 @@ def high_res_size_problem(base: tuple[int, int], high_res: tuple[int, int]) -> s
     if hw < w or hh < h or abs(hw * h - hh * w) > max(hw, hh):
         return f"the high-res image is {hw}x{hh} pixels, its base image {w}x{h}: not the same picture at a higher resolution"
     return None
-
-
-def open_rgb_image(path: str | os.PathLike) -> Image.Image:
-    """The image file at ``path``, fully read and converted to RGB (the file is closed on return)."""
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
 
 
 # ---- 4. collation ----------------------------------------------------------------------------------

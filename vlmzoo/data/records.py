@@ -22,7 +22,7 @@ from datasets.fingerprint import Hasher
 
 from .templates import DEFAULT_IMAGE_TOKEN
 
-CACHE_VERSION = "3"  # bump when the record layout or the encoding changes
+CACHE_VERSION = "4"  # bump when the record layout or the encoding changes (4: query_text column)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
 
 RECORD_FEATURES = Features(

@@ -114,7 +114,7 @@ class ConversationTemplate:
         assistant_end_eos: end each assistant turn with the tokenizer's EOS id, trained on.
         assistant_suffix: untrained text after the end marker (e.g. ``"\\n"``).
         drop_user_text: keep only the images of user messages in the tokens (LLaVA's ``plain``
-            format); :attr:`EncodedConversation.instruction_text` still carries their text.
+            format); :attr:`EncodedConversation.query_text` still carries their text.
         single_turn: exactly one user message (and one assistant answer) per conversation.
         required_tokens: literal markers that must each be a single token of the tokenizer.
         tokenization: ``"whole"``: tokenise the text between images as one string (the reference
@@ -417,7 +417,7 @@ class EncodedConversation:
         instruction_mask: True at the instruction span's tokens (the encoder's ``instruction_rule``).
         truncated: the sample was cut to ``max_length``.
         num_images: image placeholders in the sample.
-        instruction_text: the *last* user message's text (image placeholders removed, stripped):
+        query_text: the *last* user message's text (image placeholders removed, stripped):
             the question being answered (in a generation prompt, the turn being answered), which
             text encoders of instruction-guided strategies read. Templates that drop user text
             from ``input_ids`` (``plain``) still give it here.
@@ -428,7 +428,7 @@ class EncodedConversation:
     instruction_mask: list[bool]
     truncated: bool = False
     num_images: int = 0
-    instruction_text: str = ""
+    query_text: str = ""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -533,7 +533,7 @@ class TemplateEncoder:
         labels = [tid if target else IGNORE_INDEX for tid, (target, _) in zip(ids, flags)]
         instr = [instruction for _, instruction in flags]
 
-        instruction_text = self._query_text(messages)
+        query_text = self._query_text(messages)
         truncated = False
         if max_length is not None and len(ids) > max_length:
             if add_generation_prompt:
@@ -547,7 +547,7 @@ class TemplateEncoder:
                     )
             ids, labels, instr = ids[:max_length], labels[:max_length], instr[:max_length]
             truncated = True
-        return EncodedConversation(ids, labels, instr, truncated, len(image_spans), instruction_text)
+        return EncodedConversation(ids, labels, instr, truncated, len(image_spans), query_text)
 
     def _special_piece(self, seg: Segment, ids: list[int], image_spans: list[tuple[int, int]]) -> list[int]:
         """Ids of an ``image`` / ``bos`` / ``eos`` segment placed at ``len(ids)`` (records image spans)."""

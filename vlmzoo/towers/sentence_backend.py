@@ -39,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..strategy import InstructionFeatures
 from ..utils import hf_config_spec
@@ -77,8 +79,6 @@ class SentenceTextEncoder(TextEncoder):
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"sentence_transformers spec: pooling {self.pooling!r} is not one of {POOLING_MODES}.")
         if model is None:
-            from transformers import AutoConfig, AutoModel
-
             cfg = {k: v for k, v in spec.items() if k not in _SPEC_KEYS}
             if "model_type" not in cfg:
                 raise ValueError(f"sentence_transformers text_encoder spec needs a 'model_type'; got keys {sorted(spec)}.")
@@ -125,7 +125,6 @@ def resolve_location(name_or_path: str) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
-    from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=_HUB_FILES))
@@ -186,8 +185,6 @@ def _spec(hf_config: Any, pooling: str, normalize: bool, max_seq_length: int | N
 
 def read_sentence_spec(name_or_path: str) -> dict[str, Any]:
     """The spec of a sentence-transformers folder from its config files (no weights read)."""
-    from transformers import AutoConfig
-
     transformer, pooling, normalize, max_seq_length = read_pipeline(resolve_location(name_or_path))
     return _spec(AutoConfig.from_pretrained(transformer), pooling, normalize, max_seq_length)
 
@@ -195,8 +192,6 @@ def read_sentence_spec(name_or_path: str) -> dict[str, Any]:
 def load_sentence_encoder(name_or_path: str, **kwargs: Any) -> SentenceTextEncoder:
     """Pretrained encoder from a sentence-transformers folder; text-model weights must all be present
     (a missing ``pooler.*``, which sentence-transformers never uses, is allowed)."""
-    from transformers import AutoModel
-
     transformer, pooling, normalize, max_seq_length = read_pipeline(resolve_location(name_or_path))
     extra = {"attn_implementation": kwargs["attn_implementation"]} if kwargs.get("attn_implementation") else {}
     model, info = AutoModel.from_pretrained(transformer, output_loading_info=True, **extra)
@@ -208,8 +203,6 @@ def load_sentence_encoder(name_or_path: str, **kwargs: Any) -> SentenceTextEncod
 
 def load_sentence_tokenizer(spec: dict[str, Any], name_or_path: str | None) -> Any:
     """The folder's own tokenizer, truncating at the encoder's ``max_seq_length``."""
-    from transformers import AutoTokenizer
-
     if name_or_path is None:
         raise ValueError("The sentence_transformers encoder's tokenizer is loaded from its folder: pass name_or_path.")
     transformer = read_pipeline(resolve_location(name_or_path))[0]

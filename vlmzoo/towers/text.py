@@ -38,8 +38,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoConfig, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ..strategy import InstructionFeatures
 from ..utils import hf_config_spec, nearest_names
@@ -98,8 +101,6 @@ class HFTextEncoder(TextEncoder):
     """
 
     def __init__(self, spec: dict[str, Any], model: nn.Module | None = None) -> None:
-        from transformers import AutoConfig
-
         super().__init__(spec)
         if model is None:
             cfg_dict = {k: v for k, v in spec.items() if k not in ("backend", "attn_implementation")}
@@ -147,9 +148,6 @@ _HF_TEXT_MODELS = {
 
 
 def _hf_text_model_class(text_config: Any) -> type[nn.Module]:
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
     model_type = text_config.model_type
     if model_type in _HF_TEXT_MODELS:
         return getattr(transformers, _HF_TEXT_MODELS[model_type])
@@ -168,8 +166,6 @@ def load_hf_text_encoder(name_or_path: str, **kwargs: Any) -> HFTextEncoder:
     Raises if any text-tower weight is missing from the checkpoint (vision weights are ignored:
     :func:`~vlmzoo.towers.loading.load_tower`).
     """
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(name_or_path)
     text_config = getattr(config, "text_config", None) or config
     model_class = _hf_text_model_class(text_config)
@@ -226,8 +222,6 @@ def register_text_backend(
 
 
 def _hf_text_spec(name_or_path: str) -> dict[str, Any]:
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(name_or_path)
     return HFTextEncoder.spec_from_config(getattr(config, "text_config", None) or config)
 
@@ -290,7 +284,6 @@ def text_tokenizer_for(spec: dict[str, Any], name_or_path: str | None = None) ->
     if backend == "hf":
         if name_or_path is None:
             raise ValueError("The hf text encoder's tokenizer is loaded from its checkpoint: pass name_or_path.")
-        from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(name_or_path)
     if backend == "open_clip":

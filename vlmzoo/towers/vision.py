@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from ..utils import hf_config_spec, nearest_names
 from .loading import load_tower
@@ -96,8 +98,6 @@ class HFVisionTower(VisionTower):
     """transformers vision models that return ``hidden_states`` (CLIP, SigLIP, ...)."""
 
     def __init__(self, spec: dict[str, Any], model: nn.Module | None = None) -> None:
-        from transformers import AutoConfig, AutoModel
-
         super().__init__(spec)
         if model is None:
             cfg_dict = {k: v for k, v in spec.items() if k != "backend"}
@@ -184,8 +184,6 @@ def load_pretrained_vision_tower(name_or_path: str, backend: str = "hf", **kwarg
     missing vision weight is an error (:func:`~vlmzoo.towers.loading.load_tower`).
     """
     if backend == "hf":
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(name_or_path)
         vision_config = getattr(config, "vision_config", None) or config
         model = load_tower(_hf_vision_model_class(vision_config), name_or_path, "vision tower",
@@ -199,6 +197,4 @@ def load_pretrained_vision_tower(name_or_path: str, backend: str = "hf", **kwarg
 
 
 def _hf_vision_model_class(vision_config: Any) -> type[nn.Module]:
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
     return MODEL_MAPPING[type(vision_config)]

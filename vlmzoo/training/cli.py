@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ..config import add_config_arguments, config_from_args
-
-
-def setup_logging() -> None:
-    import transformers
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    transformers.logging.set_verbosity_warning()
+from ..evaluation import format_table
+from ..utils import setup_logging
+from .runner import is_main_process, run_training
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and args.arch is None:
         parser.error("give --arch NAME or --config FILE")
     setup_logging()
-
-    from ..evaluation import format_table
-    from .runner import is_main_process, run_training
 
     cfg = config_from_args(args, [f"output.dir={args.output_dir}"] if args.output_dir else [])
     if args.print_config:

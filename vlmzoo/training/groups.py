@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..config import StageConfig
+from ..utils import unknown_key_error
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ class GroupLayout:
             elif name in self.groups:
                 members = [name]
             else:
-                from ..utils import unknown_key_error
-
                 raise unknown_key_error(name, self.valid_names, f"{where} (module groups of this model)")
             out += [m for m in members if m not in out]
         return out

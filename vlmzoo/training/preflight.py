@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
+
 from ..config import RunConfig
+from ..data import LlavaJsonDataset
 from ..data.checks import check_data_file, image_problems
 from ..data.records import LlavaDataError, iter_json_records
+from ..evaluation import image_first_messages, load_eval_records
 from ..strategy import view_name
 
 logger = logging.getLogger(__name__)
@@ -36,8 +39,6 @@ def check_data(cfg: RunConfig, stages: list[int], evaluate: bool) -> None:
         n = check_data_file(stage.data, _folder(cfg.stage_images(stage), stage.data), mode=mode, allow_absolute=absolute)
         logger.info("[%s] %s: %d records checked (images: %s).", stage.name, stage.data, n, mode)
     if evaluate and cfg.eval.data:
-        from ..evaluation import load_eval_records
-
         records = load_eval_records(cfg.eval.data, cfg.eval.question_type_key, cfg.eval.max_samples)
         folder = _folder(cfg.eval_images(), cfg.eval.data)
         if not os.path.isdir(folder):
@@ -61,8 +62,6 @@ def position_limit(model) -> int | None:
 def check_lengths(cfg: RunConfig, stages: list[int], model, processor, evaluate: bool) -> None:
     """Tokenise the data of ``stages`` with ``processor`` (each stage's template) and check lengths
     against the LLM's positions; check the eval prompts too if ``evaluate``."""
-    from ..data import LlavaJsonDataset
-
     limit = position_limit(model)
     if limit is not None and cfg.data.max_length is not None and cfg.data.max_length > limit:
         raise ValueError(f"data.max_length: {cfg.data.max_length} is more than the LLM's {limit} positions "
@@ -79,8 +78,6 @@ def check_lengths(cfg: RunConfig, stages: list[int], model, processor, evaluate:
 
 
 def _check_eval(cfg: RunConfig, processor, limit: int | None) -> None:
-    from ..evaluation import image_first_messages, load_eval_records
-
     e = cfg.eval
     path = os.path.abspath(e.data)
     records = load_eval_records(e.data, e.question_type_key, e.max_samples)

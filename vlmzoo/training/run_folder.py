@@ -26,16 +26,14 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
+from filelock import FileLock, Timeout
 
 from ..config import RunConfig, diff_configs, identity_hash, stage_identity, training_identity
 from ..variables import variable_providers
 from .checkpoints import recorded_hashes
-
-if TYPE_CHECKING:
-    from filelock import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +180,6 @@ def settle_stale_stages(cfg: RunConfig, statuses: list[StageStatus], main: bool 
 def lock_run_folder(cfg: RunConfig) -> "FileLock":
     """An exclusive lock on the run folder (held until the returned lock is released; the OS
     releases it if the process dies). Another process training into it is an error naming the folder."""
-    from filelock import FileLock, Timeout
-
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK_FILE))

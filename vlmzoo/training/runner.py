@@ -35,15 +35,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import TrainerCallback, TrainingArguments
 
+from ..build import build_model_and_processor, torch_dtype
 from ..config import RunConfig, StageConfig, prepare_run_files, save_resolved_config
+from ..configuration import VLMConfig
+from ..data import LlavaJsonDataset, VLMDataCollator
+from ..evaluation import evaluate_run
 from ..feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
+from ..modeling import VLMForConditionalGeneration
+from ..processing import VLMProcessor
 from ..registry import get_strategy_class
 from ..utils import atomic_write_text
 from .checkpoints import Checkpoint, find_resume_checkpoint, fsync_tree, publish
 from .groups import StagePlan
-from .preflight import check_data, check_lengths
+from .preflight import check_data, check_lengths, position_limit
 from .run_folder import (
     FINAL_DIRNAME,
     STAGE_DONE_FILE,
@@ -157,8 +164,6 @@ def _run_locked(cfg: RunConfig, out: Path, main: bool, first_args: TrainingArgum
 
     result = RunResult(output_dir=out, final_model_dir=previous, stages=results)
     if evaluate and cfg.eval.data and main:
-        from ..evaluation import evaluate_run
-
         result.eval_metrics = evaluate_run(cfg, previous, out / "eval")
     return result
 
@@ -170,11 +175,6 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     they differ from those the previous stage's model was saved with, that model is rebuilt with the
     stage's fields and its weights loaded by name (see :func:`rebuild_with_strategy_config`).
     """
-    from ..build import build_model_and_processor, torch_dtype
-    from ..configuration import VLMConfig
-    from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor
-
     fields = cfg.stage_strategy_config(stage) if stage is not None else dict(cfg.model.strategy_config)
     if previous_final is None:
         torch.manual_seed(cfg.seed)  # the fresh strategy's initialisation
@@ -183,7 +183,6 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         if cfg.model.init_from:
             load_weights_by_name(model, cfg.model.init_from)
         return model, processor
-    from safetensors import SafetensorError
 
     dtype = torch_dtype(cfg.model.dtype)
     try:
@@ -203,9 +202,6 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     """Load the model saved in ``model_dir`` into the same architecture built with other strategy
     fields; log which weights load, which start fresh (initialised as a new model's) and which are
     dropped. -> ``(model, processor)``: the saved processor serving the new model's input spec."""
-    from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor
-
     changed = sorted(k for k in strategy_config if strategy_config[k] != config.strategy_config.get(k))
     logger.info("Strategy %r rebuilt with %s (saved model: %s).", config.strategy,
                 ", ".join(f"{k}={strategy_config[k]!r}" for k in changed),
@@ -227,8 +223,6 @@ def load_weights_by_name(model, model_dir: str | os.PathLike, what: str = "model
     ``loaded``, which ``kept`` their built values (absent from the checkpoint) and which were
     ``dropped`` (absent from the model). A shape mismatch or an unreadable file raises, naming
     ``what``, the file and (for a shape) the key and both shapes."""
-    from safetensors import SafetensorError, safe_open
-
     directory = Path(model_dir)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -326,8 +320,6 @@ def train_stage(
     """Train stage ``index`` on ``model`` (from its newest intact checkpoint, if any); save its final
     model + processor; -> stage metrics. ``status``: the stage's :func:`plan_stages` entry (default:
     computed here)."""
-    from ..data import LlavaJsonDataset, VLMDataCollator
-
     stage = cfg.training.stages[index]
     where = f"training.stages.{index}"
     tag = f"[{stage.name}]"
@@ -355,7 +347,6 @@ def train_stage(
                        if caches.vision is not None and cfg.data.num_workers == 0 else None)
     args = training_arguments(cfg, stage)
     processor = processor.with_template(stage.template, stage.pad_to_square)
-    from .preflight import position_limit
 
     with args.main_process_first(desc=f"{stage.name} dataset"):
         dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),

@@ -6,7 +6,8 @@ import argparse
 import json
 import logging
 
-from ..config_tree import apply_override, parse_override
+from vlmzoo.config_tree import apply_override, parse_override
+
 from . import TinyWorldConfig, build_tiny_world, small_test_config
 from .files import SHIPPED_DIR, ship
 

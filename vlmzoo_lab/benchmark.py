@@ -9,7 +9,7 @@ Three parts (``scripts/benchmark.py`` runs them and writes JSON + Markdown):
   training-step time, prefill latency, decode latency with and without the KV cache, peak memory.
   Strategies are measured round-robin, so drift of the machine spreads over all of them.
 * :func:`time_models` — any models over the same inputs, measured in turn (the ``llava`` strategy
-  against transformers' ``LlavaForConditionalGeneration`` uses it: ``architectures/llava_benchmark.py``).
+  against transformers' ``LlavaForConditionalGeneration`` uses it: ``vlmzoo_lab/llava_vs_transformers.py``).
 
 Timings are medians of ``repeats`` after a warm-up call, on ``torch.get_num_threads()`` threads.
 """
@@ -23,8 +23,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from .config import CONFIGS_DIR, load_run_config
+from vlmzoo.build import build_on_meta
+from vlmzoo.config import arch_config, load_run_config, strategy_config_files
+from vlmzoo.configuration import VLMConfig
+from vlmzoo.flops import prefill_flops
+from vlmzoo.modeling import VLMForConditionalGeneration
+from vlmzoo.towers.text import HFTextEncoder
+from vlmzoo.towers.vision import HFVisionTower
+from vlmzoo.training.groups import group_layout
+
+from .tinyworld.config import TinyWorldConfig
+from .tinyworld.pretrain import clip_config, llm_config
 
 N_TEXT = 40
 BATCH = 32
@@ -33,22 +44,20 @@ NEW_TOKENS = 32
 
 # ---- reference scale (meta device) -----------------------------------------------------------------
 def reference_config_files(archs: list[str]) -> list[Path]:
-    """``configs/<arch>/reference*.yaml`` of each arch (the reference config first, variants after)."""
+    """The ``reference*.yaml`` run configs each arch ships (``configs/<arch>/`` or its class's
+    ``config_dir``; :func:`vlmzoo.config.strategy_config_files`), the reference config first, variants after."""
     files: list[Path] = []
     for arch in archs:
-        found = sorted((CONFIGS_DIR / arch).glob("reference*.yaml"), key=lambda p: (p.stem != "reference", p.stem))
+        found = sorted(strategy_config_files(arch, "reference*.yaml"), key=lambda p: (p.stem != "reference", p.stem))
         files.extend(found)
     return files
 
 
-def reference_costs(config_file: Path, n_text: int = N_TEXT) -> dict[str, Any]:
-    """Parameters per module group, visual tokens and prefill FLOPs of one reference config."""
-    from .build import build_on_meta
-    from .flops import prefill_flops
-    from .training.groups import group_layout
-
+def reference_costs(config_file: Path, n_text: int = N_TEXT, model=None) -> dict[str, Any]:
+    """Parameters per module group, visual tokens and prefill FLOPs of one reference config
+    (``model``: the config already built on the meta device, else it is built here)."""
     cfg = load_run_config(config_file)
-    model = build_on_meta(cfg)
+    model = build_on_meta(cfg) if model is None else model
     params = dict(model.named_parameters())
     groups = {name: sum(params[n].numel() for n in names) for name, names in group_layout(model).groups.items() if names}
     return {
@@ -75,26 +84,27 @@ class _Vocab:
 
 def tiny_world_config(strategy: str, vocab_size: int = 96):
     """A :class:`~vlmzoo.VLMConfig` at the tiny world's sizes (its CLIP and Llama shapes, the last
-    vocabulary id as the image token) with ``configs/<strategy>/tiny.yaml``'s strategy fields."""
-    from .configuration import VLMConfig
-    from .tinyworld.config import TinyWorldConfig
-    from .tinyworld.pretrain import clip_config, llm_config
-    from .towers.text import HFTextEncoder
-    from .towers.vision import HFVisionTower
-
+    vocabulary id as the image token) with the strategy fields of its tiny config
+    (:func:`vlmzoo.config.arch_config`; the config dataclass's defaults for a strategy without one)
+    and the tiny CLIP's text tower if the config names a text encoder or the strategy reads instruction text."""
     world = TinyWorldConfig()
     vocab = _Vocab(vocab_size)
     clip = clip_config(world, vocab)
-    run = load_run_config(CONFIGS_DIR / strategy / "tiny.yaml", resolve_vars=False)
-    text_encoder = HFTextEncoder.spec_from_config(clip.text_config) if run.model.text_encoder else None
-    return VLMConfig(
+    path, first = arch_config(strategy, "tiny")
+    run = load_run_config(path, first, resolve_vars=False)
+    fields = dict(
         vision_config=HFVisionTower.spec_from_config(clip.vision_config),
         text_config=llm_config(world, vocab).to_dict(),
-        text_encoder_config=text_encoder,
+        text_encoder_config=HFTextEncoder.spec_from_config(clip.text_config),
         strategy=strategy,
         strategy_config=dict(run.model.strategy_config),
         image_token_id=vocab_size - 1,
     )
+    if not run.model.text_encoder:
+        with torch.device("meta"):
+            if not VLMForConditionalGeneration(VLMConfig(**fields)).strategy.needs.instruction_text:
+                fields["text_encoder_config"] = None
+    return VLMConfig(**fields)
 
 
 def synthetic_batch(model, batch: int, n_text: int = N_TEXT, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -219,8 +229,6 @@ def time_models(models: dict[str, Any], like, batch: int = BATCH, repeats: int =
 
 def tiny_costs(strategies: list[str], repeats: int = 5, batch: int = BATCH) -> dict[str, dict[str, Any]]:
     """Step / prefill / decode timings of each strategy at tiny-world size (see the module doc)."""
-    from .modeling import VLMForConditionalGeneration
-
     timers, info = {}, {}
     for name in strategies:
         torch.manual_seed(0)
@@ -240,8 +248,6 @@ def tiny_costs(strategies: list[str], repeats: int = 5, batch: int = BATCH) -> d
 
 def peak_train_memory_mib(timer: _Timer) -> float:
     """Peak bytes of tensors alive during one training step (CPU allocator, via the profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         timer.train_step()

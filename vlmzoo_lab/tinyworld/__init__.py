@@ -31,7 +31,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from .config import FORMAT_VERSION, TinyClipConfig, TinyLLMConfig, TinyWorldConfig, small_test_config
 from .files import (
-    DATA_FILES, SHIPPED_DIR, SHIPPED_RECORD, WEIGHT_DIRS, check_files, digest, sha256, shipped_world, tree_checksums,
+    DATA_FILES,
+    SHIPPED_DIR,
+    SHIPPED_RECORD,
+    WEIGHT_DIRS,
+    check_files,
+    digest,
+    sha256,
+    shipped_world,
+    tree_checksums,
 )
 from .generate import generate_world
 from .pretrain import pretrain_clip, pretrain_llm

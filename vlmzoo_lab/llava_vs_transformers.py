@@ -1,9 +1,9 @@
 """``llava`` against transformers' ``LlavaForConditionalGeneration``: same config, same weights.
 
 The reference model is built at the tiny world's sizes, saved, converted with
-:mod:`architectures.llava_convert` (the path a llava-hf checkpoint takes) and loaded as a vlmzoo
+:mod:`converters.llava_hf` (the path a llava-hf checkpoint takes) and loaded as a vlmzoo
 ``llava`` model; the two are checked to give the same logits, then timed in turn on the same inputs
-by :func:`vlmzoo.benchmark.time_models` (``scripts/benchmark.py --parts transformers``).
+by :func:`vlmzoo_lab.benchmark.time_models` (``scripts/benchmark.py --parts transformers``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from converters.llava_hf import convert_llava_hf
 from vlmzoo import VLMForConditionalGeneration
-from vlmzoo.benchmark import BATCH, synthetic_batch, time_models, tiny_world_config
-
-from .llava_convert import convert_llava_hf
+from vlmzoo_lab.benchmark import BATCH, synthetic_batch, time_models, tiny_world_config
 
 
 def llava_vs_transformers(repeats: int = 5, batch: int = BATCH) -> dict[str, Any]:

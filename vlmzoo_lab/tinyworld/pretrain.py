@@ -12,7 +12,7 @@ scenes with every shade swapped trains shade out of the deep layers (:func:`shad
 :func:`shade_probe` then measures which layers still hold it. The heads are discarded; only the
 ``CLIPModel`` is saved.
 
-(b) :func:`pretrain_llm` trains a ``LlamaForCausalLM`` on :mod:`vlmzoo.tinyworld.corpus`
+(b) :func:`pretrain_llm` trains a ``LlamaForCausalLM`` on :mod:`vlmzoo_lab.tinyworld.corpus`
 (context-grounded text) and then checks that colour/shape/mark/number word embeddings stayed
 apart (:func:`check_word_embeddings`); a collapsed LLM fails the build loudly.
 

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..utils import build_dataclass
+from vlmzoo.utils import build_dataclass
 
 #: Bump when a code change alters what a given config builds (invalidates every cached world).
 FORMAT_VERSION = 2

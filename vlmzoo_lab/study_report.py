@@ -1,7 +1,8 @@
 """The comparison study's outputs: results.csv, results.md (mean ± std over seeds) and the plots
-(accuracy, training loss, and layer weights per question type for strategies that return them).
+(accuracy, training loss, and each declared strategy extra per question type, e.g. IGVA's layer
+weights: :attr:`vlmzoo.GuidanceStrategy.extra_outputs`).
 
-Rows come from :class:`vlmzoo.study.RunRecord` objects; :data:`CSV_DOC` documents the CSV columns.
+Rows come from :class:`vlmzoo_lab.study.RunRecord` objects; :data:`CSV_DOC` documents the CSV columns.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ CSV_DOC = {
     "visual_tokens": "LLM input tokens per image",
     "train_time_s": "sum of the stages' training wall time, seconds",
     "latency_ms": "median time of one greedy answer (batch 1, eval.max_new_tokens tokens), ms",
-    "layer_weights": "strategies returning layer weights (IGVA): mean weight per group, ';'-separated, all questions",
+    "<extra>": "one column per extra a strategy declares (extra_outputs, e.g. layer_weights): its mean per "
+               "component, ';'-separated, all questions; empty for strategies without it",
     "reused": "1 if the run was found finished and nothing was trained or evaluated again",
     "run_dir": "the run folder",
 }
@@ -52,7 +54,7 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | Non
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
-def run_row(r: RunRecord, types: Sequence[str]) -> dict[str, Any]:
+def run_row(r: RunRecord, types: Sequence[str], extra_keys: Sequence[str] = ()) -> dict[str, Any]:
     row: dict[str, Any] = {"kind": "run", "arch": r.arch, "seed": r.seed, "n_seeds": 1}
     row.update({f"acc_{t}": r.per_type.get(t) for t in types})
     row.update(accuracy=r.accuracy, macro_accuracy=r.macro_accuracy, blind_accuracy=r.blind_accuracy)
@@ -60,25 +62,32 @@ def run_row(r: RunRecord, types: Sequence[str]) -> dict[str, Any]:
     row.update(n_eval=r.n_eval, params_total=r.params_total, params_trainable=r.params_trainable,
                params_strategy=r.params_strategy, visual_tokens=r.visual_tokens, train_time_s=r.train_time_s,
                latency_ms=r.latency_ms, reused=int(r.reused), run_dir=str(r.run_dir))
-    overall = (r.layer_weights or {}).get("all")
-    row["layer_weights"] = ";".join(f"{w:.4f}" for w in overall["mean"]) if overall else ""
+    for key in extra_keys:
+        overall = ((r.extras.get(key) or {}).get("by_type") or {}).get("all")
+        row[key] = ";".join(f"{w:.4f}" for w in overall["mean"]) if overall else ""
     return row
 
 
-def aggregate_rows(runs: Sequence[RunRecord], types: Sequence[str]) -> list[dict[str, Any]]:
+def extra_keys_of(runs: Sequence[RunRecord]) -> list[str]:
+    """The declared extras any run reports, in first-seen order (one CSV column each)."""
+    return list(dict.fromkeys(k for r in runs for k in r.extras))
+
+
+def aggregate_rows(runs: Sequence[RunRecord], types: Sequence[str], extra_keys: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per strategy (in study order): a ``mean`` and a ``std`` row over its seeds."""
     rows = []
     for arch in dict.fromkeys(r.arch for r in runs):
-        mine = [run_row(r, types) for r in runs if r.arch == arch]
+        mine = [run_row(r, types, extra_keys) for r in runs if r.arch == arch]
         mean: dict[str, Any] = {"kind": "mean", "arch": arch, "seed": ";".join(str(r["seed"]) for r in mine),
                                 "n_seeds": len(mine)}
         std = {**mean, "kind": "std"}
         for key, value in mine[0].items():
-            if key in mean or key in ("reused", "run_dir", "layer_weights") or not (value is None or isinstance(value, (int, float))):
+            if key in mean or key in ("reused", "run_dir", *extra_keys) or not (value is None or isinstance(value, (int, float))):
                 continue
             mean[key], std[key] = _mean_std([m[key] for m in mine])
         mean["reused"] = std["reused"] = int(all(m["reused"] for m in mine))
-        mean["run_dir"] = std["run_dir"] = mean["layer_weights"] = std["layer_weights"] = ""
+        for key in ("run_dir", *extra_keys):
+            mean[key] = std[key] = ""
         rows += [mean, std]
     return rows
 
@@ -128,7 +137,8 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"], claims: Sequen
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     types = question_types(runs)
-    rows = [run_row(r, types) for r in runs] + aggregate_rows(runs, types)
+    keys = extra_keys_of(runs)
+    rows = [run_row(r, types, keys) for r in runs] + aggregate_rows(runs, types, keys)
     csv_path = out / "results.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -151,12 +161,13 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"], claims: Sequen
         files["claims.csv"] = write_claims_csv(claims_table, out / "claims.csv")
     files.update(plot_accuracy(runs, out / "accuracy.png"))
     files.update(plot_loss(runs, out / "loss.png"))
-    files.update(plot_layer_weights(runs, out / "layer_weights.png"))
-    weights = layer_weights_table(runs)
     body = table + "\n\n![accuracy](accuracy.png)\n\n![loss](loss.png)\n"
-    if weights:
-        body += ("\n## Layer weights per question type\n\nMean weight of each tower layer group over the eval "
-                 "questions of each type (mean over seeds).\n\n" + weights + "\n\n![layer weights](layer_weights.png)\n")
+    for key in keys:
+        files.update(plot_extra(runs, key, out / f"{key}.png"))
+        title = extra_title(runs, key)
+        body += (f"\n## {title[:1].upper() + title[1:]} per question type\n\nMean of each component of `{key}` "
+                 "over the eval questions of each type (mean over seeds).\n\n" + extra_table(runs, key)
+                 + f"\n\n![{title}]({key}.png)\n")
     if claims_table:
         body += ("\n## Claims\n\nEach claim's method against its negative control (the strategy lacking the "
                  "information) and its positive control (handed it directly), in points on the type (mean ± std over "
@@ -167,11 +178,20 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"], claims: Sequen
     return table, {"results.md": md_path, **files}
 
 
-def mean_layer_weights(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[float]]]:
-    """``{arch: {question type: mean weights over seeds}}`` for the strategies that return layer weights."""
+def extra_title(runs: Sequence[RunRecord], key: str) -> str:
+    """The declared title of extra ``key`` (its key if no run names one)."""
+    return next((r.extras[key].get("title") for r in runs if r.extras.get(key, {}).get("title")), key)
+
+
+def extra_component(runs: Sequence[RunRecord], key: str) -> str:
+    return next((r.extras[key].get("component") for r in runs if r.extras.get(key, {}).get("component")), "v")
+
+
+def mean_extra(runs: Sequence[RunRecord], key: str) -> dict[str, dict[str, list[float]]]:
+    """``{arch: {question type: mean of extra ``key`` over seeds}}`` for the strategies reporting it."""
     out: dict[str, dict[str, list[float]]] = {}
     for arch in dict.fromkeys(r.arch for r in runs):
-        mine = [r.layer_weights for r in runs if r.arch == arch and r.layer_weights]
+        mine = [r.extras[key]["by_type"] for r in runs if r.arch == arch and (r.extras.get(key) or {}).get("by_type")]
         if not mine:
             continue
         types = [t for t in mine[0] if all(t in m for m in mine)]
@@ -179,15 +199,16 @@ def mean_layer_weights(runs: Sequence[RunRecord]) -> dict[str, dict[str, list[fl
     return out
 
 
-def layer_weights_table(runs: Sequence[RunRecord]) -> str:
-    """A markdown table: one row per (strategy, question type), one column per layer group."""
-    weights = mean_layer_weights(runs)
-    if not weights:
+def extra_table(runs: Sequence[RunRecord], key: str) -> str:
+    """A markdown table of extra ``key``: one row per (strategy, question type), one column per component."""
+    values = mean_extra(runs, key)
+    if not values:
         return ""
-    k = max(len(v) for per_type in weights.values() for v in per_type.values())
-    lines = ["| strategy | question type | " + " | ".join(f"w{i + 1}" for i in range(k)) + " |",
+    k = max(len(v) for per_type in values.values() for v in per_type.values())
+    c = extra_component(runs, key)
+    lines = ["| strategy | question type | " + " | ".join(f"{c}{i + 1}" for i in range(k)) + " |",
              "|---|---|" + "---:|" * k]
-    for arch, per_type in weights.items():
+    for arch, per_type in values.items():
         for t, w in per_type.items():
             lines.append(f"| {arch} | {t} | " + " | ".join(f"{x:.3f}" for x in w) + " |")
     return "\n".join(lines)
@@ -234,29 +255,29 @@ def plot_accuracy(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
     return {"accuracy.png": path}
 
 
-def plot_layer_weights(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:
-    """One panel per strategy with layer weights: question types on x, one bar per layer group."""
-    weights = mean_layer_weights(runs)
-    if not weights:
+def plot_extra(runs: Sequence[RunRecord], key: str, path: Path) -> dict[str, Path]:
+    """One panel per strategy reporting extra ``key``: question types on x, one bar per component."""
+    values = mean_extra(runs, key)
+    if not values:
         return {}
+    title, c = extra_title(runs, key), extra_component(runs, key)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(weights), figsize=(5.5 * len(weights), 3.6), dpi=100, squeeze=False)
-    for ax, (arch, per_type) in zip(axes[0], weights.items()):
+    fig, axes = plt.subplots(1, len(values), figsize=(5.5 * len(values), 3.6), dpi=100, squeeze=False)
+    for ax, (arch, per_type) in zip(axes[0], values.items()):
         types = list(per_type)
         k = len(per_type[types[0]])
         width = 0.8 / k
         for i in range(k):
             xs = [j + (i - (k - 1) / 2) * width for j in range(len(types))]
-            ax.bar(xs, [per_type[t][i] for t in types], width, label=f"w{i + 1}")
+            ax.bar(xs, [per_type[t][i] for t in types], width, label=f"{c}{i + 1}")
         ax.set_xticks(range(len(types)), types, rotation=30)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("mean weight")
-        ax.set_title(f"{arch}: layer weights per question type")
+        ax.set_ylabel(f"mean {title}")
+        ax.set_title(f"{arch}: {title} per question type")
         ax.legend(fontsize=8, ncol=k)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-    return {"layer_weights.png": path}
+    return {path.name: path}
 
 
 def plot_loss(runs: Sequence[RunRecord], path: Path) -> dict[str, Path]:

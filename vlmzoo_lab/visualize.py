@@ -19,6 +19,7 @@ A strategy that declares no grid (e.g. TA-LLaVA's learned prefix) raises :class:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -31,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data.templates import DEFAULT_IMAGE_TOKEN
-from .evaluation import generation_batch, greedy_generate, image_first_messages, model_folder
-from .strategy import TokenGrid
+from vlmzoo.data.checks import open_rgb_image
+from vlmzoo.data.templates import DEFAULT_IMAGE_TOKEN
+from vlmzoo.evaluation import generation_batch, greedy_generate, image_first_messages, load_for_eval, model_folder
+from vlmzoo.strategy import TokenGrid
 
 QueryRows = Literal["predicting", "answer"]
 #: ``predicting``: positions P-1 .. P+A-2, whose outputs are the A answer tokens (the attention the
@@ -315,9 +317,6 @@ def visualize(
     high_res_path: str | os.PathLike | None = None,
 ) -> tuple[Path, list[AnswerAttention]]:
     """Load each saved model + processor, compute its :class:`AnswerAttention`, draw all side by side."""
-    from .data.llava_json import open_rgb_image
-    from .evaluation import load_for_eval
-
     image = open_rgb_image(image_path)
     high_res = None if high_res_path is None else open_rgb_image(high_res_path)
     results, processor = [], None
@@ -339,8 +338,6 @@ def _label(model_dir: str | os.PathLike, model: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``scripts/visualize.py``: answer-to-image attention heat maps of one or two saved models."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         description="Overlay the attention from a model's answer to its visual tokens on the image (summed over "
         "layers, heads and answer tokens)."

@@ -11,7 +11,7 @@ Question types (the eval's ``question_type``):
   answers zero..max_count, balanced.
 * ``position`` - "where is the <colour> <shape>?" -> cell name (``b3``: column b, row 3).
 * ``fine``     - "what pattern is on the <colour> <shape>?" -> mark kind; the mark is legible
-  only at 2x resolution (see :mod:`vlmzoo.tinyworld.scene`).
+  only at 2x resolution (see :mod:`vlmzoo_lab.tinyworld.scene`).
 * ``shade``    - "is the <colour> <shape> light or dark?" (worlds with ``shades``): a low-level
   property whose evidence the tiny tower keeps in an early layer only.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .config import TinyWorldConfig
-from .scene import Scene, cell_name
+from .scene import Scene, cell_name, cell_names
 
 #: Question types of every world; ``shade`` is added when the world has shades (:func:`question_types`).
 QUESTION_TYPES: tuple[str, ...] = ("colour", "exist", "count", "position", "fine")
@@ -176,8 +176,6 @@ def pick_any(cands: list[QA], rng: np.random.Generator) -> QA | None:
 
 def every_phrase(cfg: TinyWorldConfig) -> list[str]:
     """Every question, answer and caption fragment the world can produce (vocabulary source)."""
-    from .scene import cell_names
-
     out = []
     for c in cfg.colour_names:
         for s in cfg.shapes:

@@ -1,8 +1,9 @@
 """A comparison study: several strategies x several seeds, trained and evaluated alike, in one table.
 
 ``scripts/compare.py --archs llava igva --seeds 3`` trains every ``(strategy, seed)`` pair through
-:func:`vlmzoo.training.run_training` (the code path of ``scripts/train.py``) from
-``configs/<arch>/<scale>.yaml`` with the same trailing overrides, then collects per run:
+:func:`vlmzoo.training.run_training` (the code path of ``scripts/train.py``) from the config
+``scripts/train.py --arch ARCH --scale SCALE`` would use (:func:`vlmzoo.config.arch_config`) with
+the same trailing overrides, then collects per run:
 
 * accuracy per question type, overall and macro, and the blind control (``eval/eval_metrics.json``);
 * parameters: ``total`` and ``trainable`` (the last stage's, from its ``stage_complete.json``) and
@@ -10,7 +11,8 @@
   strategy adds, its connector included);
 * visual tokens per image (the saved processor's ``num_visual_tokens``);
 * training time: the sum of the stages' ``runtime_s``;
-* for strategies that return ``layer_weights`` (IGVA), their mean per question type;
+* for every extra output the strategy declares (:attr:`vlmzoo.GuidanceStrategy.extra_outputs`, e.g.
+  IGVA's layer weights), its mean per question type;
 * generation latency: the median wall time of one greedy answer of exactly ``eval.max_new_tokens``
   tokens (batch 1, after one warm-up) over the first ``latency_prompts`` eval questions;
 * the training loss log of every stage (``<stage>/final/trainer_state.json``).
@@ -26,10 +28,10 @@ Layout of ``--out`` (default ``outputs/study``)::
     results.csv               one row per run (kind=run) plus kind=mean and kind=std rows per strategy
     claims.csv                one row per claim, question type and method of configs/claims.yaml whose
                               method the study ran: its negative and positive controls side by side,
-                              effect, noise and verdict (vlmzoo.study_claims; also a table in results.md)
+                              effect, noise and verdict (vlmzoo_lab.study_claims; also a table in results.md)
     accuracy.png              accuracy per question type per strategy, std error bars, blind control
     loss.png                  training loss vs. step per strategy (mean over seeds), stage boundaries
-    layer_weights.png         mean layer weights per question type (strategies returning them)
+    <extra>.png               per declared extra (e.g. layer_weights.png): its mean per question type
 
 Parallel runs: ``--jobs N`` trains and evaluates N runs at a time, each in its own process with
 ``cores // N`` torch threads (on a small CPU two 1-thread runs get more done than one 2-thread
@@ -40,18 +42,21 @@ another's load.
 Reuse: running the same study again skips the completed stages of every run (the runner's resume),
 re-uses ``eval/eval_metrics.json`` when no stage had to train and the ``eval`` section is unchanged,
 and re-uses ``study_measurements.json`` likewise. ``results.csv`` columns are listed in
-:data:`vlmzoo.study_report.CSV_DOC`; the table and plots are written by
-:mod:`vlmzoo.study_report`.
+:data:`vlmzoo_lab.study_report.CSV_DOC`; the table and plots are written by
+:mod:`vlmzoo_lab.study_report`.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -59,7 +64,31 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .config import prepare_run_files
+from vlmzoo.build import torch_dtype
+from vlmzoo.config import (
+    CONFIGS_DIR,
+    arch_config,
+    diff_configs,
+    load_run_config,
+    prepare_run_files,
+    strategy_config_files,
+)
+from vlmzoo.evaluation import (
+    METRICS_FILE,
+    evaluate_run,
+    generation_batch,
+    greedy_generate,
+    image_first_messages,
+    load_eval_records,
+    load_for_eval,
+    record_views,
+)
+from vlmzoo.registry import available_strategies
+from vlmzoo.training.groups import CORE_GROUPS
+from vlmzoo.training.runner import FINAL_DIRNAME, TRAINER_STATE_FILE, run_training
+from vlmzoo.utils import setup_logging
+
+from .analysis import extras_by_question_type
 from .study_claims import load_claims
 from .study_report import write_outputs
 
@@ -68,7 +97,7 @@ logger = logging.getLogger(__name__)
 RUNS_DIRNAME = "runs"
 MEASUREMENTS_FILE = "study_measurements.json"
 #: Bump when measure_generation measures something new (older measurement files are redone).
-MEASUREMENTS_VERSION = 3
+MEASUREMENTS_VERSION = 4
 
 
 # ---- spec ----------------------------------------------------------------------------------------
@@ -77,8 +106,9 @@ class StudySpec:
     """What to compare.
 
     Attributes:
-        archs: strategy config folders (``configs/<arch>/``); :func:`main` defaults to every
-            registered strategy that has a ``<scale>.yaml``.
+        archs: registered strategies (``ARCH``, or ``ARCH:STEM`` for its config ``STEM.yaml``);
+            :func:`main` defaults to every registered strategy with a ``<scale>.yaml`` (at
+            ``tiny``: every one, see :func:`default_archs`).
         seeds: one run per strategy and seed.
         out: study folder.
         scale: config file stem (``tiny`` -> ``configs/<arch>/tiny.yaml``).
@@ -125,7 +155,8 @@ class RunRecord:
     visual_tokens: int | None
     train_time_s: float
     latency_ms: float | None
-    layer_weights: dict[str, Any] | None = None
+    #: per declared extra (key): ``{"title", "component", "description", "by_type": {type: {"n", "mean", "std"}}}``
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)
     loss_steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     stage_ends: list[int] = field(default_factory=list)
@@ -146,24 +177,27 @@ def split_variant(name: str, scale: str) -> tuple[str, str]:
     return arch, stem or scale
 
 
-def config_path(spec: StudySpec, arch: str) -> Path:
-    """The config of a study entry: ``<config_dir>/<arch>/<scale>.yaml``, or of ``arch:stem`` (an
-    ablation variant) ``<config_dir>/<arch>/<stem>.yaml``."""
-    from .config import arch_config_path
-
+def config_source(spec: StudySpec, arch: str) -> tuple[Path, tuple[str, ...]]:
+    """The config of a study entry as ``(file, overrides applied first)``: the strategy's
+    ``<scale>.yaml`` (:func:`vlmzoo.config.arch_config`: its config folders, else the shared tiny base
+    for a strategy that ships none), or of ``arch:stem`` (an ablation variant) its ``<stem>.yaml``;
+    with ``config_dir``, ``<config_dir>/<arch>/<stem>.yaml``."""
     folder, stem = split_variant(arch, spec.scale)
     if spec.config_dir is None:
-        return arch_config_path(folder, stem)
+        return arch_config(folder, stem)
     path = Path(spec.config_dir) / folder / f"{stem}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"--config-dir: no {path} (arch {folder!r}, config {stem!r}).")
-    return path
+    return path, ()
+
+
+def config_path(spec: StudySpec, arch: str) -> Path:
+    """The file of :func:`config_source`."""
+    return config_source(spec, arch)[0]
 
 
 def load_presets(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """``configs/presets.yaml``: named studies (``archs``, optional ``description``)."""
-    from .config import CONFIGS_DIR
-
     path = Path(path) if path else CONFIGS_DIR / "presets.yaml"
     presets = (yaml.safe_load(path.read_text()) or {}).get("presets") or {}
     for name, preset in presets.items():
@@ -181,12 +215,12 @@ def preset_archs(name: str, path: str | os.PathLike | None = None) -> list[str]:
 
 
 def default_archs(scale: str = "tiny", config_dir: str | os.PathLike | None = None) -> list[str]:
-    """Every registered strategy that has ``<config_dir>/<arch>/<scale>.yaml``."""
-    from .config import CONFIGS_DIR
-    from .registry import available_strategies
-
-    root = Path(config_dir) if config_dir else CONFIGS_DIR
-    return [a for a in available_strategies() if (root / a / f"{scale}.yaml").is_file()]
+    """Every registered strategy with a ``<scale>.yaml`` (:func:`vlmzoo.config.strategy_config_files`;
+    at ``tiny`` every one: a strategy without a tiny config runs the shared tiny base), or with
+    ``config_dir`` those with ``<config_dir>/<arch>/<scale>.yaml``."""
+    if config_dir:
+        return [a for a in available_strategies() if (Path(config_dir) / a / f"{scale}.yaml").is_file()]
+    return [a for a in available_strategies() if scale == "tiny" or strategy_config_files(a, f"{scale}.yaml")]
 
 
 def run_name(arch: str, seed: int) -> str:
@@ -198,10 +232,12 @@ def run_dir(spec: StudySpec, arch: str, seed: int) -> Path:
 
 
 def run_overrides(spec: StudySpec, arch: str, seed: int) -> list[str]:
+    """The overrides of one run of :func:`config_path`'s file: the entry's own (:func:`config_source`),
+    the study's, then seed, output folder and name."""
     extra = [f"seed={seed}", f"output.dir={run_dir(spec, arch, seed)}", f"output.name={run_name(arch, seed)}"]
     if spec.max_eval is not None:
         extra.append(f"eval.max_samples={spec.max_eval}")
-    return [*spec.overrides, *extra]
+    return [*config_source(spec, arch)[1], *spec.overrides, *extra]
 
 
 def run_budget(cfg) -> dict[str, Any]:
@@ -217,8 +253,6 @@ def run_budget(cfg) -> dict[str, Any]:
 
 
 def check_budgets(budgets: dict[str, dict[str, Any]], paths: dict[str, Path]) -> None:
-    from .config import diff_configs
-
     archs = list(budgets)
     for arch in archs[1:]:
         diffs = diff_configs(budgets[archs[0]], budgets[arch])
@@ -246,9 +280,6 @@ def train_and_evaluate(
     -> ``(eval_metrics, measurements, stage results, reused)``; ``reused`` is True when no stage
     trained and both the eval metrics and the measurements came from disk. ``measure=False``
     skips the measurements (``None``)."""
-    from .evaluation import METRICS_FILE, evaluate_run
-    from .training.runner import run_training
-
     out = Path(cfg.output.dir)
     eval_file = out / "eval" / METRICS_FILE
     same_eval = _previous_eval_section(out) == dataclasses.asdict(cfg.eval)
@@ -278,9 +309,6 @@ def train_and_evaluate(
 def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dict[str, Any]:
     """Visual tokens per image, and the median latency (ms) of one greedy answer of exactly
     ``eval.max_new_tokens`` tokens at batch 1 over the first ``n_prompts`` eval questions."""
-    from .build import torch_dtype
-    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval, record_views
-
     model, processor = load_for_eval(model_dir, cfg.eval.template, torch_dtype(cfg.model.dtype))
     out: dict[str, Any] = {"visual_tokens": int(processor.num_visual_tokens), "latency_ms": None}
     if n_prompts <= 0 or not cfg.eval.data:
@@ -299,32 +327,26 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
         if i:
             times.append(time.perf_counter() - start)
     out["latency_ms"] = round(1000 * statistics.median(times), 3)
-    out["layer_weights"] = layer_weights_by_type(model, processor, cfg, images_dir)
+    out["extras"] = declared_extras_by_type(model, processor, cfg, images_dir)
     return out
 
 
-def layer_weights_by_type(model, processor, cfg, images_dir: str) -> dict[str, Any] | None:
-    """Mean ``layer_weights`` per question type over the eval questions
-    (:func:`vlmzoo.analysis.extras_by_question_type`), or ``None`` for a strategy that returns none."""
-    from .analysis import extras_by_question_type
-    from .evaluation import generation_batch, image_first_messages, load_eval_records, record_images
-
+def declared_extras_by_type(model, processor, cfg, images_dir: str) -> dict[str, dict[str, Any]]:
+    """Each extra the model's strategy declares with ``summary="mean_by_question_type"``, averaged per
+    question type over the eval questions (:func:`vlmzoo_lab.analysis.extras_by_question_type`):
+    ``{key: {"title", "component", "description", "by_type"}}``; ``{}`` for a strategy declaring none."""
+    declared = [e for e in model.strategy.extra_outputs if e.summary == "mean_by_question_type"]
     records = [r for r in load_eval_records(cfg.eval.data, cfg.eval.question_type_key, cfg.eval.max_samples) if r.images]
-    if not records:
-        return None
-    probe = generation_batch(model, processor, [image_first_messages(records[0].messages, len(records[0].images))],
-                             [record_images(records[0], images_dir)])
-    with torch.inference_mode():
-        extras = model(**probe, output_strategy_extras=True, logits_to_keep=1).strategy_extras or {}
-    if "layer_weights" not in extras:
-        return None
-    return extras_by_question_type(model, processor, records, images_dir, batch_size=cfg.eval.batch_size)
+    if not declared or not records:
+        return {}
+    return {e.key: {"title": e.heading, "component": e.component, "description": e.description,
+                    "by_type": extras_by_question_type(model, processor, records, images_dir, key=e.key,
+                                                       batch_size=cfg.eval.batch_size)}
+            for e in declared}
 
 
 def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
     """A stage's Trainer state: ``final/trainer_state.json``, else its latest checkpoint's."""
-    from .training.runner import FINAL_DIRNAME, TRAINER_STATE_FILE
-
     path = stage_dir / FINAL_DIRNAME / TRAINER_STATE_FILE
     if not path.is_file():
         checkpoints = sorted(stage_dir.glob("checkpoint-*/" + TRAINER_STATE_FILE),
@@ -337,8 +359,6 @@ def stage_trainer_state(stage_dir: Path) -> dict[str, Any] | None:
 
 def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused: bool) -> RunRecord:
     """One :class:`RunRecord` from a run's eval metrics, stage metrics and trainer states."""
-    from .training.groups import CORE_GROUPS
-
     last = stages[-1].metrics.get("parameters") or {}
     if not last:
         raise ValueError(f"{stages[-1].final_dir}/stage_complete.json has no 'parameters' entry.")
@@ -369,7 +389,7 @@ def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused
         params_strategy=sum(g["total"] for name, g in last.items() if name not in CORE_GROUPS),
         visual_tokens=measurements.get("visual_tokens"),
         train_time_s=round(sum(float(s.metrics.get("runtime_s") or 0.0) for s in stages), 2),
-        latency_ms=measurements.get("latency_ms"), layer_weights=measurements.get("layer_weights"),
+        latency_ms=measurements.get("latency_ms"), extras=measurements.get("extras") or {},
         loss_steps=steps, losses=losses, stage_ends=ends,
     )
 
@@ -377,8 +397,6 @@ def collect_run(arch: str, seed: int, cfg, metrics, measurements, stages, reused
 # ---- the study -----------------------------------------------------------------------------------
 def run_study(spec: StudySpec) -> StudyResult:
     """Train, evaluate and measure every ``(arch, seed)`` of ``spec``; write the table, CSV and plots."""
-    from .config import load_run_config
-
     if not spec.archs or not spec.seeds:
         raise ValueError("A study needs at least one arch and one seed.")
     claims = load_claims(spec.claims)  # a malformed claims file fails before hours of training
@@ -405,9 +423,6 @@ def run_study(spec: StudySpec) -> StudyResult:
 def train_in_parallel(spec: StudySpec, paths: dict[str, Path], runs: list[tuple[str, int]]) -> None:
     """Train and evaluate ``runs`` (``(arch, seed)`` pairs) ``spec.jobs`` at a time, each in a
     fresh process with ``cores // jobs`` torch threads; the caller then collects them (reused)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     threads = max(1, (os.cpu_count() or 1) // spec.jobs)
     logger.info("Study: %d runs, %d at a time with %d torch thread(s) each", len(runs), spec.jobs, threads)
     with ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -425,15 +440,11 @@ def train_in_parallel(spec: StudySpec, paths: dict[str, Path], runs: list[tuple[
 
 
 def _init_worker(threads: int) -> None:
-    from .training.cli import setup_logging
-
     setup_logging()
     torch.set_num_threads(threads)
 
 
 def _train_one(config_path: str, overrides: list[str]) -> None:
-    from .config import load_run_config
-
     cfg = load_run_config(config_path, overrides)
     logger.info("Study run %s -> %s (worker %d)", cfg.output.name, cfg.output.dir, os.getpid())
     train_and_evaluate(cfg, measure=False)
@@ -442,10 +453,6 @@ def _train_one(config_path: str, overrides: list[str]) -> None:
 # ---- command line --------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """``scripts/compare.py``: the study of :func:`run_study`; prints the markdown table."""
-    import argparse
-
-    from .training.cli import setup_logging
-
     parser = argparse.ArgumentParser(
         description="Train and evaluate several strategies with the same data, budget and seeds; "
         "write results.md, results.csv, claims.csv, accuracy.png and loss.png.",
@@ -458,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     seeds.add_argument("--seed-list", type=int, nargs="+", help="explicit seeds")
-    parser.add_argument("--scale", default="tiny", help="config file stem: configs/<arch>/<scale>.yaml (default tiny)")
+    parser.add_argument("--scale", default="tiny", help="config file stem: <scale>.yaml of each strategy's configs (default "
+                        "tiny; a strategy without a tiny.yaml runs the shared tiny base)")
     parser.add_argument("--config-dir", help="folder holding <arch>/<scale>.yaml (default: the repository's configs/)")
     parser.add_argument("--out", default="outputs/study", help="study folder (default outputs/study)")
     parser.add_argument("--max-eval", type=int, help="evaluate only the first N questions of the eval file (eval.max_samples; the "

@@ -1,13 +1,15 @@
-"""Per-question-type statistics of a strategy's extra outputs (e.g. IGVA's layer weights).
+"""Per-question-type statistics of a strategy's extra outputs (its declared
+:attr:`~vlmzoo.GuidanceStrategy.extra_outputs`, e.g. IGVA's layer weights).
 
 :func:`extras_by_question_type` runs the prefill pass of each evaluation prompt (the prompt the
 evaluator generates from) with ``output_strategy_extras=True`` and averages one extra tensor
-``(N, K)`` (one row per image) over the images of each question type. ``scripts/layer_weights.py``
+``(N, K)`` (one row per image) over the images of each question type. ``scripts/strategy_extras.py``
 is the command line.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections import defaultdict
@@ -16,7 +18,17 @@ from typing import Any, Sequence
 
 import torch
 
-from .evaluation import EvalRecord, _image_first, generation_batch, record_images
+from vlmzoo.config import add_config_arguments, config_from_args, prepare_run_files
+from vlmzoo.evaluation import (
+    EvalRecord,
+    _image_first,
+    generation_batch,
+    load_eval_records,
+    load_for_eval,
+    model_folder,
+    record_images,
+)
+from vlmzoo.utils import setup_logging
 
 
 @torch.inference_mode()
@@ -25,7 +37,7 @@ def extras_by_question_type(
     processor: Any,
     records: Sequence[EvalRecord],
     images_dir: str | os.PathLike,
-    key: str = "layer_weights",
+    key: str,
     batch_size: int = 64,
 ) -> dict[str, dict[str, Any]]:
     """-> ``{question type: {"n": images, "mean": [K floats], "std": [K floats]}}`` plus ``"all"``.
@@ -67,19 +79,14 @@ def format_extras_table(stats: dict[str, dict[str, Any]], column: str = "w") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``scripts/layer_weights.py``: mean strategy extras per question type of an evaluation set."""
-    import argparse
-
-    from .config import add_config_arguments, config_from_args, prepare_run_files
-    from .evaluation import load_eval_records, load_for_eval, model_folder
-    from .training.cli import setup_logging
-
-    parser = argparse.ArgumentParser(description="Mean of a strategy's extra output (IGVA: layer weights) per question type.")
+    """``scripts/strategy_extras.py``: mean strategy extras per question type of an evaluation set."""
+    parser = argparse.ArgumentParser(description="Mean of a strategy's declared extra output (e.g. IGVA's layer weights) "
+                                     "per question type.")
     parser.add_argument("--model", required=True, type=model_folder,
                         help="folder of a saved model + processor (e.g. <run>/<stage>/final)")
     parser.add_argument("--data", help="evaluation JSON (default: eval.data of the config)")
     parser.add_argument("--images", help="its image folder (default: eval.images or data.images of the config)")
-    parser.add_argument("--key", default="layer_weights", help="which extra to average (default: layer_weights)")
+    parser.add_argument("--key", help="which extra to average (default: the first the strategy declares)")
     parser.add_argument("--max-samples", type=int, help="only the first N records")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", help="write the statistics as JSON here too")
@@ -93,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if not data or not images:
         parser.error("give --data and --images, or a --config whose eval section names them")
     model, processor = load_for_eval(args.model)
+    declared = {e.key: e for e in model.strategy.extra_outputs}
+    key = args.key or next(iter(declared), None)
+    if key is None:
+        parser.error(f"strategy {model.config.strategy!r} declares no extra outputs; name one with --key")
     records = load_eval_records(data, cfg.eval.question_type_key, args.max_samples)
-    stats = extras_by_question_type(model, processor, records, images, key=args.key, batch_size=args.batch_size)
-    print(format_extras_table(stats))
+    stats = extras_by_question_type(model, processor, records, images, key=key, batch_size=args.batch_size)
+    print(format_extras_table(stats, declared[key].component if key in declared else "v"))
     if args.output:
         Path(args.output).write_text(json.dumps(stats, indent=2) + "\n")
     return 0

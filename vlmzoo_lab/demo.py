@@ -1,14 +1,14 @@
 """The web demo's engine: several saved models answer the same image and question, one after another.
 
-No web code here (the Gradio page is :mod:`vlmzoo.demo_app`). :class:`DemoBackend` keeps, per
+No web code here (the Gradio page is :mod:`vlmzoo_lab.demo_app`). :class:`DemoBackend` keeps, per
 browser session, one conversation per model (plain data in a ``state`` dict) and answers a question
 with every model in turn through :class:`vlmzoo.chat.ChatSession` (the same prompt and decoding as
 ``scripts/chat.py`` and the evaluator), yielding a :class:`DemoUpdate` after every generated token.
 Under each finished answer it draws
 
-* the answer-to-image attention heat map of :mod:`vlmzoo.visualize`, for strategies that declare
+* the answer-to-image attention heat map of :mod:`vlmzoo_lab.visualize`, for strategies that declare
   image-grid tokens (``visual_token_grids``); follow-up answers are attributed over the whole
-  conversation's prompt (:func:`vlmzoo.visualize.attention_to_image`);
+  conversation's prompt (:func:`vlmzoo_lab.visualize.attention_to_image`);
 * a small bar chart of each per-image vector the strategy returns in its extras
   (``output_strategy_extras``; e.g. layer weights ``(1, K)``), for any strategy that returns one.
 
@@ -27,9 +27,14 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+import yaml
 from PIL import Image
 
-from .chat import ChatSession, GenerationSettings, ImageFileError, load_model_folder, open_image
+from vlmzoo.chat import ChatSession, GenerationSettings, ImageFileError, load_model_folder, open_image
+from vlmzoo.config import run_config_from_dict
+from vlmzoo.evaluation import load_eval_records
+
+from .visualize import VisualizationError, answer_tokens, attention_to_image, draw_maps
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +96,6 @@ def run_examples(model_folder: str | os.PathLike, limit: int = 8) -> list[Exampl
 
     Nothing (and a log line) when the folder belongs to no run, or the run's evaluation data is not on disk.
     """
-    import yaml
-
-    from .config import run_config_from_dict
-    from .evaluation import load_eval_records
-
     path = run_config_of(model_folder)
     if path is None:
         return []
@@ -273,8 +273,6 @@ class DemoBackend:
 
     def _draw(self, entry: DemoModel, session: ChatSession, question: str, panel: ModelPanel) -> None:
         """The answer's heat map (if the strategy has grids and there is an image) and its extras' bars."""
-        from .visualize import VisualizationError, answer_tokens, attention_to_image, draw_maps
-
         answer = session.last
         assert answer is not None
         if session.image is None:

@@ -2,7 +2,7 @@
 by side on each question type, the effect, the seed noise and a verdict.
 
 The claims are data (``configs/claims.yaml``, read by :func:`load_claims`); the rows are computed
-from a study's :class:`vlmzoo.study.RunRecord` objects by :func:`claim_rows`. Accuracies are in
+from a study's :class:`vlmzoo_lab.study.RunRecord` objects by :func:`claim_rows`. Accuracies are in
 points (0..100), mean and sample standard deviation over a strategy's seeds.
 
 The verdict rule (docs/results.md, docs/controls.md), in order:
@@ -14,9 +14,9 @@ The verdict rule (docs/results.md, docs/controls.md), in order:
    configuration handed the information show it; the method's result then says nothing);
 4. else the effect rule (:func:`effect_verdict`): ``reproduces`` if the effect exceeds both
    :data:`NOISE_MULTIPLE` x the seed noise and :data:`MIN_EFFECT` points; ``inconclusive`` if it
-   is positive but within that; else ``does not reproduce``. For a layer-weight spread (no control;
-   the effect is the spread itself, never negative) ``inconclusive`` needs a spread above
-   :data:`MIN_EFFECT`.
+   is positive but within that; else ``does not reproduce``. For the spread of a declared strategy
+   extra (measure ``spread``, e.g. of IGVA's layer weights; no control; the effect is the spread
+   itself, never negative) ``inconclusive`` needs a spread above :data:`MIN_EFFECT`.
 
 Where 2-3 override the effect rule, the ``note`` column says what the effect rule alone gives.
 """
@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
-from .utils import build_dataclass
+from vlmzoo.config import CONFIGS_DIR
+from vlmzoo.utils import build_dataclass
 
 if TYPE_CHECKING:
     from .study import RunRecord
@@ -51,12 +52,13 @@ RESOLVE_EFFECT = 3.0
 ALPHA = 0.05
 POWER = 0.8
 
-MEASURES = ("accuracy", "layer_weight_spread")
+MEASURES = ("accuracy", "spread")
 
 CLAIMS_CSV_DOC = {
     "claim": "the claim (configs/claims.yaml)",
-    "question_type": "the eval question type; across_types for a layer-weight spread",
-    "measure": "accuracy (points, 0..100) or layer_weight_spread (points of weight, 0..100)",
+    "question_type": "the eval question type; across_types for a spread",
+    "measure": "accuracy (points, 0..100) or spread:<extra> (points of the extra's components x 100, e.g. "
+               "spread:layer_weights)",
     "method": "the strategy whose claim it is (study entry: arch or arch:stem)",
     "negative_control": "the strategy lacking the information (empty: none)",
     "positive_control": "the configuration handed the information directly (empty: none built or none asked)",
@@ -86,6 +88,7 @@ class Claim:
     claim: str
     methods: tuple[str, ...]
     measure: str = "accuracy"
+    extra: str | None = None
     question_types: tuple[str, ...] = ()
     negative_control: str | None = None
     positive_control: str | None = None
@@ -97,8 +100,6 @@ class Claim:
 
 
 def default_claims_path() -> Path:
-    from .config import CONFIGS_DIR
-
     return CONFIGS_DIR / "claims.yaml"
 
 
@@ -125,9 +126,13 @@ def _claim_problem(c: Claim) -> str | None:
         return f"measure must be one of {', '.join(MEASURES)}, got {c.measure!r}."
     if not c.methods:
         return "'methods' must name at least one strategy."
-    if c.measure == "layer_weight_spread":
+    if c.measure == "spread":
+        if not c.extra:
+            return "a spread claim names the strategy extra it spreads: 'extra' (e.g. layer_weights)."
         extra = [k for k in ("question_types", "negative_control", "positive_control") if getattr(c, k)]
-        return f"a layer_weight_spread claim takes no {', '.join(extra)}." if extra else None
+        return f"a spread claim takes no {', '.join(extra)}." if extra else None
+    if c.extra:
+        return "'extra' belongs to a spread claim only."
     if not c.question_types:
         return "'question_types' must name at least one question type."
     if not c.negative_control:
@@ -160,23 +165,24 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def weight_spread(layer_weights: dict[str, Any]) -> float | None:
-    """The largest spread (max - min over question types, ``"all"`` excluded) of a layer group's mean
-    weight, in points (x 100), of one run's ``{type: {"mean": [K]}}``; ``None`` under two types."""
-    per_type = [v["mean"] for t, v in layer_weights.items() if t != "all"]
+def spread(by_type: dict[str, Any]) -> float | None:
+    """The largest spread (max - min over question types, ``"all"`` excluded) of a component's mean,
+    in points (x 100), of one run's extra ``{type: {"mean": [K]}}``; ``None`` under two types."""
+    per_type = [v["mean"] for t, v in by_type.items() if t != "all"]
     if len(per_type) < 2:
         return None
     return 100 * max(max(col) - min(col) for col in zip(*per_type))
 
 
 # ---- rows ----------------------------------------------------------------------------------------
-def _values(runs: Sequence[RunRecord], entry: str | None, measure: str, qtype: str) -> list[float]:
+def _values(runs: Sequence[RunRecord], entry: str | None, c: Claim, qtype: str) -> list[float]:
     """The measure of each of ``entry``'s runs (one per seed; empty if it was not run)."""
     if not entry:
         return []
     mine = [r for r in runs if r.arch == entry]
-    if measure == "layer_weight_spread":
-        spreads = [weight_spread(r.layer_weights) for r in mine if r.layer_weights]
+    if c.measure == "spread":
+        tables = [(r.extras.get(c.extra) or {}).get("by_type") for r in mine]
+        spreads = [spread(t) for t in tables if t]
         return [v for v in spreads if v is not None]
     return [100 * r.per_type[qtype] for r in mine if qtype in r.per_type]
 
@@ -192,16 +198,17 @@ def claim_rows(claims: Sequence[Claim], runs: Sequence[RunRecord]) -> list[dict[
         qtypes = c.question_types if c.measure == "accuracy" else (ACROSS_TYPES,)
         for qtype in qtypes:
             for method in c.methods:
-                m = _values(runs, method, c.measure, qtype)
+                m = _values(runs, method, c, qtype)
                 if m:
-                    rows.append(_row(c, qtype, method, m, _values(runs, c.negative_control, c.measure, qtype),
-                                     _values(runs, c.positive_control, c.measure, qtype)))
+                    rows.append(_row(c, qtype, method, m, _values(runs, c.negative_control, c, qtype),
+                                     _values(runs, c.positive_control, c, qtype)))
     return rows
 
 
 def _row(c: Claim, qtype: str, method: str, m: list[float], neg: list[float], pos: list[float]) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(claim=c.claim, question_type=qtype, measure=c.measure, method=method,
+    row.update(claim=c.claim, question_type=qtype, measure=f"spread:{c.extra}" if c.measure == "spread" else c.measure,
+               method=method,
                negative_control=c.negative_control or "", positive_control=c.positive_control or "", note="")
     row["method_mean"], row["method_std"] = _mean_std(m)
     if neg:
@@ -211,7 +218,7 @@ def _row(c: Claim, qtype: str, method: str, m: list[float], neg: list[float], po
     seeds = min(len(v) for v in (m, neg, pos) if v)
     row["seeds"] = seeds
     two_sample = True
-    if c.measure == "layer_weight_spread":
+    if c.measure == "spread":
         row["effect"], row["noise"] = row["method_mean"], row["method_std"]
         two_sample = False
     elif neg:

@@ -1,4 +1,4 @@
-"""``scripts/demo.py``: the web demo (Gradio) on top of :class:`vlmzoo.demo.DemoBackend`.
+"""``scripts/demo.py``: the web demo (Gradio) on top of :class:`vlmzoo_lab.demo.DemoBackend`.
 
 One page: an image (upload, or one of the run's evaluation images as examples), a question, and one
 column per model with its conversation (streamed), its strategy name, visual-token count and
@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 # Gradio reads this when it is imported: no usage analytics, no version check against its servers.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from .chat import GenerationSettings, ModelFolderError  # noqa: E402
-from .demo import DemoBackend, DemoUpdate, Example, folder_examples, load_models, run_examples  # noqa: E402
+import transformers
+
+from vlmzoo.chat import GenerationSettings, ModelFolderError
+
+from .demo import DemoBackend, DemoUpdate, Example, folder_examples, load_models, run_examples
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -132,8 +135,6 @@ def prepare(argv: Sequence[str] | None = None) -> tuple[DemoBackend, argparse.Na
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/demo.py``: load the models, then serve the page until interrupted."""
-    import transformers
-
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
