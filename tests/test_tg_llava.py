@@ -177,14 +177,22 @@ def test_stage1_plain_instruction_is_the_human_turn(pixels):
     from vlmzoo import VLMConfig
     from vlmzoo.processing import VLMProcessor
 
+    from tokenizers import processors
+
     tok = build_word_tokenizer(auto_bos=True)
     text_tok = build_word_tokenizer(auto_bos=True)
+    # As CLIP's tokenizer: </s> closes the text, and the text tower pools that token (without it,
+    # CLIP pools position 0, the same <s> for both prompts, and FOM could not see them differ).
+    bos, eos = text_tok.bos_token_id, text_tok.eos_token_id
+    text_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
     text_config = dict(TINY_LLMS["llama"], vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     from tiny import tiny_clip_vision_spec
 
     config = VLMConfig(text_config=text_config, vision_config=tiny_clip_vision_spec(), strategy="tg_llava",
-                       image_token_id=tok.convert_tokens_to_ids("<image>"), text_encoder_config=dict(CLIP_TEXT),
+                       image_token_id=tok.convert_tokens_to_ids("<image>"),
+                       text_encoder_config=dict(CLIP_TEXT, bos_token_id=bos, eos_token_id=eos),
                        strategy_config=dict(TINY_TG))
     torch.manual_seed(0)
     model = VLMForConditionalGeneration(config).eval()
