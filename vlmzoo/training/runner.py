@@ -39,6 +39,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from ..config import RunConfig, StageConfig, save_resolved_config
 from ..feature_cache import InstructionFeatureCache, VisionFeatureCache
+from ..lora import ADAPTER_DIRNAME
 from ..registry import get_strategy_class
 from ..utils import atomic_write_text
 from .checkpoints import Checkpoint, find_resume_checkpoint, fsync_tree, publish
@@ -181,7 +182,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         model, processor = build_model_and_processor(dataclasses.replace(cfg, model=model_section))
         if cfg.model.init_from:
             load_weights_by_name(model, cfg.model.init_from)
-        return model, processor
+        return _with_stage_adapter(cfg, model, None, stage), processor
     from safetensors import SafetensorError
 
     dtype = torch_dtype(cfg.model.dtype)
@@ -189,13 +190,38 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         config = VLMConfig.from_pretrained(previous_final)
         wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
         if wanted == config.strategy_config:
-            model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-            return model, VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
-        torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
-        return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+            model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype, load_adapter=False)
+            processor = VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
+        else:
+            torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
+            model, processor = rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+        return _with_stage_adapter(cfg, model, previous_final, stage), processor
     except (SafetensorError, OSError) as exc:  # a damaged file of a completed stage
         raise ValueError(f"Cannot load the previous stage's model from {previous_final}: {type(exc).__name__}: {exc}. "
                          f"Delete {previous_final.parent} to train that stage again.") from exc
+
+
+def _with_stage_adapter(cfg: RunConfig, model, previous_final: Path | None, stage: StageConfig | None):
+    """The stage's LoRA adapter on ``model``: the previous stage's adapter continued when the stage's
+    ``lora`` describes the same one, else merged into the weights, then a fresh one (drawn from the
+    run's seed and the stage's index) when the stage has ``lora``."""
+    from .. import lora
+
+    index = next((i for i, s in enumerate(cfg.training.stages) if stage is not None and s.name == stage.name), 0)
+    where = f"training.stages.{index}.lora"
+    wanted = lora.lora_config(model, stage.lora, where) if stage is not None and stage.lora is not None else None
+    saved = lora.load_saved_config(previous_final) if previous_final is not None else None
+    if saved is not None:
+        lora.attach_saved(model, previous_final)
+        if wanted is not None and lora.same_adapter(saved, wanted):
+            logger.info("[%s] continues training the LoRA adapter of %s.", stage.name, previous_final)
+            return model
+        logger.info("LoRA adapter of %s merged into the weights (%d modules).", previous_final, lora.merge_adapter(model))
+    if wanted is not None:
+        lora.attach(model, wanted, seed=cfg.seed + index)
+        logger.info("[%s] LoRA adapter r=%d alpha=%g on %s.", stage.name, stage.lora.r, stage.lora.alpha,
+                    ", ".join(stage.lora.groups))
+    return model
 
 
 def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
@@ -372,7 +398,7 @@ def train_stage(
         logger.info("%s %s", tag, line)
 
     if feature_cache is not None:
-        if "vision_tower" in plan.trained:  # its features change from step to step
+        if plan.tower_changes:  # its features change from step to step
             feature_cache.clear()
         else:
             model.vision_feature_cache = feature_cache
@@ -479,6 +505,8 @@ def save_final(trainer: VLMTrainer, final_dir: Path, metrics: dict[str, Any], fr
             for path in sorted(from_checkpoint.path.iterdir()):
                 if path.is_file() and not _NOT_MODEL_FILES.match(path.name):
                     shutil.copyfile(path, tmp / path.name)
+                elif path.is_dir() and path.name == ADAPTER_DIRNAME:  # the LoRA adapter (vlmzoo.lora)
+                    shutil.copytree(path, tmp / path.name)
         else:
             trainer.state.save_to_json(str(tmp / TRAINER_STATE_FILE))  # log history: loss curves
         fsync_tree(tmp)
