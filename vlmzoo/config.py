@@ -369,7 +369,7 @@ class _Resolver:
         if name == "packaged" and attr is not None:
             from .packaged import packaged_dir
 
-            return str(packaged_dir(attr, (self._tree.get("tiny_world") or {}).get("cache_dir")))
+            return str(packaged_dir(attr))
         if name == "tiny_world" and attr is not None:
             paths = self._tiny_world_paths()
             valid = [f.name for f in dataclasses.fields(paths)] if dataclasses.is_dataclass(paths) else dir(paths)
