@@ -271,3 +271,33 @@ def test_lora_without_peft_is_a_config_error_naming_the_extra(world, tmp_path, m
     monkeypatch.setattr(lora, "peft_available", lambda: False)
     with pytest.raises(ValueError, match=r"training.stages.1.lora: LoRA needs the peft package.*\[lora\]"):
         run_config_from_dict(lora_config(world, tmp_path / "run"))
+
+
+# ---- the study preset ----------------------------------------------------------------------------
+def test_the_lora_preset_keeps_the_study_budget_and_its_strategies_train(tmp_path):
+    """Every entry of the `lora` preset loads (on a small tiny world), trains and evaluates under the
+    main study's budget; llava's and ta_llava's (adapters hooked on the decoder layers) train a few
+    steps with the strategy fully trained and the LLM adapted."""
+    from vlmzoo.config import load_run_config
+    from vlmzoo.study import StudySpec, check_budgets, config_path, preset_archs, run_budget
+    from vlmzoo.tinyworld import small_test_config
+    from vlmzoo.training import run_training
+
+    world = [f"tiny_world.cache_dir={tmp_path / 'cache'}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}"]
+    entries = preset_archs("lora")
+    assert len(entries) == 6
+    configs = {e: load_run_config(config_path(StudySpec(), e), world) for e in entries}
+    plain = {e: load_run_config(config_path(StudySpec(), e.split(":")[0]), world) for e in entries}
+    check_budgets({**{e: run_budget(c) for e, c in configs.items()}, **{f"{e}-main": run_budget(c) for e, c in plain.items()}},
+                  {**{e: Path(e) for e in configs}, **{f"{e}-main": Path(e) for e in plain}})
+    for entry, cfg in configs.items():
+        stage = cfg.training.stages[1]
+        assert stage.lora is not None and stage.train == ["strategy"], entry
+    short = [f"training.stages.{i}.{k}={v}" for i in (0, 1) for k, v in (("max_steps", 2), ("batch_size", 4), ("save_steps", "null"))]
+    for entry in ("llava:tiny_lora", "ta_llava:tiny_lora"):
+        out = tmp_path / entry.replace(":", "@")
+        cfg = load_run_config(config_path(StudySpec(), entry), [*world, *short, f"output.dir={out}"])
+        run_training(cfg, evaluate=False)
+        done = json.loads((out / "stage2_instruct" / "final" / "stage_complete.json").read_text())
+        assert done["trained_groups"][-1] == "lora" and done["parameters"]["llm"]["trainable"] == 0, entry
+        assert (out / "stage2_instruct" / "final" / "lora" / "adapter_model.safetensors").is_file()
