@@ -226,10 +226,75 @@ def base_key(key: str) -> str:
     return _BASE_SEGMENT.sub("", key)
 
 
-def base_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def base_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """A full state dict of an adapted model -> the plain model's state dict (adapter keys dropped,
-    peft's segments removed from the base keys)."""
-    return {base_key(k): v for k, v in state_dict.items() if not _ADAPTER_KEY.search(k)}
+    peft's segments removed from the base keys). For a QLoRA model (``model`` given), the quantized
+    layers' weights are the full-precision ones they were quantized from (:func:`quantize_base`)."""
+    base = {base_key(k): v for k, v in state_dict.items() if not _ADAPTER_KEY.search(k)}
+    originals = quantized_originals(model) if model is not None else {}
+    if originals:
+        modules = tuple(k[: -len(".weight")] for k in originals)
+        base = {k: v for k, v in base.items() if not _quantization_state(k, modules)}
+        base.update(originals)
+    return base
+
+
+# ---- QLoRA --------------------------------------------------------------------------------------
+_ORIGINALS_ATTR = "_vlmzoo_quantized_originals"
+
+
+def quantized_originals(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain key -> the full-precision weight (CPU) of each layer :func:`quantize_base` quantized."""
+    return getattr(model, _ORIGINALS_ATTR, None) or {}
+
+
+def _quantization_state(key: str, modules: tuple[str, ...]) -> bool:
+    """Whether ``key`` is a quantized layer's packed weight or quantization state (absmax, SCB...)."""
+    return any(key == m + ".weight" or key.startswith(m + ".weight.") or key in (m + ".SCB", m + ".weight_format")
+               for m in modules)
+
+
+def quantize_base(model: nn.Module, spec: LoraSpec, where: str) -> int:
+    """QLoRA: every ``nn.Linear`` of ``spec.groups`` (but the output layer) becomes a bitsandbytes
+    layer on the current CUDA device (``4bit``: NF4, computing in the weights' dtype; ``8bit``:
+    LLM.int8), frozen. The full-precision weights stay on the CPU: saves write them (the folder
+    is the unquantized model plus the adapter, so a merge is exact), and a resume leaves the
+    quantized layers as quantized at the stage's start. -> the number of layers quantized."""
+    import bitsandbytes as bnb
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    originals: dict[str, torch.Tensor] = {}
+    prefixes = [group_module_names(model)[g] for g in _adapted_groups(model, spec, where)]
+    for prefix in prefixes:
+        for name, sub in list(model.get_submodule(prefix).named_modules()):
+            if not isinstance(sub, nn.Linear) or sub is output or not name:
+                continue
+            full = f"{prefix}.{name}"
+            weight = sub.weight.detach().to("cpu")
+            originals[full + ".weight"] = weight.clone()
+            if spec.quantize == "4bit":
+                layer = bnb.nn.Linear4bit(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                          compute_dtype=weight.dtype, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            else:
+                layer = bnb.nn.Linear8bitLt(sub.in_features, sub.out_features, bias=sub.bias is not None,
+                                            has_fp16_weights=False, threshold=6.0)
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if sub.bias is not None:
+                layer.bias = nn.Parameter(sub.bias.detach().to("cpu"), requires_grad=False)
+            parent, _, child = full.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.to(device))  # .to(cuda) quantizes
+    model.to(device)
+    setattr(model, _ORIGINALS_ATTR, originals)
+    logger.info("QLoRA: %d linear layers of %s held in %s.", len(originals), ", ".join(prefixes), spec.quantize)
+    return len(originals)
+
+
+def _adapted_groups(model: nn.Module, spec: LoraSpec, where: str) -> list[str]:
+    from .training.groups import group_layout
+
+    return group_layout(model).expand(list(spec.groups), f"{where}.groups")
 
 
 def adapter_file_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -261,11 +326,15 @@ def load_base_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     index = directory / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     own = model.state_dict()
-    by_base = {base_key(k): k for k in own if not _ADAPTER_KEY.search(k)}
-    seen: set[str] = set()
+    originals = quantized_originals(model)
+    modules = tuple(k[: -len(".weight")] for k in originals)
+    by_base = {base_key(k): k for k in own if not _ADAPTER_KEY.search(k) and not _quantization_state(base_key(k), modules)}
+    seen: set[str] = set(originals)
     with torch.no_grad():
         for name in files:
             for key, tensor in load_file(str(directory / name)).items():
+                if key in originals:  # frozen in a QLoRA stage: as quantized at the stage's start
+                    continue
                 if key not in by_base:
                     raise ValueError(f"{directory / name}: {key} is not a weight of this model.")
                 own[by_base[key]].copy_(tensor)

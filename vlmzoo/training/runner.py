@@ -211,13 +211,18 @@ def _with_stage_adapter(cfg: RunConfig, model, previous_final: Path | None, stag
     where = f"training.stages.{index}.lora"
     wanted = lora.lora_config(model, stage.lora, where) if stage is not None and stage.lora is not None else None
     saved = lora.load_saved_config(previous_final) if previous_final is not None else None
+    if saved is not None and wanted is not None and lora.same_adapter(saved, wanted):
+        if stage.lora.quantize:
+            lora.quantize_base(model, stage.lora, where)
+        lora.attach_saved(model, previous_final)
+        logger.info("[%s] continues training the LoRA adapter of %s.", stage.name, previous_final)
+        return model
     if saved is not None:
         lora.attach_saved(model, previous_final)
-        if wanted is not None and lora.same_adapter(saved, wanted):
-            logger.info("[%s] continues training the LoRA adapter of %s.", stage.name, previous_final)
-            return model
         logger.info("LoRA adapter of %s merged into the weights (%d modules).", previous_final, lora.merge_adapter(model))
     if wanted is not None:
+        if stage.lora.quantize:
+            lora.quantize_base(model, stage.lora, where)
         lora.attach(model, wanted, seed=cfg.seed + index)
         logger.info("[%s] LoRA adapter r=%d alpha=%g on %s.", stage.name, stage.lora.r, stage.lora.alpha,
                     ", ".join(stage.lora.groups))
@@ -237,7 +242,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
                 ", ".join(f"{k}={config.strategy_config.get(k)!r}" for k in changed))
     config.strategy_config = strategy_config
     model, info = VLMForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=dtype,
-                                                              output_loading_info=True)
+                                                              output_loading_info=True, load_adapter=False)
     n_loaded = len(model.state_dict()) - len(info["missing_keys"])
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
     log_key_groups("New (fresh init)", info["missing_keys"])

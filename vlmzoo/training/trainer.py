@@ -123,7 +123,7 @@ class VLMTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         full = model.state_dict() if state_dict is None else state_dict
-        super()._save(output_dir, state_dict=lora.base_state_dict(full))
+        super()._save(output_dir, state_dict=lora.base_state_dict(full, model))
         if self.args.should_save:
             lora.save_adapter(model, output_dir, full)
 
