@@ -301,3 +301,10 @@ def test_the_lora_preset_keeps_the_study_budget_and_its_strategies_train(tmp_pat
         done = json.loads((out / "stage2_instruct" / "final" / "stage_complete.json").read_text())
         assert done["trained_groups"][-1] == "lora" and done["parameters"]["llm"]["trainable"] == 0, entry
         assert (out / "stage2_instruct" / "final" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_a_target_modules_string_other_than_all_linear_is_a_config_error(world, tmp_path):
+    d = lora_config(world, tmp_path / "run")
+    d["training"]["stages"][1]["lora"]["target_modules"] = "q_proj"
+    with pytest.raises(ValueError, match=r"training.stages.1.lora.target_modules: 'q_proj'; use all-linear or a list"):
+        run_config_from_dict(d)

@@ -69,6 +69,8 @@ def check_spec(spec: LoraSpec, where: str) -> None:
         raise ValueError(f"{where}.dropout: must be in [0, 1), got {spec.dropout!r}.")
     if not spec.groups:
         raise ValueError(f"{where}.groups: name at least one module group (e.g. [llm]).")
+    if isinstance(spec.target_modules, str) and spec.target_modules != "all-linear":
+        raise ValueError(f"{where}.target_modules: {spec.target_modules!r}; use all-linear or a list of names (e.g. [q_proj, v_proj]).")
     if isinstance(spec.target_modules, list) and not spec.target_modules:
         raise ValueError(f"{where}.target_modules: empty; use all-linear or name modules (e.g. [q_proj, v_proj]).")
     if not peft_available():
@@ -119,8 +121,6 @@ def target_names(model: nn.Module, spec: LoraSpec, where: str) -> list[str]:
                 linear_leaves.add(full.rsplit(".", 1)[-1])
             if spec.target_modules == "all-linear":
                 chosen = isinstance(sub, nn.Linear) and sub is not output
-            elif isinstance(spec.target_modules, str):
-                raise ValueError(f"{where}.target_modules: {spec.target_modules!r}; use all-linear or a list of names.")
             else:
                 chosen = bool(name) and any(full.endswith("." + t) for t in spec.target_modules)
             if chosen:
