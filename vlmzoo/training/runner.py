@@ -12,6 +12,10 @@ Output folder layout (``cfg.output.dir``)::
                                   history); written as tmp-final/ and renamed when complete
     eval/eval_metrics.json        evaluation of the last stage's model (+ predictions.jsonl)
 
+A stage with a LoRA adapter (``training.stages.N.lora``) writes its model as a plain model's
+weights plus ``lora/`` (peft's adapter files) in each checkpoint and in ``final/``
+(:mod:`vlmzoo.lora`); the next stage continues that adapter or starts from it merged.
+
 A stage starts from the previous stage's ``final`` weights. Running the same config into the same
 folder again resumes: completed stages are skipped, an interrupted stage continues from its newest
 intact checkpoint with optimizer, scheduler, RNG and data-order state, so the final weights are
