@@ -113,15 +113,25 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: st
 def check_save_load(name: str, folder: Path) -> None:
     """save_pretrained / from_pretrained: no key missing or unexpected, the same config, and the same
     logits, visual tokens and extras bit for bit (every strategy weight perturbed first, so weights
-    left to re-initialisation would show)."""
+    left to re-initialisation would show). The folder's config carries the strategy's input spec, and
+    a processor saved beside the model loads it back with no override."""
+    from test_templates import build_word_tokenizer
+    from vlmzoo.processing import VLMProcessor, make_image_processor
+
     model = build(name)
     perturb(list(model.strategy.parameters()))
     inputs = batch(model)
     model.save_pretrained(folder)
+    text_tok = build_word_tokenizer(auto_bos=True) if model.text_encoder is not None else None
+    VLMProcessor(build_word_tokenizer(), model.config.get_input_spec(), make_image_processor(IMAGE_SIZE),
+                 text_tokenizer=text_tok, template="qwen2").save_pretrained(folder)
     again, info = VLMForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
     again.eval()
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert _config_dict(again.config) == _config_dict(model.config)
+    spec = model.strategy.input_spec
+    assert again.config.get_input_spec() == spec == again.strategy.input_spec, f"{name}: input spec"
+    assert VLMProcessor.from_pretrained(folder).input_spec == spec, f"{name}: the saved processor's input spec"
     assert_same(outputs(model, inputs), outputs(again, inputs), f"{name} after save_pretrained/from_pretrained")
 
 

@@ -13,6 +13,7 @@ import yaml
 from vlmzoo.build import build_on_meta
 from vlmzoo.config import (
     CONFIGS_DIR,
+    prepare_run_files,
     RunConfig,
     arch_config_path,
     config_hash,
@@ -315,7 +316,9 @@ def small_world(tmp_path_factory):
     small = small_test_config()
     overrides = [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(small.to_dict())}"]
     cfg = load_run_config(REPO / "configs" / "llava" / "tiny.yaml", overrides)
-    return {"cache": cache, "small": small, "overrides": overrides, "cfg": cfg}
+    built_by_resolving = (cache / "tiny_world").exists()
+    prepare_run_files(cfg)
+    return {"cache": cache, "small": small, "overrides": overrides, "cfg": cfg, "built_by_resolving": built_by_resolving}
 
 
 def test_tiny_config_resolves_tiny_world_variables(small_world):
@@ -323,7 +326,8 @@ def test_tiny_config_resolves_tiny_world_variables(small_world):
 
     cfg, small, cache = small_world["cfg"], small_world["small"], small_world["cache"]
     root = cache / "tiny_world" / small.config_hash()  # the override's fields made this world
-    assert root.is_dir()
+    assert not small_world["built_by_resolving"]  # resolving the variables only names the folder...
+    assert root.is_dir() and Path(cfg.variables["tiny_world"].root) == root  # ...prepare_run_files built it
     paths = TinyWorldPaths.at(root)
     assert paths.manifest()["config"]["n_train_images"] == small.n_train_images == 64
     assert cfg.model.vision_tower == str(paths.clip_dir) and cfg.model.llm == str(paths.llm_dir)
@@ -470,8 +474,8 @@ def test_identity_ignores_resumable_keys_and_names_tiny_world_paths_by_hash(chai
     # The same world in another cache folder: the same identity; another world: another.
     def world(cache: str, name: str) -> dict:
         root = f"{cache}/tiny_world/{name}"
-        return variant(model__llm=f"{root}/llm", data__images=f"{root}/data/images",
-                       tiny_world__cache_dir=cache, tiny_world__root=root)
+        tree = variant(model__llm=f"{root}/llm", data__images=f"{root}/data/images")
+        return {**tree, "tiny_world": {"cache_dir": cache, "config": {}, "root": root}}
 
     assert training_identity(world("/a", "abc123")) == training_identity(world("/b/c", "abc123"))
     assert training_identity(world("/a", "abc123"))["model"]["llm"] == "tiny_world:abc123/llm"

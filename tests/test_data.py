@@ -13,6 +13,7 @@ from PIL import Image
 from test_templates import build_word_tokenizer
 from vlmzoo.data import IGNORE_INDEX, LlavaDataError, LlavaJsonDataset, VLMDataCollator, iter_json_records
 from vlmzoo.processing import VLMProcessor, make_image_processor
+from vlmzoo.strategy import InputSpec
 
 N_VIS = 3
 SIZE = 16
@@ -25,8 +26,7 @@ def _processor(high_res_factor: int = 1) -> VLMProcessor:
         image_processor=make_image_processor(SIZE),
         text_tokenizer=build_word_tokenizer(auto_bos=True),
         template="vicuna_v1",
-        num_visual_tokens=N_VIS,
-        high_res_factor=high_res_factor,
+        input_spec=InputSpec(num_visual_tokens=N_VIS, image_views=(1,) if high_res_factor == 1 else (1, high_res_factor)),
     )
 
 
@@ -292,13 +292,13 @@ def test_records_whose_features_are_cached_are_not_read(hr_folder, hr_processor)
     batch = VLMDataCollator(hr_processor)([ds[i] for i in range(3)])
     assert batch["image_keys"] == keys[0] + keys[2]  # row for row with pixel_values
 
-    ds.features_cached = lambda key: key == sq
+    cached = load(hr_folder, hr_processor, HR_RECORDS, high_res_folder=hr_folder / "img_2x",
+                  features_cached=lambda key: key == sq)
     (hr_folder / "img" / "sq.png").unlink()  # a cached record is never opened
-    item = ds[0]
+    item = cached[0]
     assert item["pixel_values"].shape == (1, 3, SIZE, SIZE) and item["pixel_values"].isnan().all()
     assert item["pixel_values_hr"].shape == (1, 3, 2 * SIZE, 2 * SIZE) and item["pixel_values_hr"].isnan().all()
-    assert not ds[2]["pixel_values"].isnan().any() and ds.reads_saved == 1  # not cached: read as always
-    ds.features_cached = None
+    assert not cached[2]["pixel_values"].isnan().any() and cached.reads_saved == 1  # not cached: read as always
     with pytest.raises(LlavaDataError, match=r"record 'sq' \(#0\): image file not found"):
         ds[0]
 
@@ -310,5 +310,5 @@ def test_no_high_res_folder_or_factor_means_no_pixel_values_hr(hr_folder, hr_pro
     # A strategy without a high-res factor never reads the folder (here: one without the files).
     (hr_folder / "empty").mkdir()
     no_factor = load(hr_folder, processor, HR_RECORDS, name="f1.json", high_res_folder=hr_folder / "empty")
-    assert no_factor.high_res_folder is None and "pixel_values_hr" not in no_factor[0]
+    assert list(no_factor.view_folders) == [1] and "pixel_values_hr" not in no_factor[0]
     assert "pixel_values_hr" not in VLMDataCollator(processor)([no_factor[i] for i in range(3)])

@@ -28,7 +28,6 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from test_templates import build_word_tokenizer  # noqa: E402
-from vlmzoo.training.runner import processor_with_template  # noqa: E402
 from test_tg_llava import CLIP_TEXT, TINY_TG  # noqa: E402
 from tiny import TINY_LLMS, tiny_clip_vision_spec  # noqa: E402
 
@@ -260,7 +259,7 @@ def test_continuation_is_scored_as_the_template_encodes_answers(plugin_class, sa
     end of turn left off): under vicuna_v1 they start with the space after "ASSISTANT:"."""
     path, _, processor = saved
     lm = _lm(plugin_class, path)
-    lm._processor = processor_with_template(processor, template)
+    lm._processor = processor.with_template(template)
     doc = _docs()[0]
     feature, (n_prompt, n_cont) = lm._scoring_feature((doc["question"], " A cat on a mat.", doc_to_visual, 0, TASK, SPLIT))
     question = [{"role": "user", "content": "<image>\n" + doc["question"]}]

@@ -13,10 +13,26 @@ from PIL import Image
 from test_templates import build_word_tokenizer
 from vlmzoo.data import IGNORE_INDEX
 from vlmzoo.processing import VLMProcessor, make_image_processor, pad_to_square
-from vlmzoo.strategy import StrategyNeeds
+from vlmzoo.strategy import InputSpec
 
 N_VIS = 5
 SIZE = 32
+SPEC = InputSpec(num_visual_tokens=N_VIS)
+
+
+def save_model_config(folder, spec: InputSpec | None) -> None:
+    """The config.json a model saved beside the processor writes (its input spec, or none: an old folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "vlmzoo", "input_spec": spec and spec.to_dict()}))
+
+
+def fake_config(tok, spec: InputSpec, **fields) -> SimpleNamespace:
+    """The parts of a VLMConfig that for_model reads."""
+    values = {"image_token": "<image>", "image_token_id": tok.convert_tokens_to_ids("<image>"), "strategy": "llava",
+              "vision_config": {"image_size": SIZE}, **fields}
+    config = SimpleNamespace(**values)
+    config.get_input_spec = lambda: spec
+    return config
 
 
 def image(w: int = SIZE, h: int = SIZE, seed: int = 0) -> Image.Image:
@@ -31,7 +47,7 @@ def processor() -> VLMProcessor:
         image_processor=make_image_processor(SIZE),
         text_tokenizer=build_word_tokenizer(auto_bos=True),
         template="qwen2",
-        num_visual_tokens=N_VIS,
+        input_spec=SPEC,
     )
 
 
@@ -67,7 +83,7 @@ def test_instruction_tokens_equal_the_tokenizers_batch_call(side):
     text_tok = build_word_tokenizer(auto_bos=True)
     text_tok.padding_side = side
     p = VLMProcessor(build_word_tokenizer(), image_processor=make_image_processor(SIZE), text_tokenizer=text_tok,
-                     template="qwen2", num_visual_tokens=N_VIS, text_max_length=6)
+                     template="qwen2", input_spec=SPEC, text_max_length=6)
     texts = ["one two", "What is in the picture?", "one two", " ".join(["one"] * 9), "two"]
     for _ in range(2):  # the second call is served from memory
         ids, mask = p.tokenize_instructions(texts)
@@ -130,15 +146,16 @@ def test_pad_to_square_uses_mean_colour(processor):
     mean, std = torch.tensor(processor.image_processor.image_mean), torch.tensor(processor.image_processor.image_std)
     assert torch.allclose(px[:, 0, 0], (torch.tensor(squared.getpixel((0, 0))) / 255 - mean) / std, atol=1e-2)
     assert torch.allclose(px[:, SIZE // 2, SIZE // 2], (1 - mean) / std, atol=1e-2)
-    stretched = VLMProcessor(processor.tokenizer, make_image_processor(SIZE), template="qwen2", num_visual_tokens=N_VIS, pad_to_square=False)
+    stretched = VLMProcessor(processor.tokenizer, SPEC, make_image_processor(SIZE), template="qwen2", pad_to_square=False)
     assert not torch.allclose(stretched.preprocess_images([wide])[0], px)
 
 
 def test_save_load_round_trip_gives_identical_outputs(processor, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vlmzoo"}))  # a model saved alongside
+    save_model_config(tmp_path, SPEC)  # a model saved alongside
     processor.save_pretrained(tmp_path)
     loaded = VLMProcessor.from_pretrained(tmp_path)
-    assert json.loads((tmp_path / "vlm_processor_config.json").read_text())["template"] == "qwen2"
+    saved = json.loads((tmp_path / "vlm_processor_config.json").read_text())
+    assert saved["template"] == "qwen2" and "num_visual_tokens" not in saved  # the model config's to keep
     assert (tmp_path / "text_tokenizer").is_dir()
     assert (loaded.template, loaded.num_visual_tokens, loaded.image_token, loaded.text_max_length) == (
         processor.template, N_VIS, "<image>", 77,
@@ -153,35 +170,32 @@ def test_save_load_round_trip_gives_identical_outputs(processor, tmp_path):
     assert loaded.batch_decode(a["input_ids"]) == processor.batch_decode(a["input_ids"])
 
 
-def test_for_model_reads_strategy_tower_and_checks_token(processor):
+def test_for_model_reads_the_config_spec_and_tower_and_checks_token(processor):
     tok = processor.tokenizer
-    config = SimpleNamespace(
-        image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"), strategy="llava",
-        vision_config={"backend": "hf", "model_type": "siglip_vision_model", "image_size": 24},
-    )
-    with pytest.raises(ValueError, match="pass num_visual_tokens"):
-        VLMProcessor.for_model(config, tok, template="qwen2")
-    p = VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=3)
+    config = fake_config(tok, InputSpec(num_visual_tokens=3),
+                         vision_config={"backend": "hf", "model_type": "siglip_vision_model", "image_size": 24})
+    p = VLMProcessor.for_model(config, tok, template="qwen2")
     assert p.num_visual_tokens == 3 and p.image_shape == (3, 24, 24) and list(p.image_processor.image_mean) == [0.5] * 3
+    assert p.input_spec is config.get_input_spec()
 
     tower = SimpleNamespace(image_size=16, image_mean=(0.1, 0.2, 0.3), image_std=(1.0, 1.0, 1.0))
-    model = SimpleNamespace(config=config, vision_tower=tower, strategy=SimpleNamespace(num_visual_tokens=7, needs=StrategyNeeds()))
+    model = SimpleNamespace(config=fake_config(tok, InputSpec(num_visual_tokens=7)), vision_tower=tower)
     p = VLMProcessor.for_model(model, tok, template="qwen2")
     assert p.num_visual_tokens == 7 and p.image_shape == (3, 16, 16)
-    model.strategy.needs = StrategyNeeds(instruction_text=("pooled",))
+    model.config = fake_config(tok, InputSpec(num_visual_tokens=7, instruction_text=("pooled",)))
     with pytest.raises(ValueError, match="needs instruction text"):
         VLMProcessor.for_model(model, tok, template="qwen2")
     config.image_token_id = 0
     with pytest.raises(ValueError, match="image_token_id is 0"):
-        VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=3)
+        VLMProcessor.for_model(config, tok, template="qwen2")
 
 
-def test_high_res_images_become_pixel_values_hr(processor, tmp_path):
-    """With high_res_factor f = 2: the high-res images, resized to (2H, 2W) and normalised as the
-    base images, go row for row into pixel_values_hr; with f = 1 they are ignored."""
-    hr = VLMProcessor(processor.tokenizer, make_image_processor(SIZE), template="qwen2", num_visual_tokens=N_VIS,
-                      high_res_factor=2)
-    assert hr.high_res_shape == (3, 2 * SIZE, 2 * SIZE)
+def test_high_res_images_become_the_crop_view(processor, tmp_path):
+    """With a crop view of scale f = 2 in the input spec: the high-res images, resized to (2H, 2W)
+    and normalised as the base images, go row for row into pixel_values_hr; without one they are ignored."""
+    spec = InputSpec(num_visual_tokens=N_VIS, image_views=(1, 2))
+    hr = VLMProcessor(processor.tokenizer, spec, make_image_processor(SIZE), template="qwen2")
+    assert hr.view_shape(2) == (3, 2 * SIZE, 2 * SIZE) and hr.high_res_factor == 2
     exact, big, wide = image(2 * SIZE, 2 * SIZE, seed=4), image(4 * SIZE, 4 * SIZE, seed=5), image(96, 40, seed=6)
     convs = [conv("<image>\nWhat is in the picture?"), conv("Hello"), conv("<image> one <image> two")]
     base = [[image(seed=1)], None, [image(seed=2), image(48, 20, seed=3)]]
@@ -191,37 +205,37 @@ def test_high_res_images_become_pixel_values_hr(processor, tmp_path):
     mean, std = torch.tensor(hr.image_processor.image_mean)[:, None, None], torch.tensor(hr.image_processor.image_std)[:, None, None]
     raw = torch.from_numpy(np.array(exact)).permute(2, 0, 1).float() / 255
     assert torch.allclose(batch["pixel_values_hr"][0], (raw - mean) / std, atol=1e-5)
-    assert torch.allclose(batch["pixel_values_hr"][1:], hr.preprocess_images([big, wide], high_res=True))
+    assert torch.allclose(batch["pixel_values_hr"][1:], hr.preprocess_images([big, wide], scale=2))
     assert torch.equal(batch["pixel_values"], processor(convs, images=base)["pixel_values"])  # base rows unchanged
 
     assert "pixel_values_hr" not in hr(convs, images=base)  # no high-res images given
-    assert "pixel_values_hr" not in processor(convs, images=base, high_res_images=[[exact], None, [big, wide]])  # f = 1
+    assert "pixel_values_hr" not in processor(convs, images=base, high_res_images=[[exact], None, [big, wide]])  # no crop view
     with pytest.raises(ValueError, match=r"Sample 2 has 2 image\(s\) but 1 high-res image\(s\)"):
         hr(convs, images=base, high_res_images=[[exact], None, [big]])
-    with pytest.raises(ValueError, match="high_res=True needs a processor with high_res_factor > 1"):
-        processor.preprocess_images([exact], high_res=True)
+    with pytest.raises(ValueError, match=r"scale=2 is not one of the input spec's image views \(1,\)"):
+        processor.preprocess_images([exact], scale=2)
 
-    # The factor is saved with the processor.
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vlmzoo"}))
+    # The view comes back from the model config saved beside the processor.
+    save_model_config(tmp_path, spec)
     hr.save_pretrained(tmp_path)
-    assert VLMProcessor.from_pretrained(tmp_path).high_res_factor == 2
+    assert VLMProcessor.from_pretrained(tmp_path).input_spec == spec
 
 
-def test_for_model_reads_the_high_res_factor(processor):
-    tok = processor.tokenizer
-    config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"), strategy="tg_llava",
-                             vision_config={"image_size": 16})
-    tower = SimpleNamespace(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
-    model = SimpleNamespace(config=config, vision_tower=tower,
-                            strategy=SimpleNamespace(num_visual_tokens=7, needs=StrategyNeeds(high_res_factor=2)))
-    assert VLMProcessor.for_model(model, tok, template="qwen2").high_res_factor == 2
-    with pytest.raises(ValueError, match="high_res_factor=3 differs from the model strategy's 2"):
-        VLMProcessor.for_model(model, tok, template="qwen2", high_res_factor=3)
-    model.strategy.needs = StrategyNeeds()
-    assert VLMProcessor.for_model(model, tok, template="qwen2").high_res_factor == 1
-    # From a config (strategy not built) the factor is given, default 1.
-    assert VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=7).high_res_factor == 1
-    assert VLMProcessor.for_model(config, tok, template="qwen2", num_visual_tokens=7, high_res_factor=2).high_res_factor == 2
+def test_a_folder_saved_before_the_spec_lived_in_the_model_config_still_loads(processor, tmp_path):
+    """An old folder: its config.json has no input_spec and its processor config holds the counts."""
+    old = {"processor_class": "VLMProcessor", "template": "qwen2", "image_token": "<image>", "num_visual_tokens": 7,
+           "text_max_length": 77, "pad_to_square": True, "high_res_factor": 2, "instruction_rule": "before_reply_role",
+           "visual_tokens_first": True}
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "vlm_processor_config.json").write_text(json.dumps(old))
+    save_model_config(tmp_path, None)
+    loaded = VLMProcessor.from_pretrained(tmp_path)
+    assert loaded.input_spec == InputSpec(num_visual_tokens=7, image_views=(1, 2), instruction_span_rule="before_reply_role",
+                                          visual_tokens_first=True)
+    del old["num_visual_tokens"]
+    (tmp_path / "vlm_processor_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"holds no input spec: no 'input_spec' in config\.json"):
+        VLMProcessor.from_pretrained(tmp_path)
 
 
 def test_images_already_at_the_tower_size_are_only_normalised_as_the_image_processor_would(processor) -> None:
@@ -237,50 +251,71 @@ def test_images_already_at_the_tower_size_are_only_normalised_as_the_image_proce
     torch.testing.assert_close(processor.preprocess_images(other), ip(other, return_tensors="pt")["pixel_values"])
 
 
-def test_strategy_layout_settings_come_from_the_model_and_are_saved(processor, tmp_path):
-    """instruction_rule and visual_tokens_first follow the strategy's needs (a conflicting value
-    is an error), are saved with the processor, and survive processor_with_template."""
-    from vlmzoo.processing import processor_options
-    from vlmzoo.training.runner import processor_with_template
-
+def test_layout_settings_come_from_the_spec_and_survive_with_template(processor, tmp_path):
+    """instruction_rule and visual_tokens_first are the input spec's; the processor saves neither,
+    reads them back from the model config, and keeps them under another template."""
     tok = processor.tokenizer
-    config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"), strategy="x",
-                             vision_config={"image_size": SIZE})
+    spec = InputSpec(num_visual_tokens=N_VIS, instruction_span=True, instruction_span_rule="before_reply_role",
+                     visual_tokens_first=True)
     tower = SimpleNamespace(image_size=SIZE, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
-    needs = StrategyNeeds(instruction_span=True, instruction_span_rule="before_reply_role", visual_tokens_first=True)
-    model = SimpleNamespace(config=config, vision_tower=tower, strategy=SimpleNamespace(num_visual_tokens=N_VIS, needs=needs))
-    p = VLMProcessor.for_model(model, tok, template="qwen2")
+    p = VLMProcessor.for_model(SimpleNamespace(config=fake_config(tok, spec), vision_tower=tower), tok, template="qwen2")
     assert (p.instruction_rule, p.visual_tokens_first) == ("before_reply_role", True)
-    with pytest.raises(ValueError, match="visual_tokens_first=False differs from the model strategy's True"):
-        VLMProcessor.for_model(model, tok, template="qwen2", visual_tokens_first=False)
     batch = p([conv("What is in the picture? <image>", None)], images=[[image()]], add_generation_prompt=True)
     ids = batch["input_ids"][0]
     assert (ids[:N_VIS] == p.image_token_id).all() and not (ids[N_VIS:] == p.image_token_id).any()
     header = tok("<|im_start|>", add_special_tokens=False)["input_ids"]
     assert batch["instruction_mask"][0].tolist() == [False] * N_VIS + [True] * (len(ids) - N_VIS - 2) + [False] * 2
     assert ids[-3].item() == header[0]  # the last flagged token: the header's <|im_start|> (then "assistant", "\n")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vlmzoo"}))
+    save_model_config(tmp_path, spec)
     p.save_pretrained(tmp_path)
     loaded = VLMProcessor.from_pretrained(tmp_path)
-    assert (loaded.instruction_rule, loaded.visual_tokens_first) == ("before_reply_role", True)
+    assert loaded.input_spec == spec
     assert torch.equal(loaded([conv("What is in the picture? <image>")], images=[[image()]])["input_ids"],
                        p([conv("What is in the picture? <image>")], images=[[image()]])["input_ids"])
-    again = processor_with_template(p, "vicuna_v1")
-    assert (again.instruction_rule, again.visual_tokens_first) == ("before_reply_role", True)
-    assert processor_options(StrategyNeeds()) == {"high_res_factor": 1, "instruction_rule": "first_user_text",
-                                                  "visual_tokens_first": False}
+    again = p.with_template("vicuna_v1")
+    assert again.input_spec is spec and again.template.name == "vicuna_v1"
 
 
 def test_a_stage_can_centre_crop_instead_of_padding(processor):
-    """processor_with_template(..., pad_to_square=False) (a stage's pad_to_square: false) lets the
+    """with_template(..., pad_to_square=False) (a stage's pad_to_square: false) lets the
     image processor resize the short side and centre-crop; True pads with the mean colour."""
-    from vlmzoo.training.runner import processor_with_template
-
     wide = image(2 * SIZE, SIZE, seed=7)
-    crop = processor_with_template(processor, "qwen2", pad_to_square=False)
+    crop = processor.with_template("qwen2", pad_to_square=False)
     assert not crop.pad_to_square and processor.pad_to_square
     centre = wide.crop((SIZE // 2, 0, SIZE // 2 + SIZE, SIZE))  # the middle SIZE x SIZE square
     torch.testing.assert_close(crop.preprocess_images([wide]), processor.preprocess_images([centre]), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(processor.preprocess_images([wide]), processor.preprocess_images([centre]))
-    assert processor_with_template(processor, "qwen2") is processor
-    assert processor_with_template(crop, "qwen2", pad_to_square=True).pad_to_square
+    assert processor.with_template("qwen2") is processor
+    assert crop.with_template("qwen2", pad_to_square=True).pad_to_square
+
+
+@pytest.mark.parametrize("strategy", ["llava", "crop_tokens"])
+def test_a_saved_model_folder_gives_its_processor_the_model_spec_with_no_override(processor, tmp_path, strategy):
+    """The model writes its strategy's spec into its config; model and processor then load from the
+    folder with plain from_pretrained calls, and the processor serves exactly that spec (crop view
+    included); a processor for a model rebuilt with other fields takes that model's config."""
+    from tiny import tiny_model
+
+    from vlmzoo import VLMForConditionalGeneration
+
+    model = tiny_model(strategy)
+    spec = model.strategy.input_spec
+    assert model.config.get_input_spec() == spec
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = VLMForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.get_input_spec() == spec
+    assert VLMProcessor.from_pretrained(tmp_path).input_spec == spec
+    assert (spec.high_res_factor, spec.image_views) == ((2, (1, 2)) if strategy == "crop_tokens" else (1, (1,)))
+    other = tiny_model(strategy, strategy_config={"vision_layer": -1} if strategy == "llava" else {"include_base": False})
+    assert VLMProcessor.from_pretrained(tmp_path, config=other.config).input_spec == other.strategy.input_spec
+
+
+def test_input_spec_round_trips_through_json_and_rejects_bad_views():
+    spec = InputSpec(num_visual_tokens=24, image_views=(1, 2), instruction_text=("pooled", "tokens"))
+    assert InputSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec and spec.high_res_factor == 2
+    for views in [(2,), (1, 1), (1, 2, 3), (1, 0)]:
+        with pytest.raises(ValueError, match="image_views"):
+            InputSpec(num_visual_tokens=3, image_views=views)
+    with pytest.raises(ValueError, match=r"config\.input_spec must be a mapping with 'num_visual_tokens'"):
+        InputSpec.from_dict({"image_views": [1]}, where="config.input_spec")

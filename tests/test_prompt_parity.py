@@ -39,6 +39,7 @@ from vlmzoo.data import (
     get_template,
 )
 from vlmzoo.processing import VLMProcessor
+from vlmzoo.strategy import InputSpec
 
 N_VIS = 3
 IMAGE = "<image>"
@@ -233,7 +234,7 @@ def write_llava_json(path: Path, records: dict[str, list[dict[str, str]]]) -> Pa
 
 
 def dataset_rows(tmp_path: Path, tok, template, records) -> dict[str, dict]:
-    processor = VLMProcessor(tok, template=template, num_visual_tokens=N_VIS)
+    processor = VLMProcessor(tok, InputSpec(num_visual_tokens=N_VIS), template=template)
     tmp_path.mkdir(parents=True, exist_ok=True)
     ds = LlavaJsonDataset(write_llava_json(tmp_path / "data.json", records), processor, check_images="none",
                           cache_dir=str(tmp_path / "hf"))
@@ -397,7 +398,7 @@ def test_a_data_set_with_a_broken_template_is_refused_naming_the_record(tmp_path
     with pytest.raises(LlavaDataError, match=r"data\.json: record 'cap-0' \(#0\): tokenization mismatch: answer 0 trains on"):
         dataset_rows(tmp_path / "a", legacy_tok, broken(TrainsOnTheHeader), records)
     # Also under on_error="skip": the template is at fault, not the record.
-    processor = VLMProcessor(legacy_tok, template=broken(PromptsWithTheSpace), num_visual_tokens=N_VIS)
+    processor = VLMProcessor(legacy_tok, InputSpec(num_visual_tokens=N_VIS), template=broken(PromptsWithTheSpace))
     with pytest.raises(LlavaDataError, match=r"record 'cap-0' \(#0\): tokenization mismatch: the generation prompt"):
         LlavaJsonDataset(write_llava_json(tmp_path / "b.json", records), processor, check_images="none",
                          on_error="skip", cache_dir=str(tmp_path / "hf"))

@@ -289,7 +289,7 @@ def test_a_run_resumes_with_the_same_world_in_another_cache(tmp_path):
     run_training(first, evaluate=False)
     shutil.copytree(tmp_path / "a" / "tiny_world", tmp_path / "b" / "tiny_world")
     moved = load_run_config(CONFIGS_DIR / "llava" / "tiny.yaml", [f"tiny_world.cache_dir={tmp_path / 'b'}", *overrides])
-    assert moved.model.llm != first.model.llm and Path(moved.tiny_world.root).name == Path(first.tiny_world.root).name
+    assert moved.model.llm != first.model.llm and Path(moved.variables["tiny_world"].root).name == Path(first.variables["tiny_world"].root).name
     again = run_training(moved, evaluate=False)
     assert [s.skipped for s in again.stages] == [True, True]
 

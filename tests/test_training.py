@@ -601,14 +601,14 @@ def test_group_by_length_batches_similar_lengths(world, tmp_path):
     from vlmzoo.build import build_model_and_processor
     from vlmzoo.data import LlavaJsonDataset
     from vlmzoo.training import StagePlan, VLMTrainer
-    from vlmzoo.training.runner import processor_with_template, training_arguments
+    from vlmzoo.training.runner import training_arguments
 
     tree = toy_config_dict(world, tmp_path / "run", batch_size=4)
     tree["training"]["group_by_length"] = True
     cfg = run_config_from_dict(tree)
     stage = cfg.training.stages[1]
     model, processor = build_model_and_processor(cfg)
-    processor = processor_with_template(processor, stage.template)
+    processor = processor.with_template(stage.template)
     # Two lengths: alternate one-turn and two-turn records.
     records = json.loads(Path(stage.data).read_text())
     for i, rec in enumerate(records):

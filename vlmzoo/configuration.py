@@ -8,7 +8,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .registry import get_strategy_class
-from .strategy import StrategyConfig
+from .strategy import InputSpec, StrategyConfig
 
 
 class VLMConfig(PreTrainedConfig):
@@ -23,6 +23,10 @@ class VLMConfig(PreTrainedConfig):
         strategy: registered strategy name (required to build a model; a bare ``VLMConfig()``,
             which transformers makes to diff configs against, has none).
         strategy_config: the strategy's own config fields (validated by its dataclass).
+        input_spec: what the model's inputs hold (:class:`~vlmzoo.strategy.InputSpec` as a dict:
+            visual tokens per image, image views, instruction text and span). Not an input: the
+            model writes its strategy's spec here when it is built, so a saved ``config.json``
+            carries it and ``VLMProcessor.from_pretrained`` builds from it.
         image_token_id: id of the image placeholder token in the LLM vocabulary.
         image_token: the placeholder's text form.
         freeze_vision_tower: run the tower under ``no_grad`` with frozen weights.
@@ -37,6 +41,7 @@ class VLMConfig(PreTrainedConfig):
     text_encoder_config: dict | None = None
     strategy: str | None = None
     strategy_config: dict | None = None
+    input_spec: dict | None = None
     image_token_id: int = 32000
     image_token: str = "<image>"
     freeze_vision_tower: bool = True
@@ -53,6 +58,13 @@ class VLMConfig(PreTrainedConfig):
 
     def get_strategy_config(self) -> StrategyConfig:
         return get_strategy_class(self.strategy).build_config(self.strategy_config)
+
+    def get_input_spec(self) -> InputSpec:
+        """The stored input spec; an error if no model has written one (a config never built into a model)."""
+        if self.input_spec is None:
+            raise ValueError("This VLMConfig has no input_spec: it is written when a model is built from the config "
+                             "(VLMForConditionalGeneration(config) or from_pretrained).")
+        return InputSpec.from_dict(self.input_spec, where="config.input_spec")
 
 
 def _default_clip_l336() -> dict[str, Any]:

@@ -31,7 +31,9 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from .config import prepare_run_files
 from .data.templates import DEFAULT_IMAGE_TOKEN
+from .strategy import view_key, view_name
 
 logger = logging.getLogger(__name__)
 
@@ -163,18 +165,16 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers for ``records``, in batches with left padding.
 
-    ``high_res_dir``: the images' high-res versions (same relative paths), read only when the
-    processor's ``high_res_factor`` > 1; a missing file raises, naming it and the record.
-    ``allow_absolute_paths``: see :func:`record_images`."""
-    use_hr = high_res_dir is not None and processor.high_res_factor > 1
+    ``high_res_dir``: the images' high-res versions (same relative paths), read only for a crop
+    view of the processor's input spec (:meth:`VLMProcessor.view_folders`); a missing file raises,
+    naming it and the record. ``allow_absolute_paths``: see :func:`record_images`."""
+    folders = processor.view_folders(images_dir, high_res_dir)
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        images = [record_images(rec, images_dir, allow_absolute=allow_absolute_paths) for rec in chunk]
-        high_res = ([record_images(rec, high_res_dir, "high-res image", allow_absolute_paths) for rec in chunk]
-                    if use_hr else None)
+        images, high_res = zip(*(record_views(rec, folders, allow_absolute_paths) for rec in chunk))
         texts = generate_texts(model, processor, [_image_first(r) for r in chunk], images, max_new_tokens=max_new_tokens,
-                               high_res_images=high_res)
+                               high_res_images=None if high_res[0] is None else high_res)
         answers += [a.strip() for a in texts]
     return answers
 
@@ -189,14 +189,14 @@ def generation_batch(
     """Prompts (generation prompt added, left padding) on the model's device, pixels in its vision dtype.
 
     ``images[i]`` holds sample i's PIL images, one per ``<image>`` placeholder; ``high_res_images[i]``
-    the same images at high resolution (-> ``pixel_values_hr`` when the processor's
-    ``high_res_factor`` > 1).
+    the same images at high resolution (-> ``pixel_values_hr`` when the processor's input spec has
+    a crop view).
     """
     batch = processor(list(conversations), images=list(images), add_generation_prompt=True, padding_side="left",
                       high_res_images=None if high_res_images is None else list(high_res_images))
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    for key in ("pixel_values", "pixel_values_hr"):
+    for key in map(view_key, processor.input_spec.image_views):
         if key in batch:
             batch[key] = batch[key].to(model.vision_dtype)
     return batch
@@ -235,6 +235,13 @@ def image_first_messages(messages: Sequence[dict[str, str]], num_images: int, im
     from .data.llava_json import _prepare_messages
 
     return _prepare_messages(list(messages), num_images, image_token, move_image_to_front=True)
+
+
+def record_views(record: EvalRecord, folders: dict[int, str], allow_absolute: bool = False) -> tuple[list[Any], list[Any] | None]:
+    """The record's images for each view of ``folders`` (:meth:`VLMProcessor.view_folders`):
+    ``(base images, high-res images or None)``, as :func:`generation_batch` takes them."""
+    views = {scale: record_images(record, folder, view_name(scale), allow_absolute) for scale, folder in folders.items()}
+    return views[1], next((v for scale, v in views.items() if scale > 1), None)
 
 
 def record_images(record: EvalRecord, images_dir: str | os.PathLike, what: str = "image",
@@ -331,10 +338,9 @@ def evaluate_model(
     images = os.fspath(images) if images else os.path.dirname(os.path.abspath(data))
     records = load_eval_records(data, question_type_key, max_samples)
     start = time.perf_counter()
-    use_hr = high_res_images is not None and processor.high_res_factor > 1
+    folders = processor.view_folders(images, high_res_images)
     predictions = generate_answers(model, processor, records, images, batch_size, max_new_tokens,
-                                   high_res_dir=high_res_images if use_hr else None,
-                                   allow_absolute_paths=allow_absolute_paths)
+                                   high_res_dir=high_res_images, allow_absolute_paths=allow_absolute_paths)
     runtime = time.perf_counter() - start
     metrics: dict[str, Any] = {**(meta or {}), "data": os.path.abspath(data), **accuracy_table(records, predictions)}
     pope = pope_stats(records, predictions)
@@ -351,8 +357,9 @@ def evaluate_model(
         metrics["blind"] = blind
     metrics["generation"] = {"runtime_s": round(runtime, 2), "batch_size": batch_size, "max_new_tokens": max_new_tokens,
                              "template": processor.template.name}
-    if use_hr:
-        metrics["generation"]["high_res_images"] = os.path.abspath(high_res_images)
+    for scale, folder in folders.items():
+        if scale > 1:
+            metrics["generation"]["high_res_images"] = os.path.abspath(folder)
     if out_dir is not None:
         write_eval_outputs(out_dir, metrics, records, predictions, blind_answers)
     return metrics
@@ -385,18 +392,17 @@ def load_for_eval(model_dir: str | os.PathLike, template: str | None = None, dty
     """A saved model (eval mode) + processor (with another template if asked), on ``device``
     (default: the GPU when there is one)."""
     from .modeling import VLMForConditionalGeneration
-    from .processing import VLMProcessor, processor_options
-    from .training.runner import processor_with_template
+    from .processing import VLMProcessor
 
     require_model_folder(model_dir)
     model = VLMForConditionalGeneration.from_pretrained(model_dir, dtype=dtype or torch.float32)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
-    # A processor saved before it recorded the strategy's settings: take them from the model's strategy.
-    processor = VLMProcessor.from_pretrained(model_dir, **processor_options(model.strategy.needs))
+    # The input spec comes from the model's config.json in the same folder.
+    processor = VLMProcessor.from_pretrained(model_dir)
     if template:
-        processor = processor_with_template(processor, template)
+        processor = processor.with_template(template)
     return model, processor
 
 
@@ -407,6 +413,7 @@ def evaluate_run(cfg, model_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     e = cfg.eval
     if not e.data:
         raise ValueError("eval.data is not set (the evaluation JSON file).")
+    prepare_run_files(cfg)
     model, processor = load_for_eval(model_dir, e.template, torch_dtype(cfg.model.dtype))
     return evaluate_model(
         model, processor, e.data, cfg.eval_images(), high_res_images=cfg.eval_high_res_images(),

@@ -13,12 +13,18 @@ It lives in process memory; enable it with ``training.cache_vision_features`` (n
 reference scale, where one image's features take megabytes). One cache serves every
 stage of a run (the tower's weights do not change between them); a stage that trains the tower
 clears it and runs without it.
+
+No cache is module state: a caller owns its :class:`FeatureCaches` and passes them in, to
+``VLMForConditionalGeneration.forward(feature_caches=...)`` (the training run hands them to its
+``VLMTrainer``, which adds them to every training batch) or to ``encode_images`` /
+``encode_instructions`` (``cache=...``). Their lifetime is the caller's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,6 +32,19 @@ import torch
 from .strategy import InstructionFeatures, StrategyNeeds, VisionFeatures
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureCaches:
+    """The caches one forward call may read and fill (each ``None`` = not cached).
+
+    Attributes:
+        vision: per-image tower features; used only while the tower runs without gradients.
+        text: per-instruction text-encoder features.
+    """
+
+    vision: "VisionFeatureCache | None" = None
+    text: "InstructionFeatureCache | None" = None
 
 
 class VisionFeatureCache:

@@ -48,7 +48,7 @@ def merge_folder(src: str | Path, output: str | Path, dtype: str = "float32", ov
     from . import lora
     from .build import torch_dtype
     from .modeling import VLMForConditionalGeneration
-    from .processing import VLMProcessor, processor_options
+    from .processing import VLMProcessor
 
     folder = model_folder(src)
     if lora.saved_adapter_dir(folder) is None:
@@ -63,7 +63,7 @@ def merge_folder(src: str | Path, output: str | Path, dtype: str = "float32", ov
     logger.info("Merged the adapter of %s into %d modules.", folder, merged)
     model = model.to(torch_dtype(dtype))
     model.save_pretrained(out)
-    VLMProcessor.from_pretrained(folder, **processor_options(model.strategy.needs)).save_pretrained(out)
+    VLMProcessor.from_pretrained(folder).save_pretrained(out)
     return folder
 
 

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration import VLMConfig
-from .feature_cache import InstructionFeatureCache, VisionFeatureCache
+from .feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
 from .registry import get_strategy_class
 from .strategy import CoreDims, GuidanceInputs, GuidanceStrategy, InstructionFeatures, StrategyNeeds, VisionFeatures
 from .towers.vision import VisionTower, build_vision_tower
@@ -106,11 +106,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             self.text_encoder = build_text_encoder(config.text_encoder_config)
         self.strategy: GuidanceStrategy = strategy_cls(config.get_strategy_config(), self._core_dims())
         self._check_strategy_fits()
+        # The one record of what the inputs hold; processors and data pipelines build from it.
+        config.input_spec = self.strategy.input_spec.to_dict()
         self._adapter_hooks: list[Any] = []
         self._install_adapter_hooks()
-        # Optional memo of the frozen tower's features (vlmzoo.feature_cache); set by the trainer.
-        self.vision_feature_cache: VisionFeatureCache | None = None
-        self.text_feature_cache: InstructionFeatureCache | None = None
         self._freeze_towers()
         self.post_init()
 
@@ -228,21 +227,22 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         needs: StrategyNeeds | None = None,
         pixel_values_hr: torch.Tensor | None = None,
         image_keys: Sequence[str] | None = None,
+        cache: VisionFeatureCache | None = None,
     ) -> VisionFeatures:
         """``(N, 3, H, W)`` -> the features ``needs`` asks for (see :class:`VisionFeatures`).
 
         With a high-res factor f, the crops are cut from ``pixel_values_hr`` ``(N, 3, f*H, f*W)``
         when given (an image resized to f times the tower's size), else from ``pixel_values``
         upsampled x f (TG-LLaVA's reference); all crops go through the tower in one batched pass.
-        Tower passes stop at the deepest layer asked for. With ``vision_feature_cache`` set and
-        the tower frozen, images seen before are not encoded again (keyed by ``image_keys``, the
-        N images' files, when given).
+        Tower passes stop at the deepest layer asked for. With a ``cache`` and the tower frozen,
+        images seen before are not encoded again (keyed by ``image_keys``, the N images' files,
+        when given); a tower that trains bypasses the cache.
         """
         needs = needs or self.strategy.needs
         track_grad = torch.is_grad_enabled() and not self.config.freeze_vision_tower
-        if self.vision_feature_cache is not None and not track_grad:
+        if cache is not None and not track_grad:
             compute = functools.partial(self._encode_images, needs=needs, track_grad=False)
-            return self.vision_feature_cache.encode(compute, needs, pixel_values, pixel_values_hr, image_keys)
+            return cache.encode(compute, needs, pixel_values, pixel_values_hr, image_keys)
         return self._encode_images(pixel_values, pixel_values_hr, needs=needs, track_grad=track_grad)
 
     def _encode_images(
@@ -271,14 +271,16 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                     features.high_res[requested] = patches.reshape(n, factor * factor * patches.shape[1], -1)
         return features
 
-    def encode_instructions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> InstructionFeatures:
+    def encode_instructions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: InstructionFeatureCache | None = None
+    ) -> InstructionFeatures:
         """``(N, L)`` instruction ids (right padded) -> the frozen text encoder's features; through
-        ``text_feature_cache`` when one is set. ``attention_mask`` ``None`` means every token is
-        real; it reaches the encoder as ``None`` (a meta-device FLOP count has no mask values to read)."""
+        ``cache`` when given. ``attention_mask`` ``None`` means every token is real; it reaches the
+        encoder as ``None`` (a meta-device FLOP count has no mask values to read)."""
         with torch.no_grad():
-            if self.text_feature_cache is not None:
+            if cache is not None:
                 mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-                return self.text_feature_cache.encode(self.text_encoder, input_ids, mask)
+                return cache.encode(self.text_encoder, input_ids, mask)
             return self.text_encoder(input_ids, attention_mask)
 
     @property
@@ -302,6 +304,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         instruction_mask: torch.Tensor | None = None,
         pixel_values_hr: torch.FloatTensor | None = None,
         image_keys: Sequence[str] | None = None,
+        feature_caches: FeatureCaches | None = None,
         output_strategy_extras: bool = False,
         **kwargs: Any,
     ) -> VLMCausalLMOutputWithPast:
@@ -316,8 +319,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             instruction_mask: ``(B, T)`` True at the instruction's tokens (strategies that need the span).
             pixel_values_hr: ``(N, 3, f*H, f*W)`` the images at f times the tower's size, for strategies
                 with a high-res factor f (else their crops come from ``pixel_values`` upsampled).
-            image_keys: N str, the files each image was read from: the keys of
-                ``vision_feature_cache`` (training); ignored without one.
+            image_keys: N str, the files each image was read from: the keys of the vision feature
+                cache (training); ignored without one.
+            feature_caches: memos of the frozen encoders' features (:mod:`vlmzoo.feature_cache`),
+                owned by the caller (a training run); read and filled on this call only.
             output_strategy_extras: return the strategy's extra tensors (e.g. layer weights).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -332,7 +337,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values need input_ids to locate the image placeholder tokens.")
             strategy_out = self._run_strategy(
                 input_ids, pixel_values, attention_mask, instruction_input_ids, instruction_attention_mask,
-                instruction_mask, pixel_values_hr, image_keys,
+                instruction_mask, pixel_values_hr, image_keys, feature_caches,
             )
             image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
             visual = strategy_out.visual_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -391,8 +396,10 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         instruction_mask: torch.Tensor | None,
         pixel_values_hr: torch.Tensor | None = None,
         image_keys: Sequence[str] | None = None,
+        caches: FeatureCaches | None = None,
     ):
         needs = self.strategy.needs
+        caches = caches or FeatureCaches()
         image_token_mask = input_ids == self.config.image_token_id
         image_batch_index = self._image_batch_index(image_token_mask, pixel_values.shape[0])
         text = None
@@ -402,7 +409,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                     f"Strategy {self.config.strategy!r} needs instruction text: pass instruction_input_ids "
                     "(the VLMProcessor produces them when it has a text tokenizer)."
                 )
-            text = self.encode_instructions(instruction_input_ids, instruction_attention_mask)
+            text = self.encode_instructions(instruction_input_ids, instruction_attention_mask, caches.text)
         if needs.instruction_span and instruction_mask is None:
             raise ValueError(f"Strategy {self.config.strategy!r} needs instruction_mask (from the VLMProcessor).")
         if attention_mask is None:
@@ -410,7 +417,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         if needs.visual_tokens_first and attention_mask.dim() == 2:
             _check_visual_tokens_first(image_token_mask, attention_mask, self.config.strategy)
         inputs = GuidanceInputs(
-            vision=self.encode_images(pixel_values, needs, pixel_values_hr, image_keys),
+            vision=self.encode_images(pixel_values, needs, pixel_values_hr, image_keys, caches.vision),
             image_batch_index=image_batch_index,
             input_ids=input_ids,
             attention_mask=attention_mask,

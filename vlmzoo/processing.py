@@ -12,18 +12,23 @@ Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
   the first user message's text, or every text token before the first reply's role name);
 * ``pixel_values`` ``(N, 3, H, W)`` float: one entry per ``<image>``, in row-major order (sample 0's
   images first); absent when the batch has no image;
-* ``pixel_values_hr`` ``(N, 3, f*H, f*W)`` float: the same images, row for row, from their native
-  high-resolution versions resized to f times the tower's size (f = ``high_res_factor``, the
-  strategy's ``StrategyNeeds.high_res_factor``); only when f > 1 and high-res images are given;
+* ``pixel_values_hr`` ``(N, 3, f*H, f*W)`` float: the crop view (scale f > 1 in the input spec's
+  ``image_views``): the same images, row for row, from their high-resolution versions resized to f
+  times the tower's size; only when the spec has that view and high-res images are given;
 * ``image_keys`` list of N str: the files each image was read from, when every sample names them
   (:class:`~vlmzoo.data.LlavaJsonDataset` items do); the frozen-feature cache's keys in training;
 * ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the instruction text (the
   last user message, i.e. the question being answered) of the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
   ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
 
+Every setting that depends on the model (visual tokens per image, image views, instruction rule,
+visual tokens first) comes from its :class:`~vlmzoo.strategy.InputSpec`, which the model stores in
+its config: :meth:`VLMProcessor.from_pretrained` reads it from the folder's ``config.json`` and
+:meth:`VLMProcessor.for_model` from the model; the processor saves none of it.
+
 Images are padded to a square with the mean colour (LLaVA-1.5) before a ``CLIPImageProcessor``
-resizes and normalises them; high-res images go through the same steps with every size of the
-image processor multiplied by f.
+resizes and normalises them; every view goes through the same steps, its scale f multiplying every
+size of the image processor.
 """
 
 from __future__ import annotations
@@ -54,12 +59,15 @@ from .data.templates import (
     _BUILTIN,
     get_template,
 )
-from .strategy import InstructionSpanRule, StrategyNeeds
+from .strategy import InputSpec, InstructionSpanRule, view_key, view_name
 from .towers.vision import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
 
 PROCESSOR_CONFIG_NAME = "vlm_processor_config.json"
+MODEL_CONFIG_NAME = "config.json"  # the VLMConfig saved beside the processor: its input_spec
+# Keys of vlm_processor_config.json written before the input spec lived in the model config.
+_LEGACY_SPEC_KEYS = ("num_visual_tokens", "high_res_factor", "instruction_rule", "visual_tokens_first")
 TEXT_TOKENIZER_SUBFOLDER = "text_tokenizer"
 _MAX_REMEMBERED_INSTRUCTIONS = 200_000  # tokenize_instructions' memory of distinct texts
 
@@ -70,16 +78,6 @@ def _padded(row: Sequence[Any], width: int, value: Any, left: bool) -> list[Any]
     """``row`` filled with ``value`` to ``width`` items, on the left or on the right."""
     fill = [value] * (width - len(row))
     return fill + list(row) if left else list(row) + fill
-
-
-def processor_options(needs: StrategyNeeds) -> dict[str, Any]:
-    """The processor settings a strategy's needs fix: ``high_res_factor``, ``instruction_rule``,
-    ``visual_tokens_first`` (e.g. ``VLMProcessor.from_pretrained(d, **processor_options(model.strategy.needs))``)."""
-    return {
-        "high_res_factor": needs.high_res_factor,
-        "instruction_rule": needs.instruction_span_rule,
-        "visual_tokens_first": needs.visual_tokens_first,
-    }
 
 
 def make_image_processor(
@@ -109,57 +107,49 @@ def pad_to_square(image: Image.Image, background: Sequence[float]) -> Image.Imag
 
 
 class VLMProcessor:
-    """Tokenizer + image processor (+ optional text-encoder tokenizer) behind one conversation template.
+    """Tokenizer + image processor (+ optional text-encoder tokenizer) behind one conversation template,
+    for the model whose :class:`~vlmzoo.strategy.InputSpec` it is given.
 
     Args:
         tokenizer: the LLM's tokenizer; must contain ``image_token`` as a single token and (for
             batching) a pad token.
+        input_spec: the model's input spec (``model.config.get_input_spec()``): visual tokens per
+            image, image views, instruction rule, visual tokens first. Its only source: use
+            :meth:`for_model` or :meth:`from_pretrained` to get it from a model or a saved folder.
         image_processor: resizes/normalises images; default :func:`make_image_processor` (336 px, CLIP stats).
         text_tokenizer: tokenizer of the instruction text encoder, for strategies that need
             instruction text features.
         template: conversation template name or :class:`~vlmzoo.data.ConversationTemplate`.
         image_token: placeholder in message text and token in the vocabulary.
-        num_visual_tokens: image tokens per image; must equal ``model.strategy.num_visual_tokens``.
         text_max_length: truncation length of the instruction for the text encoder.
         pad_to_square: pad images to a square with the mean colour before resizing (LLaVA-1.5).
-        high_res_factor: the strategy's ``StrategyNeeds.high_res_factor`` f. When f > 1, high-res
-            images passed along with the images become ``pixel_values_hr`` ``(N, 3, f*H, f*W)``;
-            with f = 1 they are ignored.
-        instruction_rule: which tokens ``instruction_mask`` marks: the strategy's
-            ``StrategyNeeds.instruction_span_rule`` (see ``vlmzoo.data.templates.INSTRUCTION_SPAN_RULES``).
-        visual_tokens_first: the strategy's ``StrategyNeeds.visual_tokens_first``: each sample's
-            image tokens open its sequence (before BOS, after left padding) and the ``<image>``
-            placeholders leave the text.
     """
 
     def __init__(
         self,
         tokenizer: Any,
+        input_spec: InputSpec,
         image_processor: Any | None = None,
         text_tokenizer: Any | None = None,
         template: str | ConversationTemplate = "vicuna_v1",
         image_token: str = DEFAULT_IMAGE_TOKEN,
-        num_visual_tokens: int = 576,
         text_max_length: int = 77,
         pad_to_square: bool = True,
-        high_res_factor: int = 1,
-        instruction_rule: InstructionSpanRule = "first_user_text",
-        visual_tokens_first: bool = False,
     ) -> None:
+        if not isinstance(input_spec, InputSpec):
+            raise TypeError(f"input_spec must be an InputSpec (e.g. model.config.get_input_spec()), got {input_spec!r}.")
         self.tokenizer = tokenizer
+        self.input_spec = input_spec
         self.image_processor = image_processor if image_processor is not None else make_image_processor()
         self.text_tokenizer = text_tokenizer
         self.template = get_template(template)
         self.image_token = image_token
-        self.num_visual_tokens = int(num_visual_tokens)
         self.text_max_length = int(text_max_length)
         self.pad_to_square = bool(pad_to_square)
-        if int(high_res_factor) != high_res_factor or high_res_factor < 1:
-            raise ValueError(f"high_res_factor must be an integer >= 1, got {high_res_factor!r}.")
-        self.high_res_factor = int(high_res_factor)
         # Validates that the image token and the template's markers are single tokens, and the rule.
         self.encoder = TemplateEncoder(
-            tokenizer, self.template, image_token, self.num_visual_tokens, instruction_rule, visual_tokens_first
+            tokenizer, self.template, image_token, input_spec.num_visual_tokens, input_spec.instruction_span_rule,
+            input_spec.visual_tokens_first,
         )
         self._instruction_ids: dict[tuple[str, int], list[int]] = {}  # tokenize_instructions' memory
 
@@ -172,45 +162,20 @@ class VLMProcessor:
         image_processor: Any | None = None,
         text_tokenizer: Any | None = None,
         template: str | ConversationTemplate = "vicuna_v1",
-        num_visual_tokens: int | None = None,
-        high_res_factor: int | None = None,
         **kwargs: Any,
     ) -> "VLMProcessor":
-        """A processor matching a model (or its ``VLMConfig``).
-
-        From a model: ``num_visual_tokens`` is ``model.strategy.num_visual_tokens``, the settings
-        of :func:`processor_options` (``high_res_factor``, ``instruction_rule``,
-        ``visual_tokens_first``) come from ``model.strategy.needs`` and the image processor
-        follows ``model.vision_tower`` (size, mean, std). From a config the strategy is not built,
-        so ``num_visual_tokens`` must be given (and those settings, when the strategy's differ from
-        the defaults); the image size comes from ``config.vision_config["image_size"]``. The tokenizer must map ``config.image_token`` to
-        ``config.image_token_id``. ``text_max_length`` defaults to the model's text encoder limit
-        (at most 77). Remaining ``kwargs`` go to the constructor.
+        """A processor for a model or its ``VLMConfig``: the input spec is the config's
+        (``config.get_input_spec()``, written when the model was built), the image processor follows
+        ``model.vision_tower`` (size, mean, std) or, from a config, ``config.vision_config``. The
+        tokenizer must map ``config.image_token`` to ``config.image_token_id``; a spec that reads
+        instruction text needs a ``text_tokenizer``. ``text_max_length`` defaults to the model's text
+        encoder limit (at most 77). Remaining ``kwargs`` go to the constructor.
         """
         is_model = hasattr(model_or_config, "config")
         config = model_or_config.config if is_model else model_or_config
-        strategy = getattr(model_or_config, "strategy", None) if is_model else None
-        tower = getattr(model_or_config, "vision_tower", None) if is_model else None
-        if num_visual_tokens is None:
-            if strategy is None:
-                raise ValueError(
-                    "VLMProcessor.for_model got a config, whose strategy is not built: pass num_visual_tokens=... "
-                    "(or pass the model itself)."
-                )
-            num_visual_tokens = strategy.num_visual_tokens
-        elif strategy is not None and strategy.num_visual_tokens != num_visual_tokens:
-            raise ValueError(f"num_visual_tokens={num_visual_tokens} differs from the model strategy's {strategy.num_visual_tokens}.")
-        needs = getattr(strategy, "needs", None)
-        if needs is not None:
-            if high_res_factor is not None and high_res_factor != needs.high_res_factor:
-                raise ValueError(f"high_res_factor={high_res_factor} differs from the model strategy's {needs.high_res_factor}.")
-            high_res_factor = needs.high_res_factor
-            for key, value in processor_options(needs).items():
-                if key != "high_res_factor" and kwargs.setdefault(key, value) != value:
-                    raise ValueError(f"{key}={kwargs[key]!r} differs from the model strategy's {value!r}.")
-        if strategy is not None and strategy.needs.instruction_text and text_tokenizer is None:
+        spec = config.get_input_spec()
+        if spec.instruction_text and text_tokenizer is None:
             raise ValueError(f"Strategy {config.strategy!r} needs instruction text features: pass text_tokenizer=...")
-
         image_token = getattr(config, "image_token", DEFAULT_IMAGE_TOKEN)
         token_id = tokenizer.convert_tokens_to_ids(image_token)
         if token_id != config.image_token_id:
@@ -223,25 +188,24 @@ class VLMProcessor:
             # Truncate to what the encoder accepts (SigLIP: 64) as well as to CLIP's 77.
             kwargs["text_max_length"] = min(77, encoder.max_length)
         if image_processor is None:
-            if tower is not None:
-                image_processor = make_image_processor(tower.image_size, tower.image_mean, tower.image_std)
-            else:
-                spec = config.vision_config or {}
-                if "image_size" not in spec:
-                    raise ValueError("config.vision_config has no 'image_size': pass image_processor=...")
-                siglip = str(spec.get("model_type", "")).startswith("siglip")
-                stats = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
-                image_processor = make_image_processor(spec["image_size"], *stats)
-        return cls(
-            tokenizer,
-            image_processor=image_processor,
-            text_tokenizer=text_tokenizer,
-            template=template,
-            image_token=image_token,
-            num_visual_tokens=num_visual_tokens,
-            high_res_factor=1 if high_res_factor is None else high_res_factor,
-            **kwargs,
-        )
+            tower = getattr(model_or_config, "vision_tower", None) if is_model else None
+            image_processor = _tower_image_processor(tower, config)
+        return cls(tokenizer, spec, image_processor=image_processor, text_tokenizer=text_tokenizer,
+                   template=template, image_token=image_token, **kwargs)
+
+    def with_template(self, template: str | dict[str, Any] | ConversationTemplate,
+                      pad_to_square: bool | None = None) -> "VLMProcessor":
+        """The same tokenizers, image processing and input spec under another conversation template
+        (name or spec); ``pad_to_square`` (``None``: this processor's) pads images to a square (True)
+        or lets the image processor resize the short side and centre-crop (False). ``self`` when
+        nothing changes."""
+        template = get_template(template)
+        if self.template == template and pad_to_square in (None, self.pad_to_square):
+            return self
+        return type(self)(self.tokenizer, self.input_spec, image_processor=self.image_processor,
+                          text_tokenizer=self.text_tokenizer, template=template, image_token=self.image_token,
+                          text_max_length=self.text_max_length,
+                          pad_to_square=self.pad_to_square if pad_to_square is None else pad_to_square)
 
     # ---- pieces ------------------------------------------------------------------------------------
     @property
@@ -249,12 +213,21 @@ class VLMProcessor:
         return self.encoder.image_token_id
 
     @property
+    def num_visual_tokens(self) -> int:
+        return self.input_spec.num_visual_tokens
+
+    @property
+    def high_res_factor(self) -> int:
+        """The crop view's scale f (1: the model reads the base view only)."""
+        return self.input_spec.high_res_factor
+
+    @property
     def instruction_rule(self) -> InstructionSpanRule:
-        return self.encoder.instruction_rule  # type: ignore[return-value]
+        return self.input_spec.instruction_span_rule
 
     @property
     def visual_tokens_first(self) -> bool:
-        return self.encoder.visual_tokens_first
+        return self.input_spec.visual_tokens_first
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -263,11 +236,24 @@ class VLMProcessor:
         size = crop if getattr(self.image_processor, "do_center_crop", False) and crop else self.image_processor.size
         return 3, int(size["height"]), int(size["width"])
 
-    @property
-    def high_res_shape(self) -> tuple[int, int, int]:
-        """``(3, f*H, f*W)`` of one processed high-res image."""
+    def view_shape(self, scale: int) -> tuple[int, int, int]:
+        """``(3, s*H, s*W)`` of one processed image of the view of scale ``s``."""
         _, h, w = self.image_shape
-        return 3, self.high_res_factor * h, self.high_res_factor * w
+        return 3, scale * h, scale * w
+
+    def view_folders(self, images: str | os.PathLike, high_res_images: str | os.PathLike | None = None) -> dict[int, str]:
+        """scale -> the folder each view this processor makes is read from (same relative paths in
+        each): the base view from ``images``; the crop view, when the input spec has one, from
+        ``high_res_images`` if given (else the model cuts its crops from the base view upsampled)."""
+        return {scale: os.fspath(folder) for scale, folder in self._view_sources(images, high_res_images).items()}
+
+    def _view_sources(self, base: Any, high_res: Any) -> dict[int, Any]:
+        """scale -> where each view of the input spec comes from: the base view from ``base``, the
+        crop view (if the spec has one) from ``high_res`` when given (``None``: not made)."""
+        sources = {1: base}
+        if high_res is not None and self.high_res_factor > 1:
+            sources[self.high_res_factor] = high_res
+        return sources
 
     def encode(
         self, messages: Messages, max_length: int | None = None, add_generation_prompt: bool = False
@@ -275,15 +261,15 @@ class VLMProcessor:
         """Tokenise one conversation with the processor's template (see :class:`TemplateEncoder`)."""
         return self.encoder.encode(messages, max_length=max_length, add_generation_prompt=add_generation_prompt)
 
-    def preprocess_images(self, images: Sequence[Image.Image], high_res: bool = False) -> torch.Tensor:
-        """PIL images -> ``(N, 3, H, W)`` float pixel values (``N`` may be 0).
+    def preprocess_images(self, images: Sequence[Image.Image], scale: int = 1) -> torch.Tensor:
+        """PIL images -> ``(N, 3, s*H, s*W)`` float pixel values of the view of scale ``s`` (``N`` may be 0).
 
-        ``high_res=True``: -> ``(N, 3, f*H, f*W)``, the same padding, resizing (every size of the
-        image processor times f) and normalisation; an image already of that size is only normalised.
+        Every view gets the same padding, resizing (every size of the image processor times s) and
+        normalisation; an image already of the view's size is only normalised.
         """
-        if high_res and self.high_res_factor == 1:
-            raise ValueError("high_res=True needs a processor with high_res_factor > 1.")
-        shape = self.high_res_shape if high_res else self.image_shape
+        if scale not in self.input_spec.image_views:
+            raise ValueError(f"scale={scale} is not one of the input spec's image views {self.input_spec.image_views}.")
+        shape = self.view_shape(scale)
         if not images:
             return torch.zeros(0, *shape)
         if self.pad_to_square:
@@ -291,11 +277,11 @@ class VLMProcessor:
         fast = self._normalize_only(images, shape)
         if fast is not None:
             return fast
-        kwargs = self._high_res_sizes() if high_res else {}
+        kwargs = self._scaled_sizes(scale) if scale > 1 else {}
         pixels = self.image_processor(list(images), return_tensors="pt", **kwargs)["pixel_values"]
-        if high_res and tuple(pixels.shape[1:]) != shape:
+        if scale > 1 and tuple(pixels.shape[1:]) != shape:
             raise ValueError(
-                f"The image processor ({type(self.image_processor).__name__}) made high-res pixel values of "
+                f"The image processor ({type(self.image_processor).__name__}) made x{scale} pixel values of "
                 f"shape {tuple(pixels.shape[1:])} with sizes {kwargs}; expected {shape}."
             )
         return pixels
@@ -318,9 +304,9 @@ class VLMProcessor:
         pixels = arr.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
         return pixels.mul_(scale.view(3, 1, 1)).add_(shift.view(3, 1, 1))
 
-    def _high_res_sizes(self) -> dict[str, dict[str, int]]:
+    def _scaled_sizes(self, f: int) -> dict[str, dict[str, int]]:
         """The image processor's ``size`` / ``crop_size`` with every edge length times f."""
-        f, out = self.high_res_factor, {}
+        out = {}
         for name in ("size", "crop_size"):
             size = getattr(self.image_processor, name, None)
             if size is None:
@@ -369,9 +355,9 @@ class VLMProcessor:
         """Collate per-sample features into a batch.
 
         Each feature has ``input_ids``, ``labels`` and ``instruction_mask`` (lists of length T_i),
-        ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str), and optionally
-        ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)`` (then every sample with images must have it)
-        and ``image_keys`` (``n_i`` str).
+        ``pixel_values`` ``(n_i, 3, H, W)`` and ``instruction_text`` (str), and optionally the other
+        views of the input spec (``pixel_values_hr`` ``(n_i, 3, f*H, f*W)``; a view one sample with
+        images has, every one must have) and ``image_keys`` (``n_i`` str).
         Returns the batch keys described in the module docstring, padded to the longest sample on
         ``padding_side``.
         """
@@ -398,18 +384,19 @@ class VLMProcessor:
 
         pixels = [f["pixel_values"] for f in features if len(f["pixel_values"])]
         if pixels:
-            data["pixel_values"] = torch.cat(pixels)
             with_images = [(i, f) for i, f in enumerate(features) if len(f["pixel_values"])]
-            has_hr = [f.get("pixel_values_hr") is not None for _, f in with_images]
-            if any(has_hr):
-                for (i, f), hr in zip(with_images, has_hr):
-                    if not hr or len(f["pixel_values_hr"]) != len(f["pixel_values"]):
-                        n_hr = len(f["pixel_values_hr"]) if hr else 0
+            for scale in self.input_spec.image_views:
+                key = view_key(scale)
+                if not any(f.get(key) is not None for _, f in with_images):
+                    continue  # a view not given (the crop view: the model cuts crops from the base view)
+                for i, f in with_images:
+                    rows = len(f[key]) if f.get(key) is not None else 0
+                    if rows != len(f["pixel_values"]):
                         raise ValueError(
-                            f"Sample {i} has {len(f['pixel_values'])} image(s) but {n_hr} high-res image(s); "
-                            "pixel_values_hr must hold every image of the batch or none."
+                            f"Sample {i} has {len(f['pixel_values'])} image(s) but {rows} {view_name(scale)}(s); "
+                            f"{key} must hold every image of the batch or none."
                         )
-                data["pixel_values_hr"] = torch.cat([f["pixel_values_hr"] for _, f in with_images])
+                data[key] = torch.cat([f[key] for _, f in with_images])
             if all("image_keys" in f for _, f in with_images):
                 data["image_keys"] = [key for _, f in with_images for key in f["image_keys"]]
             if self.text_tokenizer is not None:
@@ -436,7 +423,8 @@ class VLMProcessor:
             images: per sample, a list of PIL images (one per ``<image>``, in order), a single image,
                 or ``None``; for a single conversation, its images directly.
             high_res_images: the same images at high resolution, in the same layout as ``images``
-                (``None`` = none): -> ``pixel_values_hr`` when ``high_res_factor`` > 1, ignored otherwise.
+                (``None`` = none): the source of the crop view (``pixel_values_hr``) when the input
+                spec has one, ignored otherwise.
             add_generation_prompt: end each sample with the assistant header (generation); no labels.
             return_tensors: only ``"pt"`` is supported.
             padding_side: default ``"left"`` for generation, ``"right"`` for training.
@@ -456,9 +444,10 @@ class VLMProcessor:
             images = [None] * len(batch)
         elif len(images) != len(batch):
             raise ValueError(f"Got {len(batch)} conversations but images for {len(images)} samples.")
-        use_hr = high_res_images is not None and self.high_res_factor > 1
-        if use_hr and len(high_res_images) != len(batch):
-            raise ValueError(f"Got {len(batch)} conversations but high-res images for {len(high_res_images)} samples.")
+        views = self._view_sources(images, high_res_images)
+        for scale, view_images in views.items():
+            if len(view_images) != len(batch):
+                raise ValueError(f"Got {len(batch)} conversations but {view_name(scale)}s for {len(view_images)} samples.")
 
         features = []
         n_truncated = 0
@@ -476,13 +465,13 @@ class VLMProcessor:
                 "labels": enc.labels,
                 "instruction_mask": enc.instruction_mask,
                 "instruction_text": enc.instruction_text,
-                "pixel_values": self.preprocess_images(sample_images),
             }
-            if use_hr:
-                sample_hr = _image_list(high_res_images[i])
-                if len(sample_hr) != len(sample_images):
-                    raise ValueError(f"Sample {i} has {len(sample_images)} image(s) but {len(sample_hr)} high-res image(s).")
-                feature["pixel_values_hr"] = self.preprocess_images(sample_hr, high_res=True)
+            for scale, view_images in views.items():
+                sample_view = sample_images if scale == 1 else _image_list(view_images[i])
+                if len(sample_view) != len(sample_images):
+                    raise ValueError(f"Sample {i} has {len(sample_images)} image(s) but {len(sample_view)} "
+                                     f"{view_name(scale)}(s).")
+                feature[view_key(scale)] = self.preprocess_images(sample_view, scale)
             features.append(feature)
         if n_truncated:
             logger.warning("Truncated %d of %d samples to max_length=%d tokens.", n_truncated, len(batch), max_length)
@@ -503,18 +492,15 @@ class VLMProcessor:
             "processor_class": type(self).__name__,
             "template": template,
             "image_token": self.image_token,
-            "num_visual_tokens": self.num_visual_tokens,
             "text_max_length": self.text_max_length,
             "pad_to_square": self.pad_to_square,
-            "high_res_factor": self.high_res_factor,
-            "instruction_rule": self.instruction_rule,
-            "visual_tokens_first": self.visual_tokens_first,
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write tokenizer, image processor, ``text_tokenizer/`` and ``vlm_processor_config.json``.
 
-        Meant to share a directory with the model (no file names collide with the model's).
+        Meant to share a directory with the model (no file names collide with the model's): the
+        input spec is not written here but read back from the model's ``config.json``.
         """
         os.makedirs(save_directory, exist_ok=True)
         self.tokenizer.save_pretrained(save_directory)
@@ -526,34 +512,41 @@ class VLMProcessor:
             f.write("\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, **overrides: Any) -> "VLMProcessor":
-        """Load what :meth:`save_pretrained` wrote (a local directory); ``overrides`` replace config values."""
+    def from_pretrained(cls, directory: str | os.PathLike, config: Any | None = None, **overrides: Any) -> "VLMProcessor":
+        """Load what :meth:`save_pretrained` wrote (a local directory) for the model saved there.
+
+        The input spec is the model's: ``config.get_input_spec()`` when a ``VLMConfig`` is given
+        (e.g. that of a model rebuilt with other strategy fields), else the ``input_spec`` of the
+        directory's ``config.json``. A folder saved before the spec lived in the model config keeps
+        loading: its processor config's own counts are read instead. ``overrides`` replace saved
+        processor settings (``template``, ``text_max_length``, ...).
+        """
         config_path = os.path.join(directory, PROCESSOR_CONFIG_NAME)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"No {PROCESSOR_CONFIG_NAME} in {directory!s}; was it saved with VLMProcessor.save_pretrained?")
         with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-        config.pop("processor_class", None)
-        template = config.pop("template")
-        config["template"] = template if isinstance(template, str) else ConversationTemplate.from_dict(template)
-        config.update(overrides)
+            saved = json.load(f)
+        saved.pop("processor_class", None)
+        legacy = {key: saved.pop(key) for key in _LEGACY_SPEC_KEYS if key in saved}
+        spec = config.get_input_spec() if config is not None else _saved_input_spec(directory, legacy)
+        template = saved.pop("template")
+        saved["template"] = template if isinstance(template, str) else ConversationTemplate.from_dict(template)
+        saved.update(overrides)
         # The directory's config.json is the VLM's, not the LLM's: let tokenizer_config.json alone
         # pick the tokenizer class (a blank config stops AutoTokenizer from reading config.json).
         text_dir = os.path.join(directory, TEXT_TOKENIZER_SUBFOLDER)
-        if "text_tokenizer" not in config and os.path.isdir(text_dir):
-            config["text_tokenizer"] = AutoTokenizer.from_pretrained(text_dir, config=PreTrainedConfig())
-        if "tokenizer" not in config:
-            config["tokenizer"] = AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
-        if "image_processor" not in config:
-            config["image_processor"] = AutoImageProcessor.from_pretrained(directory)
-        return cls(**config)
+        if "text_tokenizer" not in saved and os.path.isdir(text_dir):
+            saved["text_tokenizer"] = AutoTokenizer.from_pretrained(text_dir, config=PreTrainedConfig())
+        if "tokenizer" not in saved:
+            saved["tokenizer"] = AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
+        if "image_processor" not in saved:
+            saved["image_processor"] = AutoImageProcessor.from_pretrained(directory)
+        return cls(input_spec=spec, **saved)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(template={self.template.name!r}, image_token={self.image_token!r}, "
-            f"num_visual_tokens={self.num_visual_tokens}, image_shape={self.image_shape}, "
-            f"high_res_factor={self.high_res_factor}, instruction_rule={self.instruction_rule!r}, "
-            f"visual_tokens_first={self.visual_tokens_first}, "
+            f"image_shape={self.image_shape}, input_spec={self.input_spec}, "
             f"text_tokenizer={'yes' if self.text_tokenizer is not None else 'no'})"
         )
 
@@ -565,3 +558,35 @@ def _image_list(images: Any) -> list[Image.Image]:
     if isinstance(images, Image.Image):
         return [images]
     return list(images)
+
+
+def _saved_input_spec(directory: str | os.PathLike, legacy: dict[str, Any]) -> InputSpec:
+    """The ``input_spec`` of the model config saved in ``directory``, else (a folder saved before the
+    spec lived there) the one its processor config's ``legacy`` counts describe."""
+    path = os.path.join(directory, MODEL_CONFIG_NAME)
+    stored = None
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f).get("input_spec")
+    if stored is not None:
+        return InputSpec.from_dict(stored, where=f"{path}: input_spec")
+    if "num_visual_tokens" not in legacy:
+        raise ValueError(f"{directory!s} holds no input spec: no 'input_spec' in {MODEL_CONFIG_NAME} (a model saved with "
+                         f"VLMForConditionalGeneration.save_pretrained) and no 'num_visual_tokens' in {PROCESSOR_CONFIG_NAME}; "
+                         "pass config=<the model's VLMConfig>.")
+    factor = int(legacy.get("high_res_factor", 1))
+    return InputSpec(num_visual_tokens=int(legacy["num_visual_tokens"]), image_views=(1,) if factor == 1 else (1, factor),
+                     instruction_span_rule=legacy.get("instruction_rule", "first_user_text"),
+                     visual_tokens_first=bool(legacy.get("visual_tokens_first", False)))
+
+
+def _tower_image_processor(tower: Any, config: Any) -> CLIPImageProcessor:
+    """The image processor of a built tower (size, mean, std), else of ``config.vision_config``."""
+    if tower is not None:
+        return make_image_processor(tower.image_size, tower.image_mean, tower.image_std)
+    spec = config.vision_config or {}
+    if "image_size" not in spec:
+        raise ValueError("config.vision_config has no 'image_size': pass image_processor=...")
+    siglip = str(spec.get("model_type", "")).startswith("siglip")
+    stats = ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
+    return make_image_processor(spec["image_size"], *stats)

@@ -63,6 +63,83 @@ class StrategyNeeds:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """What a model's inputs must hold: the one description of them that the processor, dataset,
+    collator, evaluator and tools read. A strategy derives it (:attr:`GuidanceStrategy.input_spec`),
+    the model stores it in ``VLMConfig.input_spec`` (so ``config.json`` carries it) and
+    ``VLMProcessor`` builds from it; nothing else keeps a copy.
+
+    Attributes:
+        num_visual_tokens: image tokens per ``<image>`` (the processor expands each placeholder to these).
+        image_views: the views of each image the model reads, as scales of the tower's input size:
+            ``1`` is the base view (``pixel_values``); a scale f > 1 is the picture at f times the
+            tower's size, which the core cuts into f x f crops (``pixel_values_hr``; from the base view
+            upsampled when not given). At most one scale > 1.
+        instruction_text: the text-encoder features read (``()``: no instruction text is tokenised
+            for an encoder).
+        instruction_span: the strategy reads ``instruction_mask``.
+        instruction_span_rule: which tokens ``instruction_mask`` marks (see :class:`StrategyNeeds`).
+        visual_tokens_first: each sample's visual tokens open its sequence (see :class:`StrategyNeeds`).
+    """
+
+    num_visual_tokens: int
+    image_views: tuple[int, ...] = (1,)
+    instruction_text: tuple[TextFeatureKind, ...] = ()
+    instruction_span: bool = False
+    instruction_span_rule: InstructionSpanRule = "first_user_text"
+    visual_tokens_first: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.num_visual_tokens) != self.num_visual_tokens or self.num_visual_tokens < 1:
+            raise ValueError(f"InputSpec.num_visual_tokens must be an integer >= 1, got {self.num_visual_tokens!r}.")
+        views = tuple(self.image_views)
+        if not views or views[0] != 1 or any(int(v) != v or v < 1 for v in views) or len(set(views)) != len(views):
+            raise ValueError(f"InputSpec.image_views must start with the base view 1 and list distinct integer "
+                             f"scales >= 1, got {self.image_views!r}.")
+        if len(views) > 2:
+            raise ValueError(f"InputSpec.image_views holds at most one high-res scale, got {self.image_views!r}.")
+        object.__setattr__(self, "image_views", tuple(int(v) for v in views))
+        object.__setattr__(self, "instruction_text", tuple(self.instruction_text))
+
+    @classmethod
+    def from_needs(cls, needs: StrategyNeeds, num_visual_tokens: int) -> "InputSpec":
+        return cls(
+            num_visual_tokens=int(num_visual_tokens),
+            image_views=(1,) if needs.high_res_factor == 1 else (1, needs.high_res_factor),
+            instruction_text=needs.instruction_text,
+            instruction_span=needs.instruction_span,
+            instruction_span_rule=needs.instruction_span_rule,
+            visual_tokens_first=needs.visual_tokens_first,
+        )
+
+    @property
+    def high_res_factor(self) -> int:
+        """The scale of the crop view, or 1 when the model reads the base view only."""
+        return max(self.image_views)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "input_spec") -> "InputSpec":
+        """The inverse of :meth:`to_dict`; unknown or missing keys are errors naming ``where``."""
+        if not isinstance(values, dict) or "num_visual_tokens" not in values:
+            raise ValueError(f"{where} must be a mapping with 'num_visual_tokens', got {values!r}.")
+        return build_dataclass(cls, values, where=where)
+
+
+def view_key(scale: int) -> str:
+    """The batch key of an image view: ``pixel_values`` for the base view (scale 1),
+    ``pixel_values_hr`` for the crop view (scale f > 1)."""
+    return "pixel_values" if scale == 1 else "pixel_values_hr"
+
+
+def view_name(scale: int) -> str:
+    """How messages name one image of a view: ``"image"`` (base view) or ``"high-res image"``."""
+    return "image" if scale == 1 else "high-res image"
+
+
+@dataclass(frozen=True)
 class CoreDims:
     """Sizes of the shared core that a strategy is built against.
 
@@ -268,6 +345,12 @@ class GuidanceStrategy(nn.Module):
     def num_visual_tokens(self) -> int:
         """Tokens this strategy puts in place of one ``<image>`` (the processor expands to this)."""
         raise NotImplementedError
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """What the model's inputs hold for this strategy (from :attr:`needs` and
+        :attr:`num_visual_tokens`); stored in ``VLMConfig.input_spec`` by the model."""
+        return InputSpec.from_needs(self.needs, self.num_visual_tokens)
 
     @property
     def adapter_layers(self) -> tuple[int, ...]:

@@ -59,6 +59,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
+from .config import prepare_run_files
 from .study_claims import load_claims
 from .study_report import write_outputs
 
@@ -278,7 +279,7 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
     """Visual tokens per image, and the median latency (ms) of one greedy answer of exactly
     ``eval.max_new_tokens`` tokens at batch 1 over the first ``n_prompts`` eval questions."""
     from .build import torch_dtype
-    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval, record_images
+    from .evaluation import generation_batch, greedy_generate, image_first_messages, load_eval_records, load_for_eval, record_views
 
     model, processor = load_for_eval(model_dir, cfg.eval.template, torch_dtype(cfg.model.dtype))
     out: dict[str, Any] = {"visual_tokens": int(processor.num_visual_tokens), "latency_ms": None}
@@ -286,14 +287,13 @@ def measure_generation(cfg, model_dir: str | os.PathLike, n_prompts: int) -> dic
         return out
     records = load_eval_records(cfg.eval.data, cfg.eval.question_type_key, n_prompts)
     images_dir = cfg.eval.images or cfg.data.images or os.path.dirname(os.path.abspath(cfg.eval.data))
-    hr_dir = cfg.eval_high_res_images() if processor.high_res_factor > 1 else None  # as the evaluator reads them
+    folders = processor.view_folders(images_dir, cfg.eval_high_res_images())  # as the evaluator reads them
     n_new = cfg.eval.max_new_tokens
     times = []
     for i, rec in enumerate([records[0], *records]):  # the first one warms up
-        images = record_images(rec, images_dir)
-        high_res = [record_images(rec, hr_dir, "high-res image")] if hr_dir else None
+        images, high_res = record_views(rec, folders)
         batch = generation_batch(model, processor, [image_first_messages(rec.messages, len(rec.images))], [images],
-                                 high_res)
+                                 None if high_res is None else [high_res])
         start = time.perf_counter()
         greedy_generate(model, processor, batch, n_new, min_new_tokens=n_new)
         if i:
@@ -387,6 +387,8 @@ def run_study(spec: StudySpec) -> StudyResult:
     configs = {(a, s): load_run_config(paths[a], run_overrides(spec, a, s)) for s in spec.seeds for a in spec.archs}
     if not spec.allow_unequal_budgets:
         check_budgets({a: run_budget(configs[(a, spec.seeds[0])]) for a in spec.archs}, paths)
+    for cfg in configs.values():  # once, before any worker starts (the first call builds, the rest verify)
+        prepare_run_files(cfg)
     if spec.jobs > 1:
         train_in_parallel(spec, paths, list(configs))
     runs = []

@@ -33,6 +33,7 @@ from datasets import Features, List, Value
 from datasets.fingerprint import Hasher
 from PIL import Image
 
+from ..strategy import view_key, view_name
 from .checks import ImagePathError, image_problems, resolve_image_path
 from .records import CACHE_VERSION, LlavaDataError, SkippedRecord, read_llava_records
 from .supervision import TokenizationMismatchError, check_supervision
@@ -116,10 +117,10 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         processor: supplies the tokenizer, template, image token, ``num_visual_tokens`` and image preprocessing.
         image_folder: root of the records' relative image paths (default: the JSON file's folder).
         high_res_folder: a folder with the same relative paths holding each image at high
-            resolution (e.g. the tiny world's ``images_2x/``). When the processor's
-            ``high_res_factor`` f > 1, every item also gets ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)``
-            from these files (a missing one is a bad record, as a missing image is); with f = 1
-            it is not read.
+            resolution (e.g. the tiny world's ``images_2x/``): the source of the crop view when the
+            processor's input spec has one (scale f > 1 in ``image_views``); every item then also gets
+            ``pixel_values_hr`` ``(n_i, 3, f*H, f*W)`` from these files (a missing one is a bad
+            record, as a missing image is). Without a crop view it is not read.
         max_length: truncate longer samples (counted, one summary warning); a cut reaching image
             tokens is a bad record.
         max_positions: the LLM's position limit (``max_position_embeddings``): a sample longer
@@ -141,16 +142,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             says (it is the template or tokenizer at fault, not the record). 0 = no check.
         cache_dir: ``datasets`` cache directory (default: the ``datasets`` cache).
         num_proc: processes for tokenisation.
+        features_cached: optional ``image_key -> bool``, from a training run whose frozen tower's
+            features are memoised (:mod:`vlmzoo.feature_cache`). A record all of whose images are
+            cached is not read from disk: its pixel rows are NaN placeholders, which the model never
+            encodes (it raises if it would). Only for loading in the training process
+            (``num_workers=0``).
 
     ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "instruction_text",
     "pixel_values" (n_i, 3, H, W), "image_keys"}`` (+ ``"pixel_values_hr"`` with a high-res
     folder); batch those with :class:`VLMDataCollator`. ``image_keys`` names each image's files
     (its path, and its high-res path after a ``|``).
 
-    ``features_cached``: optional ``image_key -> bool``, set by a training run whose frozen tower's
-    features are memoised (:mod:`vlmzoo.feature_cache`). A record all of whose images are cached
-    is not read from disk: its pixel rows are NaN placeholders, which the model never encodes (it
-    raises if it would). Only for loading in the training process (``num_workers=0``).
     """
 
     def __init__(
@@ -169,6 +171,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         check_samples: int = 4,
         cache_dir: str | None = None,
         num_proc: int | None = None,
+        features_cached: Callable[[str], bool] | None = None,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
@@ -176,15 +179,14 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             raise ValueError(f"check_images must be 'none', 'exists' or 'decode', got {check_images!r}.")
         self.json_path = os.path.abspath(os.fspath(json_path))
         self.image_folder = os.fspath(image_folder) if image_folder is not None else os.path.dirname(self.json_path)
-        self.high_res_folder: str | None = None
-        if high_res_folder is not None:
-            if processor.high_res_factor > 1:
-                self.high_res_folder = os.fspath(high_res_folder)
-                if not os.path.isdir(self.high_res_folder):
-                    raise LlavaDataError(self.json_path, f"high-res image folder not found: {self.high_res_folder}")
-            else:
-                logger.info("%s: high-res images %s not read (the strategy has no high-res factor).",
-                            self.json_path, os.fspath(high_res_folder))
+        # scale -> folder of every view read: the base view always, the crop view from high_res_folder
+        self.view_folders = processor.view_folders(self.image_folder, high_res_folder)
+        for scale, folder in self.view_folders.items():
+            if scale > 1 and not os.path.isdir(folder):
+                raise LlavaDataError(self.json_path, f"{view_name(scale)} folder not found: {folder}")
+        if high_res_folder is not None and len(self.view_folders) == 1:
+            logger.info("%s: high-res images %s not read (the model reads no crop view).",
+                        self.json_path, os.fspath(high_res_folder))
         self.processor = processor
         self.on_error = on_error
         self.max_length = max_length
@@ -192,7 +194,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self.allow_absolute_paths = allow_absolute_paths
         self.skipped: list[SkippedRecord] = []
         self.runtime_skipped: list[SkippedRecord] = []  # found in __getitem__ (this process only)
-        self.features_cached: Callable[[str], bool] | None = None
+        self.features_cached = features_cached
         self.reads_saved = 0  # records served without reading their images (features_cached)
 
         records = read_llava_records(self.json_path, cache_dir=cache_dir)
@@ -299,10 +301,7 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     def _image_folders(self) -> list[tuple[str, str]]:
         """(folder, what it holds) of every folder an item reads its images from."""
-        folders = [(self.image_folder, "image")]
-        if self.high_res_folder is not None:
-            folders.append((self.high_res_folder, "high-res image"))
-        return folders
+        return [(folder, view_name(scale)) for scale, folder in self.view_folders.items()]
 
     # ---- access ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -333,11 +332,9 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         raise LlavaDataError(self.json_path, "no record could be loaded.")
 
     def image_key(self, rel: str) -> str:
-        """The files one image of a record is read from: ``path`` or ``path|high_res_path``."""
-        key = os.path.abspath(os.path.join(self.image_folder, rel))
-        if self.high_res_folder is not None:
-            key += "|" + os.path.abspath(os.path.join(self.high_res_folder, rel))
-        return key  # os.path.join keeps an absolute rel as it is, as resolve_image_path does
+        """The files one image of a record is read from, one per view: ``path`` or ``path|high_res_path``."""
+        # os.path.join keeps an absolute rel as it is, as resolve_image_path does
+        return "|".join(os.path.abspath(os.path.join(folder, rel)) for folder in self.view_folders.values())
 
     def _load(self, row: dict[str, Any]) -> dict[str, Any]:
         keys = [self.image_key(rel) for rel in row["images"]]
@@ -350,23 +347,20 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             "image_keys": keys,
         }
         if keys and self.features_cached is not None and all(self.features_cached(k) for k in keys):
-            item["pixel_values"] = torch.full((len(keys), *self.processor.image_shape), float("nan"))
-            if self.high_res_folder is not None:
-                item["pixel_values_hr"] = torch.full((len(keys), *self.processor.high_res_shape), float("nan"))
+            for scale in self.view_folders:
+                item[view_key(scale)] = torch.full((len(keys), *self.processor.view_shape(scale)), float("nan"))
             self.reads_saved += 1
             return item
-        images = [self._read(row, self.image_folder, rel, "image") for rel in row["images"]]
-        item["pixel_values"] = self.processor.preprocess_images(images)
-        if self.high_res_folder is not None:
-            high_res = []
-            for rel, base in zip(row["images"], images):
-                image = self._read(row, self.high_res_folder, rel, "high-res image")
-                problem = high_res_size_problem(base.size, image.size)
+        base: list[Image.Image] = []
+        for scale, folder in self.view_folders.items():
+            images = [self._read(row, folder, rel, view_name(scale)) for rel in row["images"]]
+            for rel, image, base_image in zip(row["images"], images, base):  # base is [] for the base view
+                problem = high_res_size_problem(base_image.size, image.size)
                 if problem:
                     raise LlavaDataError(self.json_path, f"{problem} ({os.path.join(self.image_folder, rel)} vs "
-                                         f"{os.path.join(self.high_res_folder, rel)})", row["id"], row["index"])
-                high_res.append(image)
-            item["pixel_values_hr"] = self.processor.preprocess_images(high_res, high_res=True)
+                                         f"{os.path.join(folder, rel)})", row["id"], row["index"])
+            base = base or images
+            item[view_key(scale)] = self.processor.preprocess_images(images, scale)
         return item
 
     def _read(self, row: dict[str, Any], folder: str, rel: str, what: str) -> Image.Image:

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .config import TinyWorldConfig
 from .questions import (
@@ -170,11 +171,19 @@ def render_all(cfg: TinyWorldConfig, data_dir: str, items: list[tuple[str, Scene
         for rel_dir in {os.path.dirname(rel) for rel, _ in items}:
             os.makedirs(os.path.join(data_dir, sub, rel_dir), exist_ok=True)
     jobs = [(cfg, data_dir, chunk, keep) for chunk in _chunks(items, max(1, cfg.workers) * 4)]
+    bar = tqdm(total=len(items), desc="[tinyworld] images", unit="img", mininterval=2, leave=False)
     if cfg.workers > 1 and len(items) > 256:
         with mp.get_context("fork").Pool(cfg.workers) as pool:
-            parts = pool.map(_write_images, jobs)
+            parts = []
+            for job, part in zip(jobs, pool.imap(_write_images, jobs)):
+                parts.append(part)
+                bar.update(len(job[2]))
     else:
-        parts = [_write_images(j) for j in jobs]
+        parts = []
+        for job in jobs:
+            parts.append(_write_images(job))
+            bar.update(len(job[2]))
+    bar.close()
     return np.concatenate(parts) if keep else None  # type: ignore[arg-type]
 
 

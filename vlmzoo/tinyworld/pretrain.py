@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -228,7 +229,7 @@ def pretrain_clip(
         perm, pos = torch.randperm(n, generator=gen), 0
         stats: dict[str, float] = {}
         log_every = max(1, c.steps // 6)
-        for step in range(c.steps):
+        for step in tqdm(range(c.steps), desc="[tinyworld] tiny CLIP", unit="step", mininterval=2, leave=False):
             if pos + c.batch_size > n:
                 perm, pos = torch.randperm(n, generator=gen), 0
             idx = perm[pos : pos + c.batch_size]
@@ -450,7 +451,7 @@ def _train_llm_cycle(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Ten
     log_every = max(1, steps // 6)
     model.train()
     t1 = time.perf_counter()
-    for step in range(steps):
+    for step in tqdm(range(steps), desc=f"[tinyworld] tiny LLM, {name}", unit="step", mininterval=2, leave=False):
         sl = slice(step * m.batch_size, (step + 1) * m.batch_size)
         bm = mask[sl]
         width = int(bm.sum(1).max())
@@ -469,7 +470,7 @@ def _train_llm_cycle(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Ten
 
 
 def pretrain_llm(cfg: TinyWorldConfig, tokenizer: PreTrainedTokenizerFast, out_dir: str, log: Log = print) -> dict[str, float]:
-    """Train, check and save the tiny Llama (with its tokenizer); returns metrics and timing.
+    """Train, check and save the tiny Llama into ``out_dir`` (which holds its tokenizer); returns metrics and timing.
 
     Two cycles, each on its own documents: ``llm.steps`` at ``llm.lr``, then (a warm restart)
     ``llm.continue_steps`` at ``llm.continue_lr``.
@@ -505,7 +506,6 @@ def pretrain_llm(cfg: TinyWorldConfig, tokenizer: PreTrainedTokenizerFast, out_d
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
-        model.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        model.save_pretrained(out_dir)  # beside the tokenizer, which the build saved there first
     return {"seconds": time.perf_counter() - t0, "final_loss": final_loss,
             **{f"qa_{k}": v for k, v in qa.items()}, **{f"cos_{k}": v for k, v in cos_in.items()}}

@@ -17,6 +17,7 @@ import os
 from ..config import RunConfig
 from ..data.checks import check_data_file, image_problems
 from ..data.records import LlavaDataError, iter_json_records
+from ..strategy import view_name
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,6 @@ def check_lengths(cfg: RunConfig, stages: list[int], model, processor, evaluate:
     """Tokenise the data of ``stages`` with ``processor`` (each stage's template) and check lengths
     against the LLM's positions; check the eval prompts too if ``evaluate``."""
     from ..data import LlavaJsonDataset
-    from .runner import processor_with_template
 
     limit = position_limit(model)
     if limit is not None and cfg.data.max_length is not None and cfg.data.max_length > limit:
@@ -70,7 +70,7 @@ def check_lengths(cfg: RunConfig, stages: list[int], model, processor, evaluate:
     for i in stages:
         stage = cfg.training.stages[i]
         LlavaJsonDataset(
-            stage.data, processor_with_template(processor, stage.template), cfg.stage_images(stage),
+            stage.data, processor.with_template(stage.template), cfg.stage_images(stage),
             high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length, max_positions=limit,
             check_images=cfg.data.check_images, allow_absolute_paths=cfg.data.allow_absolute_image_paths,
         )
@@ -80,21 +80,21 @@ def check_lengths(cfg: RunConfig, stages: list[int], model, processor, evaluate:
 
 def _check_eval(cfg: RunConfig, processor, limit: int | None) -> None:
     from ..evaluation import image_first_messages, load_eval_records
-    from .runner import processor_with_template
 
     e = cfg.eval
     path = os.path.abspath(e.data)
     records = load_eval_records(e.data, e.question_type_key, e.max_samples)
-    high_res = cfg.eval_high_res_images()
-    if high_res and processor.high_res_factor > 1:
+    views = [(folder, view_name(scale)) for scale, folder in
+             processor.view_folders(cfg.eval_images() or "", cfg.eval_high_res_images()).items() if scale > 1]
+    if views:
         rows = [(k, r.id, r.images) for k, r in enumerate(records)]
-        for index, rid, reason in image_problems(rows, [(high_res, "high-res image")], cfg.data.check_images,
+        for index, rid, reason in image_problems(rows, views, cfg.data.check_images,
                                                  cfg.data.allow_absolute_image_paths)[:1]:
             raise LlavaDataError(path, reason, rid, index)
     if limit is None:
         return
     template = e.template or cfg.training.stages[-1].template
-    prompts = processor_with_template(processor, template)
+    prompts = processor.with_template(template)
     for k, rec in enumerate(records):
         enc = prompts.encode(image_first_messages(rec.messages, len(rec.images)), add_generation_prompt=True)
         if len(enc) + e.max_new_tokens > limit:

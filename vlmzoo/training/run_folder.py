@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..config import RunConfig, diff_configs, identity_hash, stage_identity, training_identity
+from ..variables import variable_providers
 from .checkpoints import recorded_hashes
 
 if TYPE_CHECKING:
@@ -77,11 +78,13 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _identity_of(tree: dict[str, Any], like: dict[str, Any]) -> dict[str, Any]:
-    """``training_identity(tree)``; a ``resolved_config.yaml`` written before configs recorded
-    ``tiny_world.root`` gets ``like``'s root, so its world paths compare by hash too."""
-    world = tree.get("tiny_world")
-    if isinstance(world, dict) and not world.get("root") and (like.get("tiny_world") or {}).get("root"):
-        tree = {**tree, "tiny_world": {**world, "root": like["tiny_world"]["root"]}}
+    """``training_identity(tree)``; a ``resolved_config.yaml`` written before configs recorded a
+    provider section's ``root`` (e.g. ``tiny_world.root``) gets ``like``'s, so its paths compare by
+    the folder's name too."""
+    for name in variable_providers():
+        section = tree.get(name)
+        if isinstance(section, dict) and not section.get("root") and (like.get(name) or {}).get("root"):
+            tree = {**tree, name: {**section, "root": like[name]["root"]}}
     return training_identity(tree)
 
 

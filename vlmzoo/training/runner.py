@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from ..config import RunConfig, StageConfig, save_resolved_config
-from ..feature_cache import InstructionFeatureCache, VisionFeatureCache
+from ..config import RunConfig, StageConfig, prepare_run_files, save_resolved_config
+from ..feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
 from ..lora import ADAPTER_DIRNAME
 from ..registry import get_strategy_class
 from ..utils import atomic_write_text
@@ -109,6 +109,7 @@ def run_training(
     (:mod:`vlmzoo.training.preflight`)."""
     if not cfg.training.stages:
         raise ValueError("training.stages is empty: nothing to train.")
+    prepare_run_files(cfg)  # e.g. builds the tiny world on first use (safe across processes)
     out = Path(cfg.output.dir)
     main = is_main_process()
     if main:
@@ -177,7 +178,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
     from ..build import build_model_and_processor, torch_dtype
     from ..configuration import VLMConfig
     from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor, processor_options
+    from ..processing import VLMProcessor
 
     fields = cfg.stage_strategy_config(stage) if stage is not None else dict(cfg.model.strategy_config)
     if previous_final is None:
@@ -195,7 +196,7 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
         if wanted == config.strategy_config:
             model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype, load_adapter=False)
-            processor = VLMProcessor.from_pretrained(previous_final, **processor_options(model.strategy.needs))
+            processor = VLMProcessor.from_pretrained(previous_final)
         else:
             torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
             model, processor = rebuild_with_strategy_config(previous_final, config, wanted, dtype)
@@ -236,9 +237,9 @@ def _with_stage_adapter(cfg: RunConfig, model, previous_final: Path | None, stag
 def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
     """Load the model saved in ``model_dir`` into the same architecture built with other strategy
     fields; log which weights load, which start fresh (initialised as a new model's) and which are
-    dropped. -> ``(model, processor)``, the processor matched to the new visual-token count."""
+    dropped. -> ``(model, processor)``: the saved processor serving the new model's input spec."""
     from ..modeling import VLMForConditionalGeneration
-    from ..processing import VLMProcessor, processor_options
+    from ..processing import VLMProcessor
 
     changed = sorted(k for k in strategy_config if strategy_config[k] != config.strategy_config.get(k))
     logger.info("Strategy %r rebuilt with %s (saved model: %s).", config.strategy,
@@ -251,14 +252,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
     log_key_groups("New (fresh init)", info["missing_keys"])
     log_key_groups("Dropped (unused)", info["unexpected_keys"])
-    processor = VLMProcessor.from_pretrained(model_dir, **processor_options(model.strategy.needs))
-    if processor.num_visual_tokens != model.strategy.num_visual_tokens:
-        processor = VLMProcessor.for_model(
-            model, processor.tokenizer, image_processor=processor.image_processor,
-            text_tokenizer=processor.text_tokenizer, template=processor.template,
-            text_max_length=processor.text_max_length, pad_to_square=processor.pad_to_square,
-        )
-    return model, processor
+    return model, VLMProcessor.from_pretrained(model_dir, config=model.config)
 
 
 def load_weights_by_name(model, model_dir: str | os.PathLike, what: str = "model.init_from",
@@ -316,31 +310,6 @@ def log_key_groups(label: str, keys: list[str], depth: int = 2) -> None:
         counts[prefix] = counts.get(prefix, 0) + 1
     for prefix, count in counts.items():
         logger.info("%s: %s.* (%d tensors)", label, prefix, count)
-
-
-def processor_with_template(processor, template: str | dict[str, Any], pad_to_square: bool | None = None):
-    """The same tokenizers and image processing under another conversation template (name or spec);
-    ``pad_to_square`` (``None``: the processor's) pads images to a square (True) or lets the image
-    processor resize the short side and centre-crop (False)."""
-    from ..data.templates import get_template
-    from ..processing import VLMProcessor
-
-    template = get_template(template)
-    if processor.template == template and pad_to_square in (None, processor.pad_to_square):
-        return processor
-    return VLMProcessor(
-        processor.tokenizer,
-        image_processor=processor.image_processor,
-        text_tokenizer=processor.text_tokenizer,
-        template=template,
-        image_token=processor.image_token,
-        num_visual_tokens=processor.num_visual_tokens,
-        text_max_length=processor.text_max_length,
-        pad_to_square=processor.pad_to_square if pad_to_square is None else pad_to_square,
-        high_res_factor=processor.high_res_factor,
-        instruction_rule=processor.instruction_rule,
-        visual_tokens_first=processor.visual_tokens_first,
-    )
 
 
 def training_arguments(cfg: RunConfig, stage: StageConfig) -> TrainingArguments:
@@ -406,32 +375,34 @@ def train_stage(
     for line in plan.count_lines(model):
         logger.info("%s %s", tag, line)
 
+    caches = FeatureCaches()  # this stage's: the run owns the caches, the trainer hands them to the model
     if feature_cache is not None:
         if plan.tower_changes:  # its features change from step to step
             feature_cache.clear()
         else:
-            model.vision_feature_cache = feature_cache
+            caches.vision = feature_cache
             logger.info("%s frozen vision tower: features cached per image (training.cache_vision_features; "
                         "%d images from earlier stages)", tag, len(feature_cache))
     if text_cache is not None and model.text_encoder is not None:
-        model.text_feature_cache = text_cache
+        caches.text = text_cache
+    # a record whose images' features are cached is not read from disk (see LlavaJsonDataset)
+    features_cached = (functools.partial(caches.vision.contains, model.strategy.needs)
+                       if caches.vision is not None and cfg.data.num_workers == 0 else None)
     args = training_arguments(cfg, stage)
-    processor = processor_with_template(processor, stage.template, stage.pad_to_square)
+    processor = processor.with_template(stage.template, stage.pad_to_square)
     from .preflight import position_limit
 
     with args.main_process_first(desc=f"{stage.name} dataset"):
         dataset = LlavaJsonDataset(stage.data, processor, cfg.stage_images(stage),
                                    high_res_folder=cfg.stage_high_res_images(stage), max_length=cfg.data.max_length,
                                    max_positions=position_limit(model), check_images=cfg.data.check_images,
-                                   allow_absolute_paths=cfg.data.allow_absolute_image_paths)
+                                   allow_absolute_paths=cfg.data.allow_absolute_image_paths,
+                                   features_cached=features_cached)
         # the main process first: it sets damaged checkpoints aside, the others then only read
         checkpoint = find_resume_checkpoint(Path(args.output_dir), tidy=is_main_process())
     if checkpoint is not None and checkpoint.config_hash != status.config_hash:
         raise ValueError(f"{checkpoint.path} was written by another config (hash {checkpoint.config_hash}, this "
                          f"stage's is {status.config_hash}); see training.on_config_change.")
-    if model.vision_feature_cache is not None and cfg.data.num_workers == 0:
-        # a record whose images' features are cached is not read from disk (see LlavaJsonDataset)
-        dataset.features_cached = functools.partial(model.vision_feature_cache.contains, model.strategy.needs)
     trainer = VLMTrainer(
         model=model,
         args=args,
@@ -442,6 +413,7 @@ def train_stage(
         callbacks=callbacks,
         checkpoint_info={"stage": stage.name, "config_hash": status.config_hash, "config": status.identity},
         loss_sum_start=float(checkpoint.manifest.get("loss_sum", 0.0)) if checkpoint else 0.0,
+        feature_caches=caches if (caches.vision is not None or caches.text is not None) else None,
     )
     start = time.perf_counter()
     if checkpoint is not None and _holds_last_step(checkpoint):
@@ -457,16 +429,14 @@ def train_stage(
         global_step, log_history, loss_sum = output.global_step, trainer.state.log_history, trainer.loss_sum()
     runtime = time.perf_counter() - start
 
-    cache = model.vision_feature_cache
+    cache = caches.vision
     if cache is not None:
         logger.info("%s vision feature cache: %d images, %.0f MiB, %d hits / %d misses so far in this run; "
                     "%d records served without reading their images", tag, len(cache), cache.bytes / 2**20, cache.hits,
                     cache.misses, dataset.reads_saved)
-        model.vision_feature_cache = None
-    if model.text_feature_cache is not None:
+    if caches.text is not None:
         logger.info("%s text feature cache: %d instructions, %d hits / %d misses so far in this run",
-                    tag, len(text_cache), text_cache.hits, text_cache.misses)
-        model.text_feature_cache = None
+                    tag, len(caches.text), caches.text.hits, caches.text.misses)
     metrics = {
         "stage": stage.name,
         "global_step": global_step,

@@ -22,6 +22,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import rotate_checkpoints
 
+from ..feature_cache import FeatureCaches
 from .checkpoints import CHECKPOINT_PREFIX, TMP_PREFIX, publish, write_manifest
 from .groups import StagePlan
 
@@ -50,15 +51,24 @@ class VLMTrainer(Trainer):
     """``Trainer`` whose optimizer follows a :class:`StagePlan` (per-group learning rates)."""
 
     def __init__(self, *args, stage_plan: StagePlan, checkpoint_info: dict[str, Any] | None = None,
-                 loss_sum_start: float = 0.0, **kwargs) -> None:
+                 loss_sum_start: float = 0.0, feature_caches: FeatureCaches | None = None, **kwargs) -> None:
         """``checkpoint_info``: entries every checkpoint manifest records (the stage's config hash);
-        ``loss_sum_start``: the sum of the step losses before the step training starts at (a resume)."""
+        ``loss_sum_start``: the sum of the step losses before the step training starts at (a resume);
+        ``feature_caches``: the run's memos of frozen encoder features, handed to the model with
+        every batch (``forward(feature_caches=...)``); the caller owns them."""
         self.stage_plan = stage_plan
+        self.feature_caches = feature_caches
         self.checkpoint_info = dict(checkpoint_info or {})
         self._loss_sum_start = float(loss_sum_start)
         self._loss_sum: torch.Tensor | None = None
         self._flop_params: int | None = None
         super().__init__(*args, **kwargs)
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        if self.feature_caches is not None:
+            inputs = {**inputs, "feature_caches": self.feature_caches}
+        return inputs
 
     # ---- the loss over every step, across resumes -------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
