@@ -275,6 +275,15 @@ CHAT_TEMPLATES = {
         "{% endif %}",
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>",
     ),
+    # HuggingFaceTB/SmolLM2-135M-Instruct (ChatML with its own system prompt): the chatml template
+    # with that system prompt as its default
+    "chatml": (
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + "
+        "message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_start|>", "<|im_end|>",
+    ),
     # google/gemma-2-2b-it
     "gemma2": (
         "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
@@ -302,21 +311,28 @@ def chat_tokenizer(name: str) -> PreTrainedTokenizerFast:
 
 
 # Gemma-2's chat template refuses a system message (vlmzoo folds it into the first user turn).
+# vlmzoo template (name or spec) of each chat template above.
+OUR_TEMPLATE = {"llama3": "llama3", "qwen2": "qwen2", "gemma2": "gemma2",
+                "chatml": {"base": "chatml", "default_system": "You are a helpful AI assistant named SmolLM, trained by Hugging Face"}}
+
+
 @pytest.mark.parametrize("name, system", [("llama3", None), ("llama3", "Be brief."), ("qwen2", None),
-                                          ("qwen2", "Be brief."), ("gemma2", None)])
+                                          ("qwen2", "Be brief."), ("chatml", None), ("chatml", "Be brief."),
+                                          ("gemma2", None)])
 @pytest.mark.parametrize("record", ["multi_turn", "image_last", "text_only"])
 def test_chat_templates_agree_with_the_tokenizers_own(name, system, record):
     """Ids (one image token per image, as the chat template writes it) and generation prompts
     equal ``apply_chat_template``'s."""
     tok = chat_tokenizer(name)
+    ours = OUR_TEMPLATE[name]
     messages = ([{"role": "system", "content": system}] if system else []) + RECORDS[record]
-    enc = encode_conversation(tok, name, messages)
+    enc = encode_conversation(tok, ours, messages)
     assert enc.input_ids == tok.apply_chat_template(messages, tokenize=True, return_dict=False)
     first_answer = 2 if system else 1
     for k in range(first_answer, len(messages), 2):
-        prompt = encode_conversation(tok, name, messages[:k], add_generation_prompt=True)
+        prompt = encode_conversation(tok, ours, messages[:k], add_generation_prompt=True)
         assert prompt.input_ids == tok.apply_chat_template(messages[:k], tokenize=True, return_dict=False, add_generation_prompt=True)
-    check_supervision(TemplateEncoder(tok, name), messages)
+    check_supervision(TemplateEncoder(tok, ours), messages)
 
 
 @pytest.mark.parametrize("name", ["vicuna_v1", "plain", "llama3", "qwen2", "gemma2"])

@@ -219,9 +219,9 @@ def test_multiple_images_and_text_only(tok):
 
 
 def test_errors_are_clear(tok):
-    with pytest.raises(KeyError, match="Known templates: gemma2, llama3, plain, qwen2, vicuna_v1"):
+    with pytest.raises(KeyError, match="Known templates: chatml, gemma2, llama3, plain, qwen2, vicuna_v1"):
         get_template("vicuna")
-    assert available_templates() == ["gemma2", "llama3", "plain", "qwen2", "vicuna_v1"]
+    assert available_templates() == ["chatml", "gemma2", "llama3", "plain", "qwen2", "vicuna_v1"]
     with pytest.raises(ValueError, match="images belong in user messages"):
         encode_conversation(tok, "qwen2", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<image>"}])
     with pytest.raises(ValueError, match="'user' was expected"):

@@ -116,6 +116,33 @@ class DataSection:
 
 
 @dataclass
+class LoraSpec:
+    """``training.stages.N.lora``: a LoRA adapter trained in the stage (peft's ``LoraConfig``).
+
+    Attributes:
+        r / alpha / dropout: rank, scaling numerator (the update is ``alpha / r * B A``) and the
+            dropout on the adapter's input.
+        target_modules: ``all-linear`` (every ``nn.Linear`` of the groups except the LLM's output
+            layer), or names matched as peft matches them (a module whose path ends with
+            ``.NAME``, e.g. ``q_proj``), only inside ``groups``.
+        groups: module groups the adapter goes into (default ``[llm]``; also the tower or a
+            strategy group). A group a stage adapts cannot also be in its ``train`` list.
+        modules_to_save: modules (by peft's suffix match) trained fully alongside the adapter and
+            saved with it (e.g. ``[lm_head]``).
+        quantize: ``4bit`` / ``8bit``: QLoRA, the base weights held by bitsandbytes (needs a CUDA
+            GPU and bitsandbytes; checked when the config is loaded). ``null``: full precision.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = "all-linear"
+    groups: list[str] = field(default_factory=lambda: ["llm"])
+    modules_to_save: list[str] = field(default_factory=list)
+    quantize: str | None = None
+
+
+@dataclass
 class StageConfig:
     """One training stage: data, template, which module groups train and how.
 
@@ -149,6 +176,12 @@ class StageConfig:
             (e.g. IGVA's stage 1 ``{use_allocator: false}``). A stage whose starting model was built
             with other strategy fields rebuilds it with this stage's and loads the previous stage's
             weights by name; the log lists the weights that start fresh and those dropped.
+        lora: a LoRA adapter trained in this stage (:class:`LoraSpec`, :mod:`vlmzoo.lora`); its
+            groups are adapted, not trained fully, and the groups in ``train`` train alongside
+            (LLaVA's LoRA recipe: ``train: [connector]`` with ``lora: {groups: [llm]}``). Its
+            learning rate is ``lr`` unless ``group_lr.lora`` sets one. A stage after a LoRA stage
+            continues training the saved adapter when its ``lora`` describes the same adapter,
+            else starts from the weights with the adapter merged in.
     """
 
     name: str = "stage"
@@ -171,6 +204,7 @@ class StageConfig:
     save_steps: int | None = 500
     deepspeed: str | None = None
     strategy_config: dict[str, Any] = field(default_factory=dict)
+    lora: LoraSpec | None = None
 
 
 @dataclass
@@ -471,6 +505,10 @@ def validate(cfg: RunConfig) -> None:
     for i, stage in enumerate(cfg.training.stages):
         if stage.max_steps <= 0 and stage.epochs <= 0:
             raise ValueError(f"training.stages.{i} ({stage.name!r}): set epochs > 0 or max_steps > 0.")
+        if stage.lora is not None:
+            from .lora import check_spec
+
+            check_spec(stage.lora, f"training.stages.{i}.lora")
         if stage.strategy_config and strategy_cls is not None:
             try:
                 strategy_cls.build_config(cfg.stage_strategy_config(stage))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -167,6 +168,18 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             return self.strategy.adapt(layer_idx, output, context)
 
         return hook
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, load_adapter: bool = True, **kwargs):
+        """transformers' ``from_pretrained``; a folder that holds a LoRA adapter (``lora/``, see
+        :mod:`vlmzoo.lora`) gets it attached (peft needed, else an error saying so) unless
+        ``load_adapter=False``. A merged folder (``scripts/merge_lora.py``) is a plain model."""
+        result = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if load_adapter and os.path.isdir(str(pretrained_model_name_or_path)):
+            from .lora import attach_saved
+
+            attach_saved(result[0] if isinstance(result, tuple) else result, pretrained_model_name_or_path)
+        return result
 
     @classmethod
     def from_components(

@@ -179,3 +179,8 @@ def cli_entry(main: Callable[[list[str]], int], argv: list[str] | None = None) -
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {message} (run with {DEBUG_FLAG} for the traceback)", file=sys.stderr)
         return 2
+
+
+def default_cache_dir() -> Path:
+    """vlmzoo's cache root: ``$VLMZOO_CACHE``, else ``~/.cache/vlmzoo``."""
+    return Path(os.environ.get("VLMZOO_CACHE") or Path.home() / ".cache" / "vlmzoo")

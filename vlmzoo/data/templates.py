@@ -9,7 +9,8 @@ tokenises them and takes labels and the instruction mask from the segment flags 
 re-searching separators in the token stream).
 
 Built-in templates (see :func:`available_templates`): ``plain`` (LLaVA stage-1 captioning),
-``vicuna_v1`` (LLaVA-1.5), ``llama3``, ``qwen2`` and ``gemma2``. A custom format is simply another
+``vicuna_v1`` (LLaVA-1.5), ``llama3``, ``qwen2``, ``chatml`` (ChatML without a default system
+prompt, e.g. SmolLM2's with its own) and ``gemma2``. A custom format is simply another
 ``ConversationTemplate`` instance passed wherever a template name is accepted; nothing global is
 ever mutated.
 
@@ -349,6 +350,18 @@ _BUILTIN: Mapping[str, ConversationTemplate] = MappingProxyType(
             ConversationTemplate(
                 name="qwen2",
                 default_system="You are a helpful assistant.",
+                system_format="<|im_start|>system\n{content}<|im_end|>\n",
+                user_prefix="<|im_start|>user\n",
+                user_suffix="<|im_end|>\n",
+                assistant_prefix="<|im_start|>assistant\n",
+                assistant_end="<|im_end|>",
+                assistant_suffix="\n",
+                required_tokens=("<|im_start|>", "<|im_end|>"),
+            ),
+            # ChatML with no default system prompt (qwen2 is ChatML with Qwen's). SmolLM2-Instruct's
+            # chat template is this with its own system prompt: {base: chatml, default_system: ...}.
+            ConversationTemplate(
+                name="chatml",
                 system_format="<|im_start|>system\n{content}<|im_end|>\n",
                 user_prefix="<|im_start|>user\n",
                 user_suffix="<|im_end|>\n",

@@ -3,7 +3,9 @@
 Groups of a :class:`~vlmzoo.VLMForConditionalGeneration`: ``vision_tower``, ``text_encoder`` (if
 the model has one), ``llm``, each name of the strategy's ``module_groups()`` (e.g. ``connector``),
 and ``strategy``, which stands for all of the strategy's groups together (plus any strategy
-parameter no named group holds). Every parameter of the model belongs to exactly one group.
+parameter no named group holds); on a model with a LoRA adapter (:mod:`vlmzoo.lora`), ``lora``
+holds the adapter's parameters (whichever group's modules they adapt). Every parameter of the
+model belongs to exactly one group.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from ..utils import unknown_key_error
 
 logger = logging.getLogger(__name__)
 
-CORE_GROUPS = ("vision_tower", "text_encoder", "llm")
+CORE_GROUPS = ("vision_tower", "text_encoder", "llm", "lora")
 STRATEGY_ALIAS = "strategy"
+LORA_GROUP = "lora"
 
 
 @dataclass
@@ -53,8 +56,17 @@ class GroupLayout:
         return out
 
 
+def group_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Each module group that is one module: the core ones the model has, then the strategy's."""
+    core = {"vision_tower": model.vision_tower, "text_encoder": getattr(model, "text_encoder", None),
+            "llm": model.language_model}
+    return {**{k: v for k, v in core.items() if v is not None}, **dict(model.strategy.module_groups())}
+
+
 def group_layout(model: nn.Module) -> GroupLayout:
     """Assign every parameter of ``model`` to one atomic group; overlaps and orphans are errors."""
+    from ..lora import adapter_parameter_names
+
     core: dict[str, nn.Module | None] = {
         "vision_tower": model.vision_tower,
         "text_encoder": getattr(model, "text_encoder", None),
@@ -67,10 +79,13 @@ def group_layout(model: nn.Module) -> GroupLayout:
                 f"Strategy {type(model.strategy).__name__} names a module group {name!r}, which clashes with a "
                 f"core group; rename it in module_groups(). Core groups: {', '.join(CORE_GROUPS)}, {STRATEGY_ALIAS}."
             )
-    owner: dict[int, str] = {}
+    named = dict(model.named_parameters())
+    owner: dict[int, str] = {id(named[n]): LORA_GROUP for n in adapter_parameter_names(model)}
 
     def claim(group: str, module: nn.Module) -> None:
         for p in module.parameters():
+            if owner.get(id(p)) == LORA_GROUP:
+                continue
             if id(p) in owner and owner[id(p)] != group:
                 raise ValueError(f"A parameter is in two module groups, {owner[id(p)]!r} and {group!r}.")
             owner[id(p)] = group
@@ -85,6 +100,8 @@ def group_layout(model: nn.Module) -> GroupLayout:
 
     groups: dict[str, list[str]] = {name: [] for name, m in core.items() if m is not None}
     groups.update({name: [] for name in strategy_modules})
+    if LORA_GROUP in owner.values():
+        groups[LORA_GROUP] = []
     groups[STRATEGY_ALIAS] = []
     orphans = []
     for pname, p in model.named_parameters():
@@ -109,13 +126,15 @@ class StagePlan:
 
     Attributes:
         layout: the model's group layout.
-        trained: atomic groups that train in this stage.
+        trained: atomic groups that train in this stage (``lora`` when the model carries an adapter).
         lrs: atomic group -> learning rate (trained groups only).
+        adapted: atomic groups the stage's LoRA adapter goes into (their own weights stay frozen).
     """
 
     layout: GroupLayout
     trained: list[str]
     lrs: dict[str, float]
+    adapted: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, model: nn.Module, stage: StageConfig, where: str = "stage") -> StagePlan:
@@ -126,13 +145,25 @@ class StagePlan:
                 f"{where}.train lists 'text_encoder', but the core runs the instruction text encoder under "
                 "torch.no_grad (vlmzoo/modeling.py), so it cannot train. Remove it from the stage."
             )
+        adapted = layout.expand(list(stage.lora.groups), f"{where}.lora.groups") if stage.lora is not None else []
+        both = [g for g in adapted if g in trained]
+        if both:
+            raise ValueError(f"{where}: {', '.join(both)} is both in train (trained fully) and in lora.groups (adapted); "
+                             "a stage does one or the other to a group.")
+        if LORA_GROUP in layout.groups and LORA_GROUP not in trained:
+            trained.append(LORA_GROUP)  # an adapter the stage carries trains in it
         lrs = {g: stage.lr for g in trained}
         # Alias entries first, so an atomic group's own entry wins.
         for name in sorted(stage.group_lr, key=lambda n: n != STRATEGY_ALIAS):
             for g in layout.expand([name], f"{where}.group_lr"):
                 if g in lrs:
                     lrs[g] = float(stage.group_lr[name])
-        return cls(layout=layout, trained=trained, lrs=lrs)
+        return cls(layout=layout, trained=trained, lrs=lrs, adapted=adapted)
+
+    @property
+    def tower_changes(self) -> bool:
+        """Whether the vision tower's output changes during the stage (trained or adapted)."""
+        return "vision_tower" in self.trained or "vision_tower" in self.adapted
 
     def apply(self, model: nn.Module) -> None:
         """Set ``requires_grad``: exactly the trained groups' parameters train."""
@@ -142,7 +173,7 @@ class StagePlan:
             for name in names:
                 params[name].requires_grad_(group in trained)
         # The core runs the tower under no_grad when its config says frozen; follow the stage.
-        model.config.freeze_vision_tower = "vision_tower" not in trained
+        model.config.freeze_vision_tower = not self.tower_changes
 
     def param_groups(self, model: nn.Module, decay_names: set[str], weight_decay: float) -> list[dict]:
         """Optimizer parameter groups: one per (trained group, decay or not), each with its lr."""

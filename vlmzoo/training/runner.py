@@ -12,6 +12,10 @@ Output folder layout (``cfg.output.dir``)::
                                   history); written as tmp-final/ and renamed when complete
     eval/eval_metrics.json        evaluation of the last stage's model (+ predictions.jsonl)
 
+A stage with a LoRA adapter (``training.stages.N.lora``) writes its model as a plain model's
+weights plus ``lora/`` (peft's adapter files) in each checkpoint and in ``final/``
+(:mod:`vlmzoo.lora`); the next stage continues that adapter or starts from it merged.
+
 A stage starts from the previous stage's ``final`` weights. Running the same config into the same
 folder again resumes: completed stages are skipped, an interrupted stage continues from its newest
 intact checkpoint with optimizer, scheduler, RNG and data-order state, so the final weights are
@@ -44,6 +48,7 @@ from ..configuration import VLMConfig
 from ..data import LlavaJsonDataset, VLMDataCollator
 from ..evaluation import evaluate_run
 from ..feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
+from ..lora import ADAPTER_DIRNAME
 from ..modeling import VLMForConditionalGeneration
 from ..processing import VLMProcessor
 from ..registry import get_strategy_class
@@ -182,20 +187,50 @@ def load_stage_start(cfg: RunConfig, previous_final: Path | None, stage: StageCo
         model, processor = build_model_and_processor(dataclasses.replace(cfg, model=model_section))
         if cfg.model.init_from:
             load_weights_by_name(model, cfg.model.init_from)
-        return model, processor
+        return _with_stage_adapter(cfg, model, None, stage), processor
 
     dtype = torch_dtype(cfg.model.dtype)
     try:
         config = VLMConfig.from_pretrained(previous_final)
         wanted = get_strategy_class(config.strategy).build_config(fields).to_dict()
         if wanted == config.strategy_config:
-            model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype)
-            return model, VLMProcessor.from_pretrained(previous_final)
-        torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
-        return rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+            model = VLMForConditionalGeneration.from_pretrained(previous_final, dtype=dtype, load_adapter=False)
+            processor = VLMProcessor.from_pretrained(previous_final)
+        else:
+            torch.manual_seed(cfg.seed)  # the initialisation of modules new in this stage
+            model, processor = rebuild_with_strategy_config(previous_final, config, wanted, dtype)
+        return _with_stage_adapter(cfg, model, previous_final, stage), processor
     except (SafetensorError, OSError) as exc:  # a damaged file of a completed stage
         raise ValueError(f"Cannot load the previous stage's model from {previous_final}: {type(exc).__name__}: {exc}. "
                          f"Delete {previous_final.parent} to train that stage again.") from exc
+
+
+def _with_stage_adapter(cfg: RunConfig, model, previous_final: Path | None, stage: StageConfig | None):
+    """The stage's LoRA adapter on ``model``: the previous stage's adapter continued when the stage's
+    ``lora`` describes the same one, else merged into the weights, then a fresh one (drawn from the
+    run's seed and the stage's index) when the stage has ``lora``."""
+    from .. import lora
+
+    index = next((i for i, s in enumerate(cfg.training.stages) if stage is not None and s.name == stage.name), 0)
+    where = f"training.stages.{index}.lora"
+    wanted = lora.lora_config(model, stage.lora, where) if stage is not None and stage.lora is not None else None
+    saved = lora.load_saved_config(previous_final) if previous_final is not None else None
+    if saved is not None and wanted is not None and lora.same_adapter(saved, wanted):
+        if stage.lora.quantize:
+            lora.quantize_base(model, stage.lora, where)
+        lora.attach_saved(model, previous_final)
+        logger.info("[%s] continues training the LoRA adapter of %s.", stage.name, previous_final)
+        return model
+    if saved is not None:
+        lora.attach_saved(model, previous_final)
+        logger.info("LoRA adapter of %s merged into the weights (%d modules).", previous_final, lora.merge_adapter(model))
+    if wanted is not None:
+        if stage.lora.quantize:
+            lora.quantize_base(model, stage.lora, where)
+        lora.attach(model, wanted, seed=cfg.seed + index)
+        logger.info("[%s] LoRA adapter r=%d alpha=%g on %s.", stage.name, stage.lora.r, stage.lora.alpha,
+                    ", ".join(stage.lora.groups))
+    return model
 
 
 def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[str, Any], dtype: torch.dtype):
@@ -208,7 +243,7 @@ def rebuild_with_strategy_config(model_dir: Path, config, strategy_config: dict[
                 ", ".join(f"{k}={config.strategy_config.get(k)!r}" for k in changed))
     config.strategy_config = strategy_config
     model, info = VLMForConditionalGeneration.from_pretrained(model_dir, config=config, dtype=dtype,
-                                                              output_loading_info=True)
+                                                              output_loading_info=True, load_adapter=False)
     n_loaded = len(model.state_dict()) - len(info["missing_keys"])
     logger.info("Loaded %d weight tensors from %s.", n_loaded, model_dir)
     log_key_groups("New (fresh init)", info["missing_keys"])
@@ -334,7 +369,7 @@ def train_stage(
 
     caches = FeatureCaches()  # this stage's: the run owns the caches, the trainer hands them to the model
     if feature_cache is not None:
-        if "vision_tower" in plan.trained:  # its features change from step to step
+        if plan.tower_changes:  # its features change from step to step
             feature_cache.clear()
         else:
             caches.vision = feature_cache
@@ -440,6 +475,8 @@ def save_final(trainer: VLMTrainer, final_dir: Path, metrics: dict[str, Any], fr
             for path in sorted(from_checkpoint.path.iterdir()):
                 if path.is_file() and not _NOT_MODEL_FILES.match(path.name):
                     shutil.copyfile(path, tmp / path.name)
+                elif path.is_dir() and path.name == ADAPTER_DIRNAME:  # the LoRA adapter (vlmzoo.lora)
+                    shutil.copytree(path, tmp / path.name)
         else:
             trainer.state.save_to_json(str(tmp / TRAINER_STATE_FILE))  # log history: loss curves
         fsync_tree(tmp)

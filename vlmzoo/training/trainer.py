@@ -122,6 +122,30 @@ class VLMTrainer(Trainer):
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
+    # ---- LoRA: plain weights + lora/ (vlmzoo.lora) ------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A model with an adapter saves as a plain model's weights (base weights unmerged) plus
+        ``lora/`` in peft's format; keys never carry peft's adapter name."""
+        from .. import lora
+
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not lora.has_adapter(model):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        full = model.state_dict() if state_dict is None else state_dict
+        super()._save(output_dir, state_dict=lora.base_state_dict(full, model))
+        if self.args.should_save:
+            lora.save_adapter(model, output_dir, full)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        from .. import lora
+
+        target = self.model if model is None else model
+        if lora.has_adapter(target) and not self.is_deepspeed_enabled:
+            lora.load_checkpoint(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
     def floating_point_ops(self, inputs) -> int:
         """Trainer's ``6 x tokens x parameters`` estimate (logged as ``total_flos``), with the
         parameter count taken once per stage instead of by a walk over every tensor each step

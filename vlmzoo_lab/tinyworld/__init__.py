@@ -29,6 +29,8 @@ from typing import Any
 from filelock import FileLock
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from vlmzoo.utils import default_cache_dir
+
 from .config import FORMAT_VERSION, TinyClipConfig, TinyLLMConfig, TinyWorldConfig, small_test_config
 from .files import (
     DATA_FILES,
@@ -101,10 +103,6 @@ class TinyWorldPaths:
     def manifest(self) -> dict[str, Any]:
         """The build record: config, timings, pretraining metrics."""
         return json.loads((self.root / MANIFEST).read_text())
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("VLMZOO_CACHE") or Path.home() / ".cache" / "vlmzoo")
 
 
 def world_root(cache_dir: str | os.PathLike | None, config: TinyWorldConfig) -> Path:
