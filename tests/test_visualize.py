@@ -15,7 +15,7 @@ from test_templates import build_word_tokenizer
 from test_tg_llava import CLIP_TEXT, LATENTS, TINY_TG
 from tiny import NUM_PATCHES, TINY_LLMS, tiny_clip_vision_spec, tiny_model
 from vlmzoo import TokenGrid, VLMConfig, VLMForConditionalGeneration
-from vlmzoo import visualize as vz
+from vlmzoo_lab import visualize as vz
 from vlmzoo.processing import VLMProcessor
 
 QUESTION = "What colour is it?"
