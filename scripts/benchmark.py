@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Cost benchmark of every strategy: reference scale on the meta device, tiny scale on this CPU,
-and ``llava`` against transformers' Llava at an identical config. Writes JSON + Markdown.
+``llava`` against transformers' Llava at an identical config, and (``--parts training``) the
+default run's training throughput against transformers' Llava + ``Trainer``. Writes JSON + Markdown.
 
-    python scripts/benchmark.py                          # everything, outputs/benchmark/
+    python scripts/benchmark.py                          # every part but training, outputs/benchmark/
     python scripts/benchmark.py --parts reference        # FLOPs and parameters only (seconds)
     python scripts/benchmark.py --archs llava tg_llava --repeats 3
+    python scripts/benchmark.py --parts training         # the default run's training samples/s vs transformers
 
 See docs/performance.md for what the numbers mean.
 """
@@ -24,9 +26,10 @@ import torch
 from vlmzoo import available_strategies
 from vlmzoo.utils import cli_entry
 from vlmzoo_lab import benchmark as bench
+from vlmzoo_lab.llava_throughput import DEFAULT_CONFIG, training_table, training_throughput
 from vlmzoo_lab.llava_vs_transformers import llava_vs_transformers
 
-PARTS = ("reference", "tiny", "transformers")
+PARTS = ("reference", "tiny", "transformers", "training")  # "training" (minutes, needs the tiny world) only when named
 
 
 def _ms(seconds: float) -> str:
@@ -98,11 +101,15 @@ def transformers_table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Cost benchmark of every strategy (see docs/performance.md).")
     parser.add_argument("--archs", nargs="+", default=None, help="strategies (default: every registered one)")
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS[:3]))
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per measurement (median)")
     parser.add_argument("--batch", type=int, default=bench.BATCH, help="training-step batch size at tiny scale")
     parser.add_argument("--out", default="outputs/benchmark", help="folder for benchmark.json and benchmark.md")
     parser.add_argument("--baseline", default="llava", help="strategy the others are compared with (default: llava)")
+    parser.add_argument("--training-config", default=None, help="training part: a llava run config (default: configs/llava/tiny.yaml)")
+    parser.add_argument("--training-overrides", nargs="+", default=[], metavar="KEY=VALUE", help="training part: config overrides")
+    parser.add_argument("--training-steps", type=int, default=150, help="training part: timed steps per side (default: 150)")
+    parser.add_argument("--training-warmup", type=int, default=10, help="training part: untimed steps per side and round")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     known = available_strategies()
@@ -129,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     if "transformers" in args.parts:
         result["transformers"] = llava_vs_transformers(repeats=args.repeats, batch=args.batch)
         sections += ["## `llava` vs transformers' Llava (tiny scale, same run)", "", transformers_table(result["transformers"]), ""]
+    if "training" in args.parts:
+        result["training"] = training_throughput(args.training_config or DEFAULT_CONFIG, args.training_overrides,
+                                                 steps=args.training_steps, warmup=args.training_warmup)
+        sections += ["## Training throughput: the default run vs transformers' Llava + Trainer", "",
+                     training_table(result["training"]), ""]
     result["seconds"] = time.perf_counter() - start
     sections.append(f"({torch.get_num_threads()} threads, {args.repeats} repetitions, {result['seconds']:.0f} s.)")
 

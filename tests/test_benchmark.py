@@ -110,3 +110,46 @@ def test_a_strategy_without_reference_configs_is_skipped_in_one_line(tmp_path, c
     assert [row["config"] for row in result["reference"]] == ["llava/reference.yaml"]
     assert set(result["tiny"]) == {"llava", "unshipped_llava"}
     assert result["tiny"]["unshipped_llava"]["visual_tokens"] == result["tiny"]["llava"]["visual_tokens"]
+
+
+@pytest.fixture(scope="module")
+def small_world(tmp_path_factory):
+    from vlmzoo_lab.tinyworld import small_test_config
+
+    cache = tmp_path_factory.mktemp("throughput_world")
+    return [f"tiny_world.cache_dir={cache}", f"tiny_world.config={json.dumps(small_test_config().to_dict())}"]
+
+
+def test_training_part_reports_both_trainers_samples_per_second_and_their_ratio(small_world, tmp_path, capsys):
+    main = _script_main()
+    assert main(["--parts", "training", "--training-overrides", *small_world, "training.stages.1.batch_size=4",
+                 "--training-steps", "2", "--training-warmup", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "benchmark.json").read_text())["training"]
+    markdown = (tmp_path / "benchmark.md").read_text()
+    ours, theirs = result["vlmzoo"], result["transformers"]
+    # the same function and the same trainable parameters on both sides
+    assert result["max_abs_logit_difference"] < 1e-5 and result["loss_difference"] < 1e-5
+    assert result["trainable_parameters"]["vlmzoo"] == result["trainable_parameters"]["transformers"] > 0
+    assert result["trainable_parameters"]["vlmzoo"] < result["parameters"]  # the tower is frozen
+    assert result["stage"] == "stage2_instruct" and result["batch_size"] == 4
+    assert ours["timed_steps"] == theirs["timed_steps"] == 2  # 2 rounds x 1 step after each round's warm-up
+    for side in (ours, theirs):
+        assert side["samples_per_s"] == pytest.approx(4 / side["step_s"])
+        assert side["step_s"] == pytest.approx(sum(side["split_s"].values()))
+        assert side["split_s"]["forward_backward"] > 0 and side["split_s"]["optimizer"] > 0
+    assert result["ratio"] == pytest.approx(ours["samples_per_s"] / theirs["samples_per_s"])
+    # the warm cache served every image of the timed steps: no tower pass on the vlmzoo side
+    cache = result["feature_cache"]
+    assert cache["images"] > 0 and cache["misses"] == 0 and cache["hits"] > 0
+    assert theirs["split_s"]["image_features"] > 0
+    assert f"**{ours['samples_per_s']:.0f}**" in markdown and f"**{theirs['samples_per_s']:.0f}**" in markdown
+    assert f"**{result['ratio']:.2f}x**" in markdown
+
+
+def test_only_a_llava_model_has_a_transformers_twin():
+    from tiny import tiny_model
+
+    from vlmzoo_lab.llava_throughput import transformers_twin
+
+    with pytest.raises(ValueError, match="connector_depth=1 has no twin"):
+        transformers_twin(tiny_model("llava", strategy_config={"connector_depth": 1}))
