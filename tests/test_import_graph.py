@@ -23,7 +23,8 @@ LAB = "vlmzoo_lab"
 #: What ``vlmzoo/`` may import inside a function: packages of the optional extras (pyproject.toml)
 #: and the core's own modules that wrap them (each registers a tower back-end when imported).
 OPTIONAL_BACKENDS = (
-    "open_clip", "timm", "sentence_transformers", "deepspeed", "wandb", "lmms_eval", "matplotlib", "gradio",
+    "open_clip", "timm", "sentence_transformers", "deepspeed", "wandb", "lmms_eval", "matplotlib", "gradio", "peft",
+    "bitsandbytes",
     "vlmzoo.towers.open_clip_backend", "vlmzoo.towers.timm_backend", "vlmzoo.towers.sentence_backend",
 )
 

@@ -266,9 +266,9 @@ def test_qlora_without_a_gpu_or_bitsandbytes_is_a_clear_config_error(world, tmp_
 
 
 def test_lora_without_peft_is_a_config_error_naming_the_extra(world, tmp_path, monkeypatch):
-    import vlmzoo.lora as lora
+    import vlmzoo.config as config  # where a stage's LoRA spec is checked
 
-    monkeypatch.setattr(lora, "peft_available", lambda: False)
+    monkeypatch.setattr(config, "peft_available", lambda: False)
     with pytest.raises(ValueError, match=r"training.stages.1.lora: LoRA needs the peft package.*\[lora\]"):
         run_config_from_dict(lora_config(world, tmp_path / "run"))
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 
 from .config_tree import apply_override, interpolate, load_yaml_tree, parse_override
@@ -140,6 +142,45 @@ class LoraSpec:
     groups: list[str] = field(default_factory=lambda: ["llm"])
     modules_to_save: list[str] = field(default_factory=list)
     quantize: str | None = None
+
+
+QUANTIZE_CHOICES = ("4bit", "8bit")  # LoraSpec.quantize
+INSTALL_HINT = "pip install -e '.[lora]' (peft)"
+
+
+def peft_available() -> bool:
+    return importlib.util.find_spec("peft") is not None
+
+
+def check_spec(spec: LoraSpec, where: str) -> None:
+    """Value ranges, and what this machine needs for the spec; a ``ValueError`` naming ``where``
+    and what is missing. Imports nothing heavy."""
+    if spec.r < 1:
+        raise ValueError(f"{where}.r: must be >= 1, got {spec.r!r}.")
+    if spec.alpha <= 0:
+        raise ValueError(f"{where}.alpha: must be > 0, got {spec.alpha!r}.")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise ValueError(f"{where}.dropout: must be in [0, 1), got {spec.dropout!r}.")
+    if not spec.groups:
+        raise ValueError(f"{where}.groups: name at least one module group (e.g. [llm]).")
+    if isinstance(spec.target_modules, str) and spec.target_modules != "all-linear":
+        raise ValueError(f"{where}.target_modules: {spec.target_modules!r}; use all-linear or a list of names (e.g. [q_proj, v_proj]).")
+    if isinstance(spec.target_modules, list) and not spec.target_modules:
+        raise ValueError(f"{where}.target_modules: empty; use all-linear or name modules (e.g. [q_proj, v_proj]).")
+    if not peft_available():
+        raise ValueError(f"{where}: LoRA needs the peft package, which is not installed: {INSTALL_HINT}.")
+    if spec.quantize is not None:
+        if spec.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"{where}.quantize: must be one of {', '.join(QUANTIZE_CHOICES)} or null, got {spec.quantize!r}.")
+        missing = []
+        if not torch.cuda.is_available():
+            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            missing.append("the bitsandbytes package (pip install bitsandbytes)")
+        if missing:
+            raise ValueError(f"{where}.quantize={spec.quantize}: QLoRA holds the base weights in bitsandbytes' "
+                             f"{spec.quantize} format and needs {' and '.join(missing)}, which this machine lacks. "
+                             f"Set {where}.quantize=null to train the same adapter over full-precision weights.")
 
 
 @dataclass
@@ -291,7 +332,6 @@ class OutputSection:
 @dataclass
 class RunConfig:
     """A whole run: model, data, stages, evaluation, output, seed."""
-
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     training: TrainingSection = field(default_factory=TrainingSection)
@@ -506,8 +546,6 @@ def validate(cfg: RunConfig) -> None:
         if stage.max_steps <= 0 and stage.epochs <= 0:
             raise ValueError(f"training.stages.{i} ({stage.name!r}): set epochs > 0 or max_steps > 0.")
         if stage.lora is not None:
-            from .lora import check_spec
-
             check_spec(stage.lora, f"training.stages.{i}.lora")
         if stage.strategy_config and strategy_cls is not None:
             try:

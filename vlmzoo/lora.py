@@ -34,9 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import LoraSpec
+from .config import INSTALL_HINT, QUANTIZE_CHOICES, LoraSpec, check_spec, peft_available
+from .module_groups import (  # noqa: F401 (adapter_parameter_names, has_adapter: this module's API too)
+    ADAPTER_KEY, STRATEGY_ALIAS, adapter_parameter_names, group_layout, group_modules, has_adapter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,63 +49,20 @@ ADAPTER_NAME = "default"  # peft's default adapter name; never written to a file
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 LORA_GROUP = "lora"
-QUANTIZE_CHOICES = ("4bit", "8bit")
-INSTALL_HINT = "pip install -e '.[lora]' (peft)"
 
 # State-dict keys that belong to the adapter, and the segments peft inserts into the base's keys.
-_ADAPTER_KEY = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save)\.")
 _BASE_SEGMENT = re.compile(r"\.(base_layer|original_module)(?=\.)")
-
-
-# ---- availability (checked when a config is loaded) --------------------------------------------
-def peft_available() -> bool:
-    return importlib.util.find_spec("peft") is not None
-
-
-def check_spec(spec: LoraSpec, where: str) -> None:
-    """Value ranges, and what this machine needs for the spec; a ``ValueError`` naming ``where``
-    and what is missing. Imports nothing heavy."""
-    if spec.r < 1:
-        raise ValueError(f"{where}.r: must be >= 1, got {spec.r!r}.")
-    if spec.alpha <= 0:
-        raise ValueError(f"{where}.alpha: must be > 0, got {spec.alpha!r}.")
-    if not 0.0 <= spec.dropout < 1.0:
-        raise ValueError(f"{where}.dropout: must be in [0, 1), got {spec.dropout!r}.")
-    if not spec.groups:
-        raise ValueError(f"{where}.groups: name at least one module group (e.g. [llm]).")
-    if isinstance(spec.target_modules, str) and spec.target_modules != "all-linear":
-        raise ValueError(f"{where}.target_modules: {spec.target_modules!r}; use all-linear or a list of names (e.g. [q_proj, v_proj]).")
-    if isinstance(spec.target_modules, list) and not spec.target_modules:
-        raise ValueError(f"{where}.target_modules: empty; use all-linear or name modules (e.g. [q_proj, v_proj]).")
-    if not peft_available():
-        raise ValueError(f"{where}: LoRA needs the peft package, which is not installed: {INSTALL_HINT}.")
-    if spec.quantize is not None:
-        if spec.quantize not in QUANTIZE_CHOICES:
-            raise ValueError(f"{where}.quantize: must be one of {', '.join(QUANTIZE_CHOICES)} or null, got {spec.quantize!r}.")
-        missing = []
-        if not torch.cuda.is_available():
-            missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
-        if importlib.util.find_spec("bitsandbytes") is None:
-            missing.append("the bitsandbytes package (pip install bitsandbytes)")
-        if missing:
-            raise ValueError(f"{where}.quantize={spec.quantize}: QLoRA holds the base weights in bitsandbytes' "
-                             f"{spec.quantize} format and needs {' and '.join(missing)}, which this machine lacks. "
-                             f"Set {where}.quantize=null to train the same adapter over full-precision weights.")
 
 
 # ---- which modules ------------------------------------------------------------------------------
 def group_module_names(model: nn.Module) -> dict[str, str]:
     """Module group -> the path of its module in ``model`` (``llm`` -> ``language_model``, ...)."""
-    from .training.groups import group_modules
-
     path = {id(m): n for n, m in model.named_modules() if n}
     return {g: path[id(m)] for g, m in group_modules(model).items() if id(m) in path}
 
 
 def target_names(model: nn.Module, spec: LoraSpec, where: str) -> list[str]:
     """Full paths of the modules ``spec`` adapts; errors name the key and what exists."""
-    from .training.groups import STRATEGY_ALIAS, group_layout
-
     groups = group_module_names(model)
     layout = group_layout(model)
     wanted = layout.expand(list(spec.groups), f"{where}.groups")
@@ -150,18 +111,6 @@ def lora_config(model: nn.Module, spec: LoraSpec, where: str = "lora"):
 
 
 # ---- attaching, finding -------------------------------------------------------------------------
-def has_adapter(model: nn.Module) -> bool:
-    """Whether a peft adapter is injected in ``model`` (no peft import)."""
-    return bool(getattr(model, "peft_config", None)) and not getattr(model, "_hf_peft_config_loaded", False)
-
-
-def adapter_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the adapter's parameters (LoRA matrices, ``modules_to_save`` copies)."""
-    if not has_adapter(model):
-        return []
-    return [n for n, _ in model.named_parameters() if _ADAPTER_KEY.search(n)]
-
-
 def attach(model: nn.Module, config, seed: int | None = None) -> None:
     """Inject a fresh adapter (peft ``LoraConfig`` ``config``) into ``model`` in place. ``seed``:
     the adapter's random init is drawn from it without touching the global RNG, so a resumed run
@@ -203,8 +152,6 @@ def attach_saved(model: nn.Module, folder: str | os.PathLike) -> bool:
     config = load_saved_config(folder)
     if config is None:
         return False
-    from safetensors.torch import load_file
-
     attach(model, config)
     load_adapter_weights(model, load_file(str(Path(folder) / ADAPTER_DIRNAME / ADAPTER_WEIGHTS)), folder)
     return True
@@ -215,7 +162,7 @@ def load_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], fol
 
     result = set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
-    missing = [k for k in (getattr(result, "missing_keys", []) or []) if _ADAPTER_KEY.search(k)]
+    missing = [k for k in (getattr(result, "missing_keys", []) or []) if ADAPTER_KEY.search(k)]
     if unexpected or missing:
         raise ValueError(f"The adapter in {folder} does not fit the model: unexpected {unexpected[:3]}, missing {missing[:3]}.")
 
@@ -230,7 +177,7 @@ def base_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module | None
     """A full state dict of an adapted model -> the plain model's state dict (adapter keys dropped,
     peft's segments removed from the base keys). For a QLoRA model (``model`` given), the quantized
     layers' weights are the full-precision ones they were quantized from (:func:`quantize_base`)."""
-    base = {base_key(k): v for k, v in state_dict.items() if not _ADAPTER_KEY.search(k)}
+    base = {base_key(k): v for k, v in state_dict.items() if not ADAPTER_KEY.search(k)}
     originals = quantized_originals(model) if model is not None else {}
     if originals:
         modules = tuple(k[: -len(".weight")] for k in originals)
@@ -292,8 +239,6 @@ def quantize_base(model: nn.Module, spec: LoraSpec, where: str) -> int:
 
 
 def _adapted_groups(model: nn.Module, spec: LoraSpec, where: str) -> list[str]:
-    from .training.groups import group_layout
-
     return group_layout(model).expand(list(spec.groups), f"{where}.groups")
 
 
@@ -307,8 +252,6 @@ def adapter_file_state(model: nn.Module, state_dict: dict[str, torch.Tensor] | N
 def save_adapter(model: nn.Module, folder: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``folder/lora/`` (config + weights) of the model's adapter; ``state_dict``: a full
     state dict of the model (e.g. gathered by DeepSpeed) to take the weights from."""
-    from safetensors.torch import save_file
-
     out = Path(folder) / ADAPTER_DIRNAME
     out.mkdir(parents=True, exist_ok=True)
     model.peft_config[ADAPTER_NAME].save_pretrained(str(out))
@@ -320,15 +263,13 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, state_dict: dict[s
 def load_base_weights(model: nn.Module, folder: str | os.PathLike) -> None:
     """Load a folder's plain weights (``model.safetensors`` or its shards) into an adapted model,
     strictly: every base weight of the model is set, no key of the files is left over."""
-    from safetensors.torch import load_file
-
     directory = Path(folder)
     index = directory / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     own = model.state_dict()
     originals = quantized_originals(model)
     modules = tuple(k[: -len(".weight")] for k in originals)
-    by_base = {base_key(k): k for k in own if not _ADAPTER_KEY.search(k) and not _quantization_state(base_key(k), modules)}
+    by_base = {base_key(k): k for k in own if not ADAPTER_KEY.search(k) and not _quantization_state(base_key(k), modules)}
     seen: set[str] = set(originals)
     with torch.no_grad():
         for name in files:
@@ -360,8 +301,6 @@ def _tied_keys(model: nn.Module) -> list[str]:
 def load_checkpoint(model: nn.Module, folder: str | os.PathLike) -> None:
     """Resume: the checkpoint's base weights and adapter into ``model``, which already carries an
     adapter of the same config."""
-    from safetensors.torch import load_file
-
     saved = load_saved_config(folder)
     if saved is None:
         raise ValueError(f"{folder} holds no adapter ({ADAPTER_DIRNAME}/), but the stage trains one.")

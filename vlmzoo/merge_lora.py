@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import lora
+from .build import torch_dtype
+from .modeling import VLMForConditionalGeneration
+from .processing import VLMProcessor
 from .utils import cli_entry
 
 logger = logging.getLogger(__name__)
@@ -45,11 +49,6 @@ def model_folder(path: str | Path) -> Path:
 def merge_folder(src: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Load ``src`` (a run or model folder) with its adapter, merge it, save model + processor to
     ``output``; -> the model folder read. Errors: no adapter to merge, ``output`` not empty."""
-    from . import lora
-    from .build import torch_dtype
-    from .modeling import VLMForConditionalGeneration
-    from .processing import VLMProcessor
-
     folder = model_folder(src)
     if lora.saved_adapter_dir(folder) is None:
         raise ValueError(f"{folder} holds no LoRA adapter ({lora.ADAPTER_DIRNAME}/): it already is a plain model folder.")

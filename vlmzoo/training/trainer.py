@@ -22,6 +22,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import rotate_checkpoints
 
+from .. import lora
 from ..feature_cache import FeatureCaches
 from .checkpoints import CHECKPOINT_PREFIX, TMP_PREFIX, publish, write_manifest
 from .groups import StagePlan
@@ -49,7 +50,6 @@ class SeededLengthGroupedSampler(LengthGroupedSampler):
 
 class VLMTrainer(Trainer):
     """``Trainer`` whose optimizer follows a :class:`StagePlan` (per-group learning rates)."""
-
     def __init__(self, *args, stage_plan: StagePlan, checkpoint_info: dict[str, Any] | None = None,
                  loss_sum_start: float = 0.0, feature_caches: FeatureCaches | None = None, **kwargs) -> None:
         """``checkpoint_info``: entries every checkpoint manifest records (the stage's config hash);
@@ -126,8 +126,6 @@ class VLMTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A model with an adapter saves as a plain model's weights (base weights unmerged) plus
         ``lora/`` in peft's format; keys never carry peft's adapter name."""
-        from .. import lora
-
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not lora.has_adapter(model):
             return super()._save(output_dir, state_dict)
@@ -138,8 +136,6 @@ class VLMTrainer(Trainer):
             lora.save_adapter(model, output_dir, full)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        from .. import lora
-
         target = self.model if model is None else model
         if lora.has_adapter(target) and not self.is_deepspeed_enabled:
             lora.load_checkpoint(target, resume_from_checkpoint)
