@@ -155,5 +155,8 @@ def test_forward_reads_caches_passed_in_and_keeps_none_itself(pixels) -> None:
         again = model(input_ids=ids, pixel_values=pixels[:2], feature_caches=caches).logits
         after = model(input_ids=ids, pixel_values=pixels[:2]).logits  # no cache: the tower runs again
     assert seen == [1, 1, 2] and (caches.vision.hits, caches.vision.misses) == (2, 2)
-    assert torch.equal(first, plain) and torch.equal(again, plain) and torch.equal(after, plain)
+    # misses are encoded one image at a time, so a cached call equals the batched one up to
+    # float summation order, and equals itself exactly on the hit
+    torch.testing.assert_close(first, plain)
+    assert torch.equal(again, first) and torch.equal(after, plain)
     assert not any(isinstance(v, (VisionFeatureCache, FeatureCaches)) for v in vars(model).values())
