@@ -80,6 +80,8 @@ def prefill_inputs(model: nn.Module, num_text_tokens: int, num_images: int = 1) 
         # No instruction_attention_mask: every token is real, and a 2-D mask would make the text
         # model check its values (as the LLM would; see above).
         inputs["instruction_input_ids"] = torch.ones(num_images, length, dtype=torch.long)
+    if model.strategy.needs.query_regions:
+        inputs["region_mask"] = torch.empty(num_images, tower.num_patches, device=device)
     return inputs
 
 

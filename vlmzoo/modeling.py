@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONTEXT_KWARG = "vlm_adapter_context"
 # Inputs only the prefill pass consumes; generate() drops them on decode steps.
-PREFILL_ONLY_INPUTS = ("pixel_values", "pixel_values_hr", "instruction_input_ids", "instruction_attention_mask", "instruction_mask")
+PREFILL_ONLY_INPUTS = ("pixel_values", "pixel_values_hr", "instruction_input_ids", "instruction_attention_mask", "instruction_mask",
+                       "region_mask")
 
 
 @dataclass
@@ -304,6 +305,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         image_keys: Sequence[str] | None = None,
         feature_caches: FeatureCaches | None = None,
         output_strategy_extras: bool = False,
+        region_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> VLMCausalLMOutputWithPast:
         r"""
@@ -322,6 +324,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             feature_caches: memos of the frozen encoders' features (:mod:`vlmzoo.feature_cache`),
                 owned by the caller (a training run); read and filled on this call only.
             output_strategy_extras: return the strategy's extra tensors (e.g. layer weights).
+            region_mask: ``(N, P)`` the regions of each image's query over the tower's patch grid
+                (strategies that read them; the VLMProcessor makes it for such a model).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -335,7 +339,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 raise ValueError("pixel_values need input_ids to locate the image placeholder tokens.")
             strategy_out = self._run_strategy(
                 input_ids, pixel_values, attention_mask, instruction_input_ids, instruction_attention_mask,
-                instruction_mask, pixel_values_hr, image_keys, feature_caches,
+                instruction_mask, pixel_values_hr, image_keys, feature_caches, region_mask,
             )
             image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
             visual = strategy_out.visual_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
@@ -395,6 +399,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
         pixel_values_hr: torch.Tensor | None = None,
         image_keys: Sequence[str] | None = None,
         caches: FeatureCaches | None = None,
+        region_mask: torch.Tensor | None = None,
     ):
         needs = self.strategy.needs
         caches = caches or FeatureCaches()
@@ -410,6 +415,8 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             text = self.encode_instructions(instruction_input_ids, instruction_attention_mask, caches.text)
         if needs.instruction_span and instruction_mask is None:
             raise ValueError(f"Strategy {self.config.strategy!r} needs instruction_mask (from the VLMProcessor).")
+        if needs.query_regions:
+            region_mask = self._checked_region_mask(region_mask, pixel_values.shape[0])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if needs.visual_tokens_first and attention_mask.dim() == 2:
@@ -423,6 +430,7 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
             text=text,
             instruction_mask=instruction_mask,
             llm_embed_tokens=self.get_input_embeddings(),
+            region_mask=region_mask if needs.query_regions else None,
         )
         out = self.strategy(inputs)
         expected = (pixel_values.shape[0], self.strategy.num_visual_tokens, self.config.text_config.hidden_size)
@@ -432,6 +440,17 @@ class VLMForConditionalGeneration(VLMPreTrainedModel, GenerationMixin):
                 f"expected {expected} (images, num_visual_tokens, LLM hidden size)."
             )
         return out
+
+    def _checked_region_mask(self, region_mask: torch.Tensor | None, num_images: int) -> torch.Tensor:
+        """The ``(N, P)`` region mask a strategy reading the query's regions needs, checked."""
+        expected = (num_images, self.vision_tower.num_patches)
+        if region_mask is None:
+            raise ValueError(f"Strategy {self.config.strategy!r} reads the query's regions: pass region_mask {expected} "
+                             "(the VLMProcessor makes it from the last user message's 'regions').")
+        if tuple(region_mask.shape) != expected:
+            raise ValueError(f"region_mask has shape {tuple(region_mask.shape)}; expected {expected} "
+                             "(images, the tower's patches).")
+        return region_mask
 
     def _image_batch_index(self, image_token_mask: torch.Tensor, num_images: int) -> torch.Tensor:
         """Check placeholder counts against the images given; -> ``(N,)`` sample index per image."""

@@ -19,7 +19,12 @@ Batch keys (B samples, T tokens, N images in the batch, L instruction tokens):
   (:class:`~vlmzoo.data.LlavaJsonDataset` items do); the frozen-feature cache's keys in training;
 * ``instruction_input_ids`` / ``instruction_attention_mask`` ``(N, L)``: the query text (``query_text``: the
   last user message, i.e. the question being answered) of the sample each image belongs to, tokenised by the text-encoder tokenizer (truncated to
-  ``text_max_length``); only with a ``text_tokenizer`` and at least one image.
+  ``text_max_length``); only with a ``text_tokenizer`` and at least one image;
+* ``region_mask`` ``(N, g*g)`` float: the regions (boxes) of each image's query, the last user
+  message's ``regions`` (:mod:`vlmzoo.data.regions`), rasterised over the tower's g x g patch grid
+  (row-major; 1 where a patch's centre lies in a box); every image of a sample gets its sample's
+  mask. Only when the input spec asks for it (``query_region_grid`` g > 0) and there is an image;
+  a sample with an image whose query has no ``regions`` field is then an error naming it.
 
 Every setting that depends on the model (visual tokens per image, image views, instruction rule,
 visual tokens first) comes from its :class:`~vlmzoo.strategy.InputSpec`, which the model stores in
@@ -50,6 +55,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .data.regions import query_regions, region_patch_mask
 from .data.templates import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
@@ -357,7 +363,8 @@ class VLMProcessor:
         Each feature has ``input_ids``, ``labels`` and ``instruction_mask`` (lists of length T_i),
         ``pixel_values`` ``(n_i, 3, H, W)`` and ``query_text`` (str), and optionally the other
         views of the input spec (``pixel_values_hr`` ``(n_i, 3, f*H, f*W)``; a view one sample with
-        images has, every one must have) and ``image_keys`` (``n_i`` str).
+        images has, every one must have), ``image_keys`` (``n_i`` str), ``id`` (named in errors) and,
+        for an input spec with a region grid, ``query_regions`` (boxes, or ``None``: not given).
         Returns the batch keys described in the module docstring, padded to the longest sample on
         ``padding_side``.
         """
@@ -403,7 +410,23 @@ class VLMProcessor:
                 texts = [f["query_text"] for f in features for _ in range(len(f["pixel_values"]))]
                 ids, mask = self.tokenize_instructions(texts)
                 data["instruction_input_ids"], data["instruction_attention_mask"] = ids, mask
+            if self.input_spec.query_regions:
+                data["region_mask"] = self._region_mask(with_images)
         return BatchFeature(data=data)
+
+    def _region_mask(self, with_images: Sequence[tuple[int, Mapping[str, Any]]]) -> torch.Tensor:
+        """(sample index, feature) of the samples with images -> ``(N, g*g)`` query region masks."""
+        grid = self.input_spec.query_region_grid
+        rows = []
+        for i, f in with_images:
+            regions = f.get("query_regions")
+            if regions is None:
+                name = f"Sample {i}" + (f" (record {f['id']!r})" if f.get("id") is not None else "")
+                raise ValueError(f"{name} has an image but its query (the last user message) has no 'regions', which "
+                                 f"this model reads (input spec query_region_grid={grid}); give it the boxes the "
+                                 "question is about, [] if none.")
+            rows += [region_patch_mask(regions, grid)] * len(f["pixel_values"])
+        return torch.stack(rows)
 
     # ---- main entry point --------------------------------------------------------------------------
     def __call__(
@@ -419,7 +442,9 @@ class VLMProcessor:
         """Encode one conversation or a batch of them, with their images.
 
         Args:
-            conversations: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them.
+            conversations: one conversation (a list of ``{"role", "content"}`` dicts) or a list of them;
+                a user message may carry ``"regions"`` (boxes, :mod:`vlmzoo.data.regions`), read for a
+                model whose input spec has a region grid.
             images: per sample, a list of PIL images (one per ``<image>``, in order), a single image,
                 or ``None``; for a single conversation, its images directly.
             high_res_images: the same images at high resolution, in the same layout as ``images``
@@ -466,6 +491,8 @@ class VLMProcessor:
                 "instruction_mask": enc.instruction_mask,
                 "query_text": enc.query_text,
             }
+            if self.input_spec.query_regions:
+                feature["query_regions"] = query_regions(messages)
             for scale, view_images in views.items():
                 sample_view = sample_images if scale == 1 else _image_list(view_images[i])
                 if len(sample_view) != len(sample_images):

@@ -55,6 +55,9 @@ class StrategyNeeds:
         visual_tokens_first: each sample's visual tokens open its sequence (before BOS, after any
             left padding), images in order, and the ``<image>`` placeholders leave the text; else
             they stand where the placeholders are.
+        query_regions: the strategy reads the regions of each image's query (the boxes of the last
+            user message, :mod:`vlmzoo.data.regions`) as ``GuidanceInputs.region_mask`` ``(N, P)``,
+            a mask over the tower's (square) patch grid; every sample with an image must give them.
     """
 
     vision_layers: tuple[int, ...] = (-2,)
@@ -65,6 +68,7 @@ class StrategyNeeds:
     instruction_span: bool = False
     instruction_span_rule: InstructionSpanRule = "first_user_text"
     visual_tokens_first: bool = False
+    query_regions: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ class InputSpec:
         instruction_span: the strategy reads ``instruction_mask``.
         instruction_span_rule: which tokens ``instruction_mask`` marks (see :class:`StrategyNeeds`).
         visual_tokens_first: each sample's visual tokens open its sequence (see :class:`StrategyNeeds`).
+        query_region_grid: side g of the tower's patch grid onto which the query's regions are
+            rasterised (``region_mask`` ``(N, g*g)``); 0: the model reads no regions.
     """
 
     num_visual_tokens: int
@@ -93,6 +99,7 @@ class InputSpec:
     instruction_span: bool = False
     instruction_span_rule: InstructionSpanRule = "first_user_text"
     visual_tokens_first: bool = False
+    query_region_grid: int = 0
 
     def __post_init__(self) -> None:
         if int(self.num_visual_tokens) != self.num_visual_tokens or self.num_visual_tokens < 1:
@@ -103,11 +110,21 @@ class InputSpec:
                              f"scales >= 1, got {self.image_views!r}.")
         if len(views) > 2:
             raise ValueError(f"InputSpec.image_views holds at most one high-res scale, got {self.image_views!r}.")
+        if int(self.query_region_grid) != self.query_region_grid or self.query_region_grid < 0:
+            raise ValueError(f"InputSpec.query_region_grid must be an integer >= 0, got {self.query_region_grid!r}.")
         object.__setattr__(self, "image_views", tuple(int(v) for v in views))
         object.__setattr__(self, "instruction_text", tuple(self.instruction_text))
 
     @classmethod
-    def from_needs(cls, needs: StrategyNeeds, num_visual_tokens: int) -> "InputSpec":
+    def from_needs(cls, needs: StrategyNeeds, num_visual_tokens: int, num_patches: int = 0) -> "InputSpec":
+        """The spec of a strategy's ``needs``; ``num_patches`` (the tower's P) sets the region grid
+        when the strategy reads the query's regions (P must then be a square)."""
+        grid = 0
+        if needs.query_regions:
+            grid = math.isqrt(num_patches)
+            if grid < 1 or grid * grid != num_patches:
+                raise ValueError(f"A strategy reading the query's regions needs a square patch grid, but the tower has "
+                                 f"{num_patches} patches.")
         return cls(
             num_visual_tokens=int(num_visual_tokens),
             image_views=(1,) if needs.high_res_factor == 1 else (1, needs.high_res_factor),
@@ -115,12 +132,18 @@ class InputSpec:
             instruction_span=needs.instruction_span,
             instruction_span_rule=needs.instruction_span_rule,
             visual_tokens_first=needs.visual_tokens_first,
+            query_region_grid=grid,
         )
 
     @property
     def high_res_factor(self) -> int:
         """The scale of the crop view, or 1 when the model reads the base view only."""
         return max(self.image_views)
+
+    @property
+    def query_regions(self) -> bool:
+        """Whether batches carry ``region_mask`` (the query's regions over the patch grid)."""
+        return self.query_region_grid > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -256,6 +279,8 @@ class GuidanceInputs:
         image_token_mask: ``(B, T)`` True at image placeholder positions.
         instruction_mask: ``(B, T)`` True at the instruction span's tokens (``instruction_span_rule``), if asked for.
         llm_embed_tokens: the LLM's input embedding (some strategies embed the instruction with it).
+        region_mask: ``(N, P)`` float, 1 at the patches (row-major) whose centre lies in a region of
+            the image's query, if asked for (``StrategyNeeds.query_regions``).
     """
 
     vision: VisionFeatures
@@ -266,6 +291,7 @@ class GuidanceInputs:
     text: InstructionFeatures | None = None
     instruction_mask: torch.Tensor | None = None
     llm_embed_tokens: nn.Module | None = None
+    region_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -397,7 +423,7 @@ class GuidanceStrategy(nn.Module):
     def input_spec(self) -> InputSpec:
         """What the model's inputs hold for this strategy (from :attr:`needs` and
         :attr:`num_visual_tokens`); stored in ``VLMConfig.input_spec`` by the model."""
-        return InputSpec.from_needs(self.needs, self.num_visual_tokens)
+        return InputSpec.from_needs(self.needs, self.num_visual_tokens, self.dims.vision_num_patches)
 
     @property
     def adapter_layers(self) -> tuple[int, ...]:

@@ -54,6 +54,7 @@ ENCODED_FEATURES = Features(
         "index": Value("int64"),
         "id": Value("string"),
         "images": List(Value("string")),
+        "query_regions": List(List(Value("float64"))),
         "input_ids": List(Value("int32")),
         "labels": List(Value("int32")),
         "instruction_mask": List(Value("bool")),
@@ -77,7 +78,7 @@ def _prepare_messages(messages: list[dict[str, str]], n_images: int, image_token
             content = DEFAULT_IMAGE_TOKEN + "\n" + content.replace(DEFAULT_IMAGE_TOKEN, "").strip()
         if image_token != DEFAULT_IMAGE_TOKEN:
             content = content.replace(DEFAULT_IMAGE_TOKEN, image_token)
-        out.append({"role": m["role"], "content": content})
+        out.append({**m, "content": content})  # a user turn's "regions" stay with it
     return out
 
 
@@ -150,7 +151,9 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
 
     ``self[i]`` -> ``{"id", "input_ids", "labels", "instruction_mask", "query_text",
     "pixel_values" (n_i, 3, H, W), "image_keys"}`` (+ ``"pixel_values_hr"`` with a high-res
-    folder); batch those with :class:`VLMDataCollator`. ``image_keys`` names each image's files
+    folder, + ``"query_regions"`` (boxes) when the processor's input spec has a region grid: then a
+    record with images whose query has no ``regions`` field is a bad record); batch those with
+    :class:`VLMDataCollator`. ``image_keys`` names each image's files
     (its path, and its high-res path after a ``|``).
 
     """
@@ -223,6 +226,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
         self._collect_errors(encoded, errors)
         if max_positions is not None:
             self._check_lengths(encoded, errors, max_positions)
+        if processor.input_spec.query_regions:
+            self._check_regions(encoded, errors)
 
         if errors:
             keep = [i for i in range(len(encoded)) if i not in errors]
@@ -299,6 +304,17 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
                         f"included), more than the LLM's {limit} positions (max_position_embeddings); set a max_length "
                         f"(data.max_length) <= {limit} to truncate, or drop the record"))
 
+    def _check_regions(self, ds: datasets.Dataset, errors: dict[int, tuple[str, str]]) -> None:
+        """A record with images must give its query's regions when the model reads them."""
+        for batch in ds.select_columns(["index", "id", "images", "query_regions", "error"]).iter(batch_size=50_000):
+            for index, rid, images, regions, error in zip(batch["index"], batch["id"], batch["images"],
+                                                          batch["query_regions"], batch["error"]):
+                if error is None and images and regions is None:
+                    self._bad(errors, index, rid, (
+                        "its query (the last human turn) has no 'regions', which the model reads (its strategy "
+                        f"needs the query's regions: input spec query_region_grid={self.processor.input_spec.query_region_grid}); "
+                        "give the boxes the question is about, [] if none"))
+
     def _image_folders(self) -> list[tuple[str, str]]:
         """(folder, what it holds) of every folder an item reads its images from."""
         return [(folder, view_name(scale)) for scale, folder in self.view_folders.items()]
@@ -346,6 +362,8 @@ class LlavaJsonDataset(torch.utils.data.Dataset):
             "query_text": row["query_text"],
             "image_keys": keys,
         }
+        if self.processor.input_spec.query_regions:
+            item["query_regions"] = row["query_regions"]
         if keys and self.features_cached is not None and all(self.features_cached(k) for k in keys):
             for scale in self.view_folders:
                 item[view_key(scale)] = torch.full((len(keys), *self.processor.view_shape(scale)), float("nan"))

@@ -5,6 +5,8 @@ A LLaVA file is a JSON array (JSON Lines also work) of records::
 
     {"id": "000001", "image": "coco/train2017/000001.jpg",   # relative to the image folder; absent = text-only
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}
+
+A human turn may also carry ``"regions"``, the boxes it is about (:mod:`vlmzoo.data.regions`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from datasets import Features, List, Value
 from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 
+from .regions import REGIONS_KEY, parse_regions, query_regions
 from .templates import DEFAULT_IMAGE_TOKEN
 
-CACHE_VERSION = "4"  # bump when the record layout or the encoding changes (4: query_text column)
+CACHE_VERSION = "5"  # bump when the record layout or the encoding changes (5: query_regions column)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
 
 RECORD_FEATURES = Features(
@@ -31,6 +34,7 @@ RECORD_FEATURES = Features(
         "id": Value("string"),
         "images": List(Value("string")),
         "messages": List({"role": Value("string"), "content": Value("string")}),
+        "query_regions": List(List(Value("float64"))),  # the last user turn's regions; null: no field
         "error": Value("string"),
     }
 )
@@ -212,8 +216,9 @@ class _RecordProblem(ValueError):
 def normalize_record(raw: Any, index: int) -> dict[str, Any]:
     """One raw LLaVA record -> ``{"index", "id", "images", "messages", "error": None}``.
 
-    Raises ``ValueError`` (with ``record_id``) for a malformed record or one whose ``<image>``
-    count differs from its number of images.
+    A user message whose turn has a ``regions`` field keeps it, parsed, under ``"regions"``.
+    Raises ``ValueError`` (with ``record_id``) for a malformed record, bad regions (or regions on a
+    turn that is not human), or a record whose ``<image>`` count differs from its number of images.
     """
     if not isinstance(raw, dict):
         raise _RecordProblem(f"record is a JSON {type(raw).__name__}, expected an object.", f"#{index}")
@@ -227,7 +232,15 @@ def normalize_record(raw: Any, index: int) -> dict[str, Any]:
             raise _RecordProblem(
                 f"turn {t} must be {{'from': one of {sorted(_ROLES)}, 'value': str}}, got {str(turn)[:200]}.", rid
             )
-        messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
+        message = {"role": _ROLES[turn["from"]], "content": turn["value"]}
+        if REGIONS_KEY in turn:
+            if message["role"] != "user":
+                raise _RecordProblem(f"turn {t} ({message['role']}) has 'regions'; regions belong to human turns.", rid)
+            try:
+                message[REGIONS_KEY] = parse_regions(turn[REGIONS_KEY])
+            except ValueError as exc:
+                raise _RecordProblem(f"turn {t}: {exc}", rid) from None
+        messages.append(message)
     image = raw.get("image")
     images = [] if image is None else [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
@@ -249,16 +262,23 @@ def _generate_records(path: str, stamp: str) -> Iterator[dict[str, Any]]:
     del stamp  # only part of the cache key
     for index, raw in iter_json_records(path):
         try:
-            yield normalize_record(raw, index)
+            record = normalize_record(raw, index)
         except _RecordProblem as exc:
-            yield {"index": index, "id": exc.record_id, "images": [], "messages": [], "error": exc.reason}
+            yield {"index": index, "id": exc.record_id, "images": [], "messages": [], "query_regions": None,
+                   "error": exc.reason}
+            continue
+        messages = record["messages"]
+        record["query_regions"] = query_regions(messages)
+        record["messages"] = [{"role": m["role"], "content": m["content"]} for m in messages]
+        yield record
 
 
 def read_llava_records(path: str | os.PathLike, cache_dir: str | None = None) -> datasets.Dataset:
     """Normalised records of a LLaVA JSON file as a cached, memory-mapped ``datasets.Dataset``.
 
     Columns: ``index`` (position in the file), ``id``, ``images`` (relative paths), ``messages``
-    (``[{"role", "content"}]``), ``error`` (``None``, or why the record is invalid). Re-reading an
+    (``[{"role", "content"}]``), ``query_regions`` (the last user turn's ``regions`` boxes, ``None``
+    when it has no such field), ``error`` (``None``, or why the record is invalid). Re-reading an
     unchanged file reuses the cache. Raises :class:`LlavaDataError` for file-level problems
     (missing, empty, malformed JSON).
     """
