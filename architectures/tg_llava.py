@@ -18,6 +18,11 @@ feed TG-DP. The base connector is named ``connector`` as in `llava`, so a `llava
 weights load into it and only ``fom.*`` / ``dp.*`` start fresh. Module groups (training stages):
 ``connector``, ``fom``, ``dp`` (each present only when switched on).
 
+Ours, not the authors': ``fom_source="oracle"`` replaces TG-FOM's text path by an oracle mask,
+``M = region_mask[..., None] * v`` with the query's regions ``(N, P)`` (the named object's patches)
+and a learned ``v`` ``(D_v,)``: a positive control for "TG-FOM selects the named object"
+(docs/controls.md).
+
 Parameter counts at the reference scale: TG-DP 59,328,512 and TG-FOM 31,821,824, the weights the
 reference's modules run. Its BLIP-2 Q-Former builds 81,474,362: also a text-branch FFN in each
 layer, word and position embeddings and an MLM head, which a queries-only input never runs; we do
@@ -54,6 +59,12 @@ class TGLlavaConfig(StrategyConfig):
         vision_layer: tower hidden state for the base tokens and the high-res crops (-2).
         connector_depth / connector_act: the base connector (``mlp2x_gelu``, shared with `llava`).
         use_fom / use_dp: the ablation switches.
+        fom_source: where TG-FOM's mask M comes from. ``"text"`` (the method): the Q-Former on the
+            pooled instruction text. ``"oracle"`` (ours, not the authors'; a control): the query's
+            regions, ``M = region_mask[..., None] * v`` with ``region_mask`` ``(N, P)`` (1 at the
+            patches of the object the question names) and ``v`` ``(D_v,)`` learned, zero at init
+            (M = 0, as the text path's zero mask head; ``v`` still gets gradient wherever the
+            mask is 1). No text encoder is needed for it (unless TG-DP is on).
         fom_layers: Q-Former layers (2); ``fom_cross_attention_freq``: a layer cross-attends to the
             text iff ``index % freq == 0`` (2: layer 0 only, as BLIP-2's Q-Former).
         fom_heads: attention heads at width D_v (16); ``fom_ffn_size``: FFN width (0 = 4 x D_v = 4096).
@@ -83,6 +94,7 @@ class TGLlavaConfig(StrategyConfig):
     connector_act: str = "gelu"
     use_fom: bool = True
     use_dp: bool = True
+    fom_source: str = "text"
     fom_layers: int = 2
     fom_cross_attention_freq: int = 2
     fom_heads: int = 16
@@ -158,6 +170,22 @@ class TextGuidedFOM(nn.Module):
         for layer in self.layers:
             x = layer(x, text)
         return self.mask_head(x)  # (N, P, D_v)
+
+
+class OracleFOM(nn.Module):
+    """The oracle TG-FOM (``fom_source="oracle"``): region mask ``(N, P)`` -> ``M (N, P, D_v)``
+    ``= mask[..., None] * v``, ``v`` ``(D_v,)`` zero-initialised (so M = 0 until it trains;
+    dL/dv = sum over the masked patches of dL/dM, not 0)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.v)
+
+    def forward(self, region_mask: torch.Tensor) -> torch.Tensor:
+        return region_mask.to(self.v.dtype)[..., None] * self.v  # (N, P, D_v)
 
 
 class PerceiverLayer(nn.Module):
@@ -239,25 +267,36 @@ class TGLlavaStrategy(GuidanceStrategy):
     def __init__(self, config: TGLlavaConfig, dims: CoreDims) -> None:
         super().__init__(config, dims)
         d_v, d_llm, p = dims.vision_hidden_size, dims.llm_hidden_size, dims.vision_num_patches
-        if (config.use_fom or config.use_dp) and dims.text_encoder_hidden_size is None:
-            raise ValueError("tg_llava with use_fom or use_dp needs an instruction text encoder (text_encoder_config).")
+        if config.fom_source not in ("text", "oracle"):
+            raise ValueError(f"tg_llava fom_source must be 'text' or 'oracle', got {config.fom_source!r}.")
+        if self._text_fom or config.use_dp:
+            if dims.text_encoder_hidden_size is None:
+                raise ValueError("tg_llava with use_dp, or use_fom with fom_source 'text', needs an instruction text "
+                                 "encoder (text_encoder_config).")
         if config.use_dp and config.dp_upscale < 2:
             raise ValueError(f"tg_llava dp_upscale must be >= 2 when use_dp is on, got {config.dp_upscale}.")
         self.connector = MLPConnector(d_v, d_llm, depth=config.connector_depth, act=config.connector_act)
-        self.fom = TextGuidedFOM(config, p, d_v, dims.text_encoder_hidden_size) if config.use_fom else None
+        self.fom: nn.Module | None = None
+        if config.use_fom:
+            self.fom = TextGuidedFOM(config, p, d_v, dims.text_encoder_hidden_size) if self._text_fom else OracleFOM(d_v)
         self.dp = None
         if config.use_dp:
             self.dp = TextGuidedDP(config, config.dp_upscale**2 * p, d_v, dims.text_encoder_hidden_size, d_llm)
 
     @property
+    def _text_fom(self) -> bool:
+        return self.config.use_fom and self.config.fom_source == "text"
+
+    @property
     def needs(self) -> StrategyNeeds:
         c = self.config
-        text = (("pooled",) if c.use_fom else ()) + (("tokens",) if c.use_dp else ())
+        text = (("pooled",) if self._text_fom else ()) + (("tokens",) if c.use_dp else ())
         return StrategyNeeds(
             vision_layers=(c.vision_layer,),
             high_res_factor=c.dp_upscale if c.use_dp else 1,
             high_res_layers=(c.vision_layer,),
             instruction_text=text,
+            query_regions=c.use_fom and c.fom_source == "oracle",
         )
 
     @property
@@ -275,7 +314,8 @@ class TGLlavaStrategy(GuidanceStrategy):
         features = inputs.vision.layers[layer]  # (N, P, D_v)
         text = inputs.text
         if self.fom is not None:
-            features = features + self.fom(text.pooled.to(features.dtype))  # F* = F_v + M
+            source = text.pooled if self._text_fom else inputs.region_mask  # (N, D_t) or (N, P)
+            features = features + self.fom(source.to(features.dtype))  # F* = F_v + M
         tokens = self.connector(features)  # (N, P, d_llm)
         if self.dp is not None:
             detail = self.dp(inputs.vision.high_res[layer], text.tokens.to(features.dtype), text.mask)
