@@ -33,16 +33,14 @@ from vlmzoo.utils import default_cache_dir
 
 from .config import FORMAT_VERSION, TinyClipConfig, TinyLLMConfig, TinyWorldConfig, small_test_config
 from .files import (
-    DATA_FILES,
     SHIPPED_DIR,
     SHIPPED_RECORD,
     WEIGHT_DIRS,
     check_files,
-    digest,
-    sha256,
     shipped_world,
     tree_checksums,
 )
+from .files import data_digest as world_data_digest
 from .generate import generate_world
 from .pretrain import pretrain_clip, pretrain_llm
 from .questions import QUESTION_TYPES, every_phrase
@@ -197,7 +195,7 @@ def _build(cfg: TinyWorldConfig, paths: TinyWorldPaths, log: Any, shipped: Path 
         shutil.rmtree(paths.root, ignore_errors=True)
         world = generate_world(cfg, str(paths.data_dir), keep_train_hires=shipped is None, log=log)
         seconds["data"] = time.perf_counter() - t0
-        data_digest = _data_digest(paths.root)
+        data_digest = world_data_digest(paths.root)
         if shipped is not None:
             record = json.loads((shipped / SHIPPED_RECORD).read_text())
             if record["data_digest"] == data_digest:
@@ -252,11 +250,6 @@ def _install_shipped(cfg: TinyWorldConfig, paths: TinyWorldPaths, shipped: Path,
             "seconds": {k: round(v, 1) for k, v in seconds.items()}, "clip": record.get("clip"),
             "llm": record.get("llm"), "weights_from": "shipped with the package",
             "seconds_pretraining": record.get("seconds_pretraining"), "data_digest": record["data_digest"]}
-
-
-def _data_digest(root: Path) -> str:
-    """One digest of the JSON files that define the world's data (the images are rendered from them)."""
-    return digest({rel: sha256(root / rel) for rel in DATA_FILES})
 
 
 def _json_texts(path: Path) -> list[str]:

@@ -4,7 +4,8 @@ A built world records the SHA-256 of every file in its manifest, so a missing or
 found by name before a run reads it. The package ships the pretrained towers of the default world
 (``pretrained/<config hash>/``: ``clip/``, ``llm/`` and the build record they came from): a build
 whose config hash has shipped weights generates only the data (about a minute) and checks that its
-JSON files are the ones the weights were pretrained on.
+JSON files are the ones the weights were pretrained on (:func:`data_digest`: their text without the
+per-turn ``regions``, which no tower reads, so annotating regions leaves shipped towers valid).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 #: where shipped pretrained worlds live (one folder per world config hash).
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -61,6 +63,31 @@ def check_files(root: Path, expected: dict[str, str]) -> list[str]:
 def digest(checksums: dict[str, str]) -> str:
     """One SHA-256 over a checksum table (order-independent)."""
     return hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()
+
+
+def _without_regions(records: Any) -> Any:
+    """A data file's JSON with the ``regions`` of every conversation turn left out."""
+    if not isinstance(records, list):
+        return records
+    out = []
+    for rec in records:
+        if isinstance(rec, dict) and isinstance(rec.get("conversations"), list):
+            turns = [{k: v for k, v in t.items() if k != "regions"} if isinstance(t, dict) else t
+                     for t in rec["conversations"]]
+            rec = {**rec, "conversations": turns}
+        out.append(rec)
+    return out
+
+
+def data_digest(root: Path) -> str:
+    """One digest of the JSON files that define a world's data (:data:`DATA_FILES`; images are
+    rendered from them), each as written by the generator but without the turns' ``regions``: the
+    data the towers are pretrained on (a world written before regions existed has the same digest)."""
+    sums = {}
+    for rel in DATA_FILES:
+        text = json.dumps(_without_regions(json.loads((root / rel).read_text())), indent=None, separators=(",", ":"))
+        sums[rel] = hashlib.sha256((text + "\n").encode()).hexdigest()
+    return digest(sums)
 
 
 def shipped_world(config_hash: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:

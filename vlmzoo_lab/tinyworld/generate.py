@@ -13,6 +13,12 @@ Layout under ``data_dir``::
     scenes.json                  per-image object annotations (for probes and analysis)
     world.json                   vocabulary, answer sets, chance levels, sizes
 
+Every human turn about an image carries ``"regions"``: the grid-cell boxes ``[x0, y0, x1, y1]``
+(normalised image coordinates) of the objects its question names
+(:func:`~.questions.question_regions`), ``[]`` when it names no object present (count, exist-no,
+and the captions' bare ``<image>`` turn); text-only records have none. The towers never read them:
+the data digest that ties shipped towers to their data leaves them out (:mod:`.files`).
+
 Everything is a deterministic function of the config: each image has its own random stream
 (``[seed, split, index]``), so output does not depend on worker count or order.
 """
@@ -39,6 +45,7 @@ from .questions import (
     enumerate_questions,
     pick_any,
     pick_with_answer,
+    question_regions,
     question_types,
 )
 from .scene import MARK_TILES, Scene, box_downsample, kind_prior, render, sample_scene
@@ -82,8 +89,11 @@ def _conditioned_scene(
     )
 
 
-def _human(question: str, with_image: bool) -> dict[str, str]:
-    return {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if with_image else question}
+def _human(question: str, with_image: bool, regions: list[list[float]] | None = None) -> dict[str, Any]:
+    turn: dict[str, Any] = {"from": "human", "value": f"{IMAGE_TOKEN}\n{question}" if with_image else question}
+    if regions is not None:
+        turn["regions"] = regions
+    return turn
 
 
 def _gpt(answer: str) -> dict[str, str]:
@@ -214,10 +224,11 @@ def generate_world(cfg: TinyWorldConfig, data_dir: str, keep_train_hires: bool =
         rel = f"train/{i:06d}.png"
         if i < cfg.n_caption_images:
             stage1.append({"id": f"cap-{i:06d}", "image": rel,
-                           "conversations": [{"from": "human", "value": IMAGE_TOKEN}, _gpt(caption(scene, cfg))]})
+                           "conversations": [{"from": "human", "value": IMAGE_TOKEN, "regions": []},
+                                             _gpt(caption(scene, cfg))]})
         conv = []
         for k, qa in enumerate(qas):
-            conv += [_human(qa.question, with_image=k == 0), _gpt(qa.answer)]
+            conv += [_human(qa.question, with_image=k == 0, regions=question_regions(qa, scene, cfg)), _gpt(qa.answer)]
         stage2.append({"id": f"train-{i:06d}", "image": rel, "conversations": conv})
     text_only = [_text_only_record(i, cfg, prior, popular) for i in range(cfg.n_text_only)]
     # Spread the text-only records through the file (deterministically).
@@ -239,7 +250,7 @@ def generate_world(cfg: TinyWorldConfig, data_dir: str, keep_train_hires: bool =
                 "id": f"eval-{qtype}-{j:05d}", "image": rel, "question": qa.question, "answer": qa.answer,
                 "question_type": qtype, "choices": choices[qtype],
                 "pope_split": qa.meta.get("pope_split"), "negative_kind": qa.meta.get("negative_kind"),
-                "conversations": [_human(qa.question, True), _gpt(qa.answer)],
+                "conversations": [_human(qa.question, True, question_regions(qa, scene, cfg)), _gpt(qa.answer)],
             })
     log(f"[tinyworld]   scenes + questions: {len(stage2)} stage-2 records, {len(stage1)} captions, "
         f"{len(eval_items)} eval questions ({time.perf_counter() - t0:.1f}s)")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .config import TinyWorldConfig
-from .scene import Scene, cell_name, cell_names
+from .scene import Scene, cell_box, cell_name, cell_names
 
 #: Question types of every world; ``shade`` is added when the world has shades (:func:`question_types`).
 QUESTION_TYPES: tuple[str, ...] = ("colour", "exist", "count", "position", "fine")
@@ -135,6 +135,16 @@ def enumerate_questions(scene: Scene, qtype: str, cfg: TinyWorldConfig, popular:
     else:
         raise ValueError(f"Unknown question type {qtype!r}; this world's types: {', '.join(question_types(cfg))}.")
     return out
+
+
+def question_regions(qa: QA, scene: Scene, cfg: TinyWorldConfig) -> list[list[float]]:
+    """The grid-cell boxes (:func:`~.scene.cell_box`) of the objects ``qa`` names: the objects of
+    its target kind (colour and shape) for colour, position, fine, shade and exist-yes questions;
+    ``[]`` for questions that name no object present (count, exist-no)."""
+    if qa.question_type == "count" or (qa.question_type == "exist" and qa.answer == "no"):
+        return []
+    colour, shape = qa.meta["target"]
+    return [cell_box(o.row, o.col, cfg.grid) for o in scene.objects if o.kind == (colour, shape)]
 
 
 def pick_with_answer(cands: list[QA], answer: str, pope_split: str | None, rng: np.random.Generator) -> QA | None:

@@ -84,6 +84,11 @@ def cell_names(grid: int) -> list[str]:
     return [cell_name(r, c) for r in range(grid) for c in range(grid)]
 
 
+def cell_box(row: int, col: int, grid: int) -> list[float]:
+    """The cell's box ``[x0, y0, x1, y1]`` in normalised image coordinates (0..1, y down)."""
+    return [col / grid, row / grid, (col + 1) / grid, (row + 1) / grid]
+
+
 def kind_prior(cfg: TinyWorldConfig) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """Prior over colour x shape kinds and their popularity ranking (most frequent first).
 
