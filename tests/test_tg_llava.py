@@ -295,6 +295,76 @@ def test_needs_a_text_encoder():
     assert tiny_model("tg_llava", strategy_config={"use_fom": False, "use_dp": False}).strategy.num_visual_tokens == NUM_PATCHES
 
 
+def _oracle_batch(model, pixels, cells=(9, 4)):
+    """Two prompts, one image each; each image's region mask marks one patch (row-major index)."""
+    n = model.strategy.num_visual_tokens
+    ids, mask = left_pad([prompt_ids(n, [1, 5], [6]), prompt_ids(n, [1, 7], [8, 9, 10])])
+    regions = torch.zeros(2, NUM_PATCHES)
+    regions[0, cells[0]] = regions[1, cells[1]] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels[:2], region_mask=regions)
+
+
+def test_oracle_fom_reads_the_region_mask_not_the_text(pixels):
+    """fom_source='oracle': no text encoder, M = region_mask * v; a fresh model is llava (v = 0),
+    and once v is non-zero the base tokens follow the mask: only the marked patch's token changes."""
+    model = tiny_model("tg_llava", strategy_config={**TINY_TG, "use_dp": False, "fom_source": "oracle"})
+    assert model.text_encoder is None and set(model.strategy.module_groups()) == {"connector", "fom"}
+    needs = model.strategy.needs
+    assert needs.query_regions and needs.instruction_text == () and needs.high_res_factor == 1
+    assert model.config.get_input_spec().query_region_grid == 4
+    assert [n for n, _ in model.strategy.fom.named_parameters()] == ["v"] and model.strategy.fom.v.abs().sum() == 0
+
+    llava = tiny_model("llava", seed=3)
+    model.load_state_dict(llava.state_dict(), strict=False)
+    batch = _oracle_batch(model, pixels)
+    plain = _forward(llava, {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+    torch.testing.assert_close(_forward(model, batch).image_hidden_states, plain.image_hidden_states, rtol=0, atol=0)
+
+    with torch.no_grad():
+        model.strategy.fom.v.copy_(torch.randn(model.strategy.fom.v.shape, generator=torch.Generator().manual_seed(0)))
+    a = _forward(model, batch)
+    moved = _forward(model, _oracle_batch(model, pixels, cells=(9, 15)))  # image 1's mark moves from patch 4 to 15
+    torch.testing.assert_close(moved.image_hidden_states[0], a.image_hidden_states[0], rtol=0, atol=0)
+    changed = (moved.image_hidden_states[1] - a.image_hidden_states[1]).abs().sum(-1) > 0  # (P,)
+    assert changed.nonzero().flatten().tolist() == [4, 15]
+    assert not torch.allclose(moved.logits[1], a.logits[1])
+    assert not (a.image_hidden_states[0] - plain.image_hidden_states[0]).abs().sum(-1)[[i for i in range(16) if i != 9]].any()
+
+
+def test_oracle_v_gets_gradient_from_zero_through_the_mask(pixels):
+    model = tiny_model("tg_llava", strategy_config={**TINY_TG, "use_dp": False, "fom_source": "oracle"}).train()
+    batch = _oracle_batch(model, pixels)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN_ID, -100).masked_fill(
+        batch["attention_mask"] == 0, -100)
+    model(**batch, labels=labels).loss.backward()
+    assert model.strategy.fom.v.grad.abs().sum() > 0
+    model.zero_grad()
+    model(**{**batch, "region_mask": torch.zeros_like(batch["region_mask"])}, labels=labels).loss.backward()
+    assert model.strategy.fom.v.grad.abs().sum() == 0  # no region, no gradient: it comes through the mask
+
+
+def test_oracle_needs_a_region_mask_of_the_tower_grid(pixels):
+    model = tiny_model("tg_llava", strategy_config={**TINY_TG, "use_dp": False, "fom_source": "oracle"})
+    batch = _oracle_batch(model, pixels)
+    with pytest.raises(ValueError, match=r"reads the query's regions: pass region_mask \(2, 16\)"):
+        _forward(model, {k: v for k, v in batch.items() if k != "region_mask"})
+    with pytest.raises(ValueError, match=r"region_mask has shape \(2, 9\); expected \(2, 16\)"):
+        _forward(model, {**batch, "region_mask": torch.zeros(2, 9)})
+    with pytest.raises(ValueError, match="fom_source must be 'text' or 'oracle'"):
+        tiny_model("tg_llava", strategy_config={**TINY_TG, "use_dp": False, "fom_source": "boxes"})
+    # TG-DP still reads the text: then a text encoder is needed again
+    with pytest.raises(ValueError, match="needs an instruction text encoder"):
+        tiny_model("tg_llava", strategy_config={**TINY_TG, "fom_source": "oracle"})
+    both = tiny_model("tg_llava", text_encoder_config=dict(CLIP_TEXT), strategy_config={**TINY_TG, "fom_source": "oracle"})
+    assert both.strategy.needs.instruction_text == ("tokens",) and both.strategy.needs.query_regions
+
+
+def test_a_text_fom_model_has_no_region_input():
+    """The default (text) TG-FOM and llava read no regions: their spec has no grid, so no batch gets a region_mask."""
+    for model in (tg_model(), tiny_model("llava")):
+        assert not model.strategy.needs.query_regions and not model.config.get_input_spec().query_regions
+
+
 def _fom_params(d_v=1024, d_t=768, p=576, ffn=4096, layers=2, cross_layers=1):
     attn = 4 * (d_v * d_v + d_v) + 2 * d_v  # q, k, v, out + LayerNorm
     ffn_block = d_v * ffn + ffn + ffn * d_v + d_v + 2 * d_v
