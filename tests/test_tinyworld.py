@@ -106,6 +106,68 @@ def oracle(question: str, objects: list[dict[str, Any]]) -> str:
     raise AssertionError(f"question matches no template: {question!r}")
 
 
+def named_regions(question: str, objects: list[dict[str, Any]]) -> list[list[float]]:
+    """The cell boxes of the objects a question names, from the annotations alone: the shape's object
+    (colour), the kind's objects (exist: none when absent; position, fine, shade), none (count)."""
+    g = CFG.grid
+    if m := re.fullmatch(r"what colour is the (\w+)\?", question):
+        named = [o for o in objects if o["shape"] == m[1]]
+    elif m := re.fullmatch(r"(?:is there a|where is the|what pattern is on the|is the) (\w+) (\w+)(?: light or dark)?\?", question):
+        named = [o for o in objects if (o["colour"], o["shape"]) == (m[1], m[2])]
+    else:
+        assert question.startswith("how many"), question
+        named = []
+    return [[o["col"] / g, o["row"] / g, (o["col"] + 1) / g, (o["row"] + 1) / g] for o in named]
+
+
+def test_every_image_question_carries_the_named_objects_regions(data):
+    """Stage 2 and eval human turns: the named objects' cells; captions' <image> turn: []; text-only: none.
+    A position question's one box is its answer's cell."""
+    scenes = data["scenes.json"]
+    assert all(r["conversations"][0]["regions"] == [] for r in data["stage1_captions.json"])
+    n_boxes = Counter()
+    for split, records in (("train", data["stage2_instruct.json"]), ("eval", data["eval.json"])):
+        for r in records:
+            humans = r["conversations"][0::2]
+            if "image" not in r:
+                assert not any("regions" in t for t in humans), r["id"]
+                continue
+            for turn in humans:
+                question = turn["value"].removeprefix(f"{IMAGE}\n")
+                assert turn["regions"] == named_regions(question, scenes[split][r["image"]]), r["id"]
+                n_boxes[question_type(question), len(turn["regions"])] += 1
+                if question_type(question) == "position":
+                    ((x0, y0, _, _),) = turn["regions"]
+                    assert cell_name(round(y0 * CFG.grid), round(x0 * CFG.grid)) == oracle(question, scenes[split][r["image"]])
+    assert {n for (t, n) in n_boxes if t == "count"} == {0} and (("exist", 0) in n_boxes and ("exist", 1) in n_boxes)
+    assert {n for (t, n) in n_boxes if t in ("colour", "position", "fine")} == {1}
+
+
+def test_the_data_digest_leaves_regions_out(world, tmp_path):
+    """The shipped towers' digest: the JSON files without their regions, so annotating regions keeps it."""
+    import shutil
+
+    from vlmzoo_lab.tinyworld.files import DATA_FILES as FILES, data_digest
+
+    copy = tmp_path / "copy"
+    for rel in FILES:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(world.root / rel, copy / rel)
+    before = data_digest(copy)
+    assert before == world.manifest()["data_digest"]
+    for name in ("stage2_instruct.json", "eval.json"):
+        records = json.loads((copy / "data" / name).read_text())
+        for r in records:
+            for t in r["conversations"]:
+                t.pop("regions", None)
+        (copy / "data" / name).write_text(json.dumps(records) + "\n")  # also another layout
+    assert data_digest(copy) == before
+    records = json.loads((copy / "data" / "eval.json").read_text())
+    records[0]["conversations"][1]["value"] = "no" if records[0]["answer"] != "no" else "yes"
+    (copy / "data" / "eval.json").write_text(json.dumps(records))
+    assert data_digest(copy) != before  # the text still counts
+
+
 def question_type(question: str) -> str:
     starts = {"what colour": "colour", "is there": "exist", "how many": "count", "where is": "position",
               "what pattern": "fine", "is the ": "shade"}
@@ -276,7 +338,8 @@ def test_eval_file_contract(data):
     for r in records:
         assert r["choices"] == choices[r["question_type"]]
         assert r["answer"] in r["choices"]
-        assert r["conversations"] == [{"from": "human", "value": f"{IMAGE}\n{r['question']}"},
+        assert r["conversations"] == [{"from": "human", "value": f"{IMAGE}\n{r['question']}",
+                                       "regions": r["conversations"][0]["regions"]},
                                       {"from": "gpt", "value": r["answer"]}]
     for t in TYPES:
         answers = Counter(r["answer"] for r in records if r["question_type"] == t)
@@ -330,7 +393,7 @@ def test_training_files_match_the_scenes(data):
     for rec in captions:
         objects = scenes[rec["image"]]
         human, gpt = rec["conversations"]
-        assert human == {"from": "human", "value": IMAGE}
+        assert human == {"from": "human", "value": IMAGE, "regions": []}
         assert gpt["value"] == ", ".join(
             f"{o['colour']} {o['shape']} at {cell_name(o['row'], o['col'])}" for o in objects) + "."
 
