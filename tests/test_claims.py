@@ -182,8 +182,8 @@ def test_the_shipped_claims_file():
         ("fine",), ("tg_llava", "tg_llava:tiny_dp_only"), "llava", "crop_tokens")
     fom = claims["TG-FOM selects the named object"]
     assert (fom.question_types, fom.methods, fom.negative_control, fom.positive_control) == (
-        ("position",), ("tg_llava:tiny_fom_only",), "llava", None)
-    assert "oracle mask" in fom.missing_positive_control
+        ("position",), ("tg_llava:tiny_fom_only",), "llava", "tg_llava:tiny_fom_oracle")
+    assert fom.missing_positive_control is None
     shade = claims["early layers hold low-level evidence"]
     assert (shade.question_types, shade.methods, shade.negative_control, shade.positive_control) == (
         ("shade",), ("igva", "dense_connector"), "llava", "llava:tiny_shade_layer")

@@ -17,11 +17,11 @@ import yaml
 import architectures.crop_tokens  # noqa: F401  registers it even in a venv installed before it existed
 
 REPO = Path(__file__).resolve().parent.parent
-CONTROLS = ["llava", "resampler", "crop_tokens", "llava:tiny_shade_layer"]
+CONTROLS = ["llava", "resampler", "crop_tokens", "llava:tiny_shade_layer", "tg_llava:tiny_fom_oracle"]
 SEEDS = (0, 1)
-# A claims file over the controls alone (the shipped one needs the methods' runs too): one claim with
-# both controls, one without a positive control, one whose method is not in the study, one whose
-# negative control is not.
+# A claims file over the controls alone (the shipped one needs the methods' runs too): two claims with
+# both controls (one the oracle mask's), one without a positive control, one whose method is not in
+# the study, one whose negative control is not.
 CLAIMS = """
 claims:
   - claim: shade layer vs layer -2
@@ -29,6 +29,11 @@ claims:
     methods: ["llava:tiny_shade_layer"]
     negative_control: llava
     positive_control: crop_tokens
+  - claim: oracle selection
+    question_types: [position]
+    methods: [resampler]
+    negative_control: llava
+    positive_control: "tg_llava:tiny_fom_oracle"
   - claim: resampler budget
     question_types: [position]
     methods: [resampler]
@@ -60,6 +65,18 @@ def test_shade_layer_config_reads_the_worlds_shade_layer():
     assert shade.model.strategy_config["vision_layer"] == TinyWorldConfig().clip.shade_layer == 1
     assert llava.model.strategy_config["vision_layer"] == -2
     assert run_budget(shade) == run_budget(llava)  # the same recipe, only the layer differs
+
+
+def test_oracle_config_is_fom_only_with_the_mask_from_the_regions():
+    """configs/tg_llava/tiny_fom_oracle.yaml = tiny_fom_only.yaml with fom_source oracle and no text encoder."""
+    from vlmzoo.config import load_run_config
+    from vlmzoo_lab.study import run_budget
+
+    oracle = load_run_config(REPO / "configs" / "tg_llava" / "tiny_fom_oracle.yaml", resolve_vars=False)
+    fom = load_run_config(REPO / "configs" / "tg_llava" / "tiny_fom_only.yaml", resolve_vars=False)
+    assert oracle.model.strategy_config == {**fom.model.strategy_config, "fom_source": "oracle"}
+    assert oracle.model.text_encoder is None and fom.model.text_encoder is not None
+    assert run_budget(oracle) == run_budget(fom)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +122,17 @@ def test_every_control_trains_a_few_steps(controls_study):
     resolved = yaml.safe_load((_run_dir(controls_study, "llava:tiny_shade_layer", 0) / "resolved_config.yaml").read_text())
     assert resolved["model"]["strategy_config"]["vision_layer"] == 1
     tokens = {a: int(float(rows[(a, "0")]["visual_tokens"])) for a in CONTROLS}
-    assert tokens == {"llava": 16, "resampler": 8, "crop_tokens": 16 + 64, "llava:tiny_shade_layer": 16}
+    assert tokens == {"llava": 16, "resampler": 8, "crop_tokens": 16 + 64, "llava:tiny_shade_layer": 16,
+                      "tg_llava:tiny_fom_oracle": 16}
+    # The oracle's v starts at zero and gets gradient only through the regions' patch mask: the
+    # world's regions reached the model in both stages (captions: [] -> no gradient, so stage 2's).
+    from vlmzoo import VLMForConditionalGeneration
+
+    for stage, trained in (("stage1_align", False), ("stage2_instruct", True)):
+        model = VLMForConditionalGeneration.from_pretrained(
+            _run_dir(controls_study, "tg_llava:tiny_fom_oracle", 0) / stage / "final")
+        assert model.text_encoder is None and model.config.get_input_spec().query_regions
+        assert bool(model.strategy.fom.v.abs().sum() > 0) == trained, stage
 
 
 def _accuracies(out: Path, entry: str, qtype: str) -> list[float]:
@@ -130,11 +157,12 @@ def test_claims_csv_recomputed_from_the_runs_eval_files(controls_study):
         ("shade layer vs layer -2", "shade", "llava:tiny_shade_layer"),
         ("shade layer vs layer -2", "fine", "llava:tiny_shade_layer"),
         ("shade layer vs layer -2", "colour", "llava:tiny_shade_layer"),
+        ("oracle selection", "position", "resampler"),
         ("resampler budget", "position", "resampler"),
         ("negative not run", "count", "crop_tokens"),
     ]  # igva was not run: no row
     z = 1.959964 + 0.841621
-    for row in rows[:4]:
+    for row in rows[:5]:
         qtype = row["question_type"]
         m, n = _accuracies(controls_study, row["method"], qtype), _accuracies(controls_study, "llava", qtype)
         assert row["seeds"] == "2"
@@ -149,7 +177,7 @@ def test_claims_csv_recomputed_from_the_runs_eval_files(controls_study):
         rule = ("reproduces" if effect > 2 * noise and effect > 3 else "inconclusive" if effect > 0
                 else "does not reproduce")
         if row["positive_control"]:
-            p = _accuracies(controls_study, "crop_tokens", qtype)
+            p = _accuracies(controls_study, row["positive_control"], qtype)
             assert float(row["positive_mean"]) == pytest.approx(statistics.fmean(p), abs=1e-3)
             assert float(row["positive_std"]) == pytest.approx(statistics.stdev(p), abs=1e-3)
             gap = statistics.fmean(p) - statistics.fmean(n)
@@ -160,7 +188,7 @@ def test_claims_csv_recomputed_from_the_runs_eval_files(controls_study):
             assert row["verdict"] == "positive control missing"
         if row["verdict"] != rule:
             assert row["note"].endswith(f"effect rule alone: {rule}")
-    last = rows[4]
+    last = rows[5]
     assert last["verdict"] == "negative control not run" and last["negative_mean"] == last["effect"] == ""
     assert float(last["method_mean"]) == pytest.approx(statistics.fmean(_accuracies(controls_study, "crop_tokens", "count")),
                                                        abs=1e-3)
