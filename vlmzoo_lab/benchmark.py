@@ -110,7 +110,7 @@ def tiny_world_config(strategy: str, vocab_size: int = 96):
 def synthetic_batch(model, batch: int, n_text: int = N_TEXT, seed: int = 0) -> dict[str, torch.Tensor]:
     """``batch`` rows of ``n_text`` random text tokens with one image's placeholders after the first
     (before it, for a strategy whose visual tokens open the sequence); instruction inputs when the
-    strategy reads instruction text."""
+    strategy reads instruction text; a region mask when it reads the query's regions."""
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
     text = torch.randint(3, cfg.image_token_id, (batch, n_text), generator=g)
@@ -129,6 +129,8 @@ def synthetic_batch(model, batch: int, n_text: int = N_TEXT, seed: int = 0) -> d
     if model.strategy.needs.instruction_text:
         inputs["instruction_input_ids"] = torch.randint(3, 50, (batch, 12), generator=g)
         inputs["instruction_attention_mask"] = torch.ones(batch, 12, dtype=torch.long)
+    if model.strategy.needs.query_regions:
+        inputs["region_mask"] = (torch.rand(batch, model.vision_tower.num_patches, generator=g) < 0.1).float()
     return inputs
 
 
