@@ -137,3 +137,20 @@ def test_reading_a_config_builds_nothing(tmp_path, flags):
     if flags == ["--print-config"]:
         root = tmp_path / "cache" / "tiny_world" / tw.TinyWorldConfig().config_hash()
         assert f"llm: {root / 'llm'}" in proc.stdout and f"root: {root}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_default_worlds_data_still_fit_the_shipped_towers(tmp_path, monkeypatch):
+    """The generator's JSON for the default config has the digest the shipped towers were pretrained
+    on (images are not rendered: they are a function of scenes.json), regions and all."""
+    import vlmzoo_lab.tinyworld.generate as generate
+    from vlmzoo_lab.tinyworld.files import SHIPPED_DIR, data_digest, shipped_world
+
+    config = tw.TinyWorldConfig()
+    shipped = shipped_world(config.config_hash(), SHIPPED_DIR)
+    assert shipped is not None, "the package ships the default world's towers"
+    monkeypatch.setattr(generate, "render_all", lambda *args, **kwargs: None)
+    generate.generate_world(config, str(tmp_path / "data"), keep_train_hires=False, log=_quiet)
+    eval_records = json.loads((tmp_path / "data" / "eval.json").read_text())
+    assert all("regions" in r["conversations"][0] for r in eval_records)
+    assert data_digest(tmp_path) == json.loads((shipped / "world_build.json").read_text())["data_digest"]
