@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,9 @@ def test_every_image_question_carries_the_named_objects_regions(data):
     assert {n for (t, n) in n_boxes if t in ("colour", "position", "fine")} == {1}
 
 
-def test_the_data_digest_leaves_regions_out(world, tmp_path):
-    """The shipped towers' digest: the JSON files without their regions, so annotating regions keeps it."""
+def test_the_data_digest_covers_only_what_the_towers_read(world, tmp_path):
+    """The shipped towers' digest: the files tower pretraining reads, without their regions, so
+    annotating regions, or changing the captions or the eval questions, keeps it."""
     import shutil
 
     from vlmzoo_lab.tinyworld.files import DATA_FILES as FILES, data_digest
@@ -162,10 +164,15 @@ def test_the_data_digest_leaves_regions_out(world, tmp_path):
                 t.pop("regions", None)
         (copy / "data" / name).write_text(json.dumps(records) + "\n")  # also another layout
     assert data_digest(copy) == before
-    records = json.loads((copy / "data" / "eval.json").read_text())
-    records[0]["conversations"][1]["value"] = "no" if records[0]["answer"] != "no" else "yes"
-    (copy / "data" / "eval.json").write_text(json.dumps(records))
-    assert data_digest(copy) != before  # the text still counts
+    for name in ("stage1_captions.json", "eval.json"):  # no tower reads them
+        records = json.loads((copy / "data" / name).read_text())
+        records[0]["conversations"][1]["value"] = "something else"
+        (copy / "data" / name).write_text(json.dumps(records))
+    assert data_digest(copy) == before
+    records = json.loads((copy / "data" / "stage2_instruct.json").read_text())
+    records[0]["conversations"][1]["value"] = "something else"
+    (copy / "data" / "stage2_instruct.json").write_text(json.dumps(records))
+    assert data_digest(copy) != before  # the questions' text counts (the tokenizer reads it)
 
 
 def question_type(question: str) -> str:
@@ -394,8 +401,9 @@ def test_training_files_match_the_scenes(data):
         objects = scenes[rec["image"]]
         human, gpt = rec["conversations"]
         assert human == {"from": "human", "value": IMAGE, "regions": []}
-        assert gpt["value"] == ", ".join(
-            f"{o['colour']} {o['shape']} at {cell_name(o['row'], o['col'])}" for o in objects) + "."
+        assert CFG.caption_details  # the default: every object's shade and mark too
+        assert parse_detailed_caption(gpt["value"]) == objects
+        assert gpt["value"].count(",") == len(objects) - 1 and gpt["value"].endswith(" pattern.")
 
     stage2 = data["stage2_instruct.json"]
     text_only = [r for r in stage2 if "image" not in r]
@@ -422,6 +430,17 @@ def test_training_files_match_the_scenes(data):
     # every question type occurs in training
     types = {question_type(t["value"]) for r in with_image for t in r["conversations"][0::2]}
     assert types == set(TYPES)
+
+
+def test_data_only_fields_keep_the_towers_hash():
+    """Shipped towers serve every world that differs from theirs only in data no tower reads."""
+    from vlmzoo_lab.tinyworld.config import DATA_ONLY_FIELDS
+
+    assert DATA_ONLY_FIELDS == ("caption_details",)
+    plain = replace(CFG, caption_details=False)
+    assert plain.config_hash() != CFG.config_hash() and plain.towers_hash() == CFG.towers_hash()
+    other = replace(CFG, shade_strength=0.25)
+    assert other.towers_hash() != CFG.towers_hash()
 
 
 # ---------------------------------------------------------------------------- fine detail

@@ -6,6 +6,7 @@ with towers "shipped" into a temporary folder from a world built here from scrat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,6 +85,23 @@ def test_shipped_towers_replace_pretraining_and_give_the_same_world(scratch, shi
     assert record["llm"] == scratch.manifest()["llm"]  # the pretraining metrics travel with the towers
 
 
+def test_shipped_towers_serve_a_world_that_differs_only_in_data_no_tower_reads(scratch, shipped_dir, tmp_path,
+                                                                               monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("pretraining ran although only the stage-1 captions differ")
+
+    monkeypatch.setattr(tw, "pretrain_clip", must_not_run)
+    monkeypatch.setattr(tw, "pretrain_llm", must_not_run)
+    plain = dataclasses.replace(CFG, caption_details=False)
+    world = build_tiny_world(tmp_path, plain, shipped_dir=shipped_dir, log=_quiet)
+    assert world.root.name == plain.config_hash() != scratch.root.name
+    assert world.manifest()["weights_from"] == "shipped with the package"
+    assert _files(world)["clip/model.safetensors"] == _files(scratch)["clip/model.safetensors"]
+    captions = json.loads(world.stage1_json.read_text())
+    assert captions != json.loads(scratch.stage1_json.read_text())
+    assert not any("pattern" in r["conversations"][1]["value"] for r in captions)
+
+
 def test_damaged_shipped_towers_are_refused_by_name(shipped_dir, tmp_path):
     damaged = tmp_path / "shipped"
     import shutil
@@ -141,13 +159,13 @@ def test_reading_a_config_builds_nothing(tmp_path, flags):
 
 @pytest.mark.slow
 def test_the_default_worlds_data_still_fit_the_shipped_towers(tmp_path, monkeypatch):
-    """The generator's JSON for the default config has the digest the shipped towers were pretrained
-    on (images are not rendered: they are a function of scenes.json), regions and all."""
+    """The generator's JSON for the default config has the digest of the data the shipped towers were
+    pretrained on (images are not rendered: they are a function of scenes.json), regions and all."""
     import vlmzoo_lab.tinyworld.generate as generate
     from vlmzoo_lab.tinyworld.files import SHIPPED_DIR, data_digest, shipped_world
 
     config = tw.TinyWorldConfig()
-    shipped = shipped_world(config.config_hash(), SHIPPED_DIR)
+    shipped = shipped_world(config.towers_hash(), SHIPPED_DIR)
     assert shipped is not None, "the package ships the default world's towers"
     monkeypatch.setattr(generate, "render_all", lambda *args, **kwargs: None)
     generate.generate_world(config, str(tmp_path / "data"), keep_train_hires=False, log=_quiet)

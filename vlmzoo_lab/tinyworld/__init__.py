@@ -153,7 +153,7 @@ def build_tiny_world(
         tmp = root.with_name(root.name + ".building")
         if force:
             shutil.rmtree(tmp, ignore_errors=True)
-        shipped = None if from_scratch else shipped_world(config.config_hash(), Path(shipped_dir or SHIPPED_DIR))
+        shipped = None if from_scratch else shipped_world(config.towers_hash(), Path(shipped_dir or SHIPPED_DIR))
         log(f"[tinyworld] building the tiny world into {root} (once; cached afterwards"
             + ("; pretrained towers shipped with the package)" if shipped else ")"))
         record = _build(config, TinyWorldPaths.at(tmp), log, shipped)
@@ -213,7 +213,8 @@ def _build(cfg: TinyWorldConfig, paths: TinyWorldPaths, log: Any, shipped: Path 
     llm_metrics = pretrain_llm(cfg, tokenizer, str(paths.llm_dir), log=log)
     seconds["llm"] = time.perf_counter() - t
     seconds["total"] = sum(v for k, v in seconds.items() if k != "total")
-    return {"format": FORMAT_VERSION, "config_hash": cfg.config_hash(), "config": cfg.to_dict(),
+    return {"format": FORMAT_VERSION, "config_hash": cfg.config_hash(), "towers_hash": cfg.towers_hash(),
+            "config": cfg.to_dict(),
             "seconds": {k: round(v, 1) for k, v in seconds.items()}, "clip": clip_metrics, "llm": llm_metrics,
             "weights_from": "pretrained here", "data_digest": data_digest}
 
@@ -246,7 +247,8 @@ def _install_shipped(cfg: TinyWorldConfig, paths: TinyWorldPaths, shipped: Path,
     seconds["towers_shipped"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
     log(f"[tinyworld]   pretrained towers from the package, checksums verified ({shipped.name})")
-    return {"format": FORMAT_VERSION, "config_hash": cfg.config_hash(), "config": cfg.to_dict(),
+    return {"format": FORMAT_VERSION, "config_hash": cfg.config_hash(), "towers_hash": cfg.towers_hash(),
+            "config": cfg.to_dict(),
             "seconds": {k: round(v, 1) for k, v in seconds.items()}, "clip": record.get("clip"),
             "llm": record.get("llm"), "weights_from": "shipped with the package",
             "seconds_pretraining": record.get("seconds_pretraining"), "data_digest": record["data_digest"]}

@@ -1,7 +1,10 @@
 """``TinyWorldConfig``: every knob of the tiny world (data, tower pretraining, LLM pretraining).
 
 The whole build is a pure function of this config (and :data:`FORMAT_VERSION`), so its hash
-keys the on-disk cache: change any field and the world is rebuilt.
+keys the on-disk cache: change any field and the world is rebuilt. The pretrained towers depend on
+every field except the :data:`DATA_ONLY_FIELDS`, which shape only files no tower is pretrained on:
+:meth:`TinyWorldConfig.towers_hash` leaves them out, so the towers shipped with the package serve
+every world that differs from theirs only there.
 """
 
 from __future__ import annotations
@@ -16,6 +19,11 @@ from vlmzoo.utils import build_dataclass
 
 #: Bump when a code change alters what a given config builds (invalidates every cached world).
 FORMAT_VERSION = 2
+
+#: Fields of :class:`TinyWorldConfig` that change only data the towers are not pretrained on (the
+#: stage-1 caption file: the tiny CLIP's contrastive captions are made from the scenes, without
+#: details); :meth:`TinyWorldConfig.towers_hash` ignores them.
+DATA_ONLY_FIELDS: tuple[str, ...] = ("caption_details",)
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,12 @@ class TinyWorldConfig:
         mark_size: side of the mark square in stored px (even).
         n_train_images: images for stage 1 (captions) and stage 2 (questions).
         n_caption_images: stage-1 captions use the first this-many train images (<= n_train).
+        caption_details: stage-1 captions also name each object's shade and fine mark
+            (``"light red circle at b3 with checkered pattern"``), so stage 1 already trains
+            reading them from any visual token that carries them; ``False``: colour, shape and cell
+            only. The base view does not show the marks and layer -2 is nearly blind to shade, so
+            for ``llava`` those words stay guesses; strategies that see the 2x crops or the early
+            layers can learn them (docs/tiny_world.md has the measurement).
         max_turns: stage-2 records have 1..max_turns Q/A turns (turn-count weights below).
         turn_weights: relative frequency of 1, 2, ... max_turns turns.
         n_text_only: stage-2 text-only records (caption in the text, no image).
@@ -167,6 +181,7 @@ class TinyWorldConfig:
     mark_size: int = 6
     n_train_images: int = 16000
     n_caption_images: int = 16000
+    caption_details: bool = True
     max_turns: int = 4
     turn_weights: tuple[float, ...] = (0.4, 0.25, 0.2, 0.15)
     n_text_only: int = 160
@@ -218,13 +233,24 @@ class TinyWorldConfig:
 
     def config_hash(self) -> str:
         """Stable hash of the config and the format version (the cache key)."""
-        payload = json.dumps({"format": FORMAT_VERSION, "config": self.to_dict()}, sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return _hash({"format": FORMAT_VERSION, "config": self.to_dict()})
+
+    def towers_config(self) -> dict[str, Any]:
+        """The fields the pretrained towers depend on: every field but :data:`DATA_ONLY_FIELDS`."""
+        return {k: v for k, v in self.to_dict().items() if k not in DATA_ONLY_FIELDS}
+
+    def towers_hash(self) -> str:
+        """Stable hash of :meth:`towers_config` and the format version (the key of shipped towers)."""
+        return _hash({"format": FORMAT_VERSION, "config": self.towers_config()})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TinyWorldConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise with a 'did you mean' hint, wrong types name the key."""
         return build_dataclass(cls, dict(values), "TinyWorldConfig")
+
+
+def _hash(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def small_test_config(**overrides: Any) -> TinyWorldConfig:

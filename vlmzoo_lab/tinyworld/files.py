@@ -2,10 +2,12 @@
 
 A built world records the SHA-256 of every file in its manifest, so a missing or damaged file is
 found by name before a run reads it. The package ships the pretrained towers of the default world
-(``pretrained/<config hash>/``: ``clip/``, ``llm/`` and the build record they came from): a build
-whose config hash has shipped weights generates only the data (about a minute) and checks that its
-JSON files are the ones the weights were pretrained on (:func:`data_digest`: their text without the
-per-turn ``regions``, which no tower reads, so annotating regions leaves shipped towers valid).
+(``pretrained/<towers hash>/``: ``clip/``, ``llm/`` and the build record they came from): a build
+whose config has shipped weights (same :meth:`~.config.TinyWorldConfig.towers_hash`) generates only
+the data (about a minute) and checks that the files the towers are pretrained from are the ones the
+weights were pretrained on (:func:`data_digest`: :data:`TOWER_DATA_FILES`' text without the per-turn
+``regions``, which no tower reads). Data no tower reads (the stage-1 captions, the eval questions,
+the regions) can change without invalidating the shipped towers.
 """
 
 from __future__ import annotations
@@ -17,11 +19,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-#: where shipped pretrained worlds live (one folder per world config hash).
+from .config import DATA_ONLY_FIELDS
+
+#: where shipped pretrained towers live (one folder per towers hash).
 SHIPPED_DIR = Path(__file__).resolve().parent / "pretrained"
 #: the files that define a world's data (images are rendered from ``scenes.json``).
 DATA_FILES = ("data/stage1_captions.json", "data/stage2_instruct.json", "data/eval.json", "data/scenes.json",
               "data/world.json")
+#: the data files tower pretraining reads: the scenes (the tiny CLIP's images and captions are made
+#: from them) and the stage-2 questions (with the config's phrases, the tokenizer's vocabulary).
+TOWER_DATA_FILES = ("data/stage2_instruct.json", "data/scenes.json")
 WEIGHT_DIRS = ("clip", "llm")
 SHIPPED_RECORD = "world_build.json"
 
@@ -80,19 +87,18 @@ def _without_regions(records: Any) -> Any:
 
 
 def data_digest(root: Path) -> str:
-    """One digest of the JSON files that define a world's data (:data:`DATA_FILES`; images are
-    rendered from them), each as written by the generator but without the turns' ``regions``: the
-    data the towers are pretrained on (a world written before regions existed has the same digest)."""
+    """One digest of the data files the towers are pretrained from (:data:`TOWER_DATA_FILES`), each
+    as written by the generator but without the turns' ``regions``, which no tower reads."""
     sums = {}
-    for rel in DATA_FILES:
+    for rel in TOWER_DATA_FILES:
         text = json.dumps(_without_regions(json.loads((root / rel).read_text())), indent=None, separators=(",", ":"))
         sums[rel] = hashlib.sha256((text + "\n").encode()).hexdigest()
     return digest(sums)
 
 
-def shipped_world(config_hash: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:
-    """The shipped pretrained folder of this world config, if the package has one."""
-    folder = shipped_dir / config_hash
+def shipped_world(towers_hash: str, shipped_dir: Path = SHIPPED_DIR) -> Path | None:
+    """The shipped pretrained folder for this towers hash, if the package has one."""
+    folder = shipped_dir / towers_hash
     return folder if (folder / SHIPPED_RECORD).is_file() else None
 
 
@@ -102,12 +108,13 @@ def ship(world_root: Path, shipped_dir: Path = SHIPPED_DIR) -> Path:
     record = json.loads((world_root / SHIPPED_RECORD).read_text())
     if record.get("weights_from") != "pretrained here":
         raise ValueError(f"{world_root} took its weights from a shipped copy; ship a world built with --from-scratch.")
-    target = shipped_dir / record["config_hash"]
+    target = shipped_dir / record["towers_hash"]
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for d in WEIGHT_DIRS:
         shutil.copytree(world_root / d, tmp / d)
-    shipped = {k: record[k] for k in ("format", "config_hash", "config", "clip", "llm") if k in record}
+    shipped = {k: record[k] for k in ("format", "towers_hash", "clip", "llm") if k in record}
+    shipped["config"] = {k: v for k, v in record["config"].items() if k not in DATA_ONLY_FIELDS}
     shipped["seconds_pretraining"] = {k: record["seconds"][k] for k in ("clip", "llm") if k in record.get("seconds", {})}
     shipped["data_digest"] = record["data_digest"]
     shipped["weights"] = tree_checksums(tmp, WEIGHT_DIRS)

@@ -225,7 +225,7 @@ def generate_world(cfg: TinyWorldConfig, data_dir: str, keep_train_hires: bool =
         if i < cfg.n_caption_images:
             stage1.append({"id": f"cap-{i:06d}", "image": rel,
                            "conversations": [{"from": "human", "value": IMAGE_TOKEN, "regions": []},
-                                             _gpt(caption(scene, cfg))]})
+                                             _gpt(caption(scene, cfg, with_marks=cfg.caption_details))]})
         conv = []
         for k, qa in enumerate(qas):
             conv += [_human(qa.question, with_image=k == 0, regions=question_regions(qa, scene, cfg)), _gpt(qa.answer)]

@@ -67,8 +67,8 @@ def caption(scene: Scene, cfg: TinyWorldConfig, with_marks: bool = False) -> str
     """Row-major list of objects, e.g. ``"red circle at a1, blue square at c2."``.
 
     ``with_marks`` adds the fine marks (``"... at a1 with checkered pattern"``) and, in worlds
-    with shades, the shade (``"light red circle ..."``); the stage-1 captions leave both out:
-    the base view cannot show the marks, and shade is evidence the study's questions ask for.
+    with shades, the shade (``"light red circle ..."``). The stage-1 captions have them when the
+    config's ``caption_details`` is on; the tiny CLIP's contrastive captions never do.
     """
     parts = []
     for o in scene.objects:
