@@ -182,6 +182,12 @@ def question_type(question: str) -> str:
     return qtype
 
 
+def parse_caption(text: str) -> list[dict[str, Any]]:
+    """Objects of a ``"red circle at a1, ..."`` caption (colour, shape, cell)."""
+    found = re.findall(r"(\w+) (\w+) at ([a-z])(\d)", text)
+    return [{"colour": c, "shape": s, "col": ord(col) - ord("a"), "row": int(row) - 1} for c, s, col, row in found]
+
+
 def parse_detailed_caption(text: str) -> list[dict[str, Any]]:
     """Objects of a ``"light red circle at a1 with checkered pattern, ..."`` caption."""
     found = re.findall(r"(\w+) (\w+) (\w+) at ([a-z])(\d) with (\w+) pattern", text)
@@ -401,9 +407,9 @@ def test_training_files_match_the_scenes(data):
         objects = scenes[rec["image"]]
         human, gpt = rec["conversations"]
         assert human == {"from": "human", "value": IMAGE, "regions": []}
-        assert CFG.caption_details  # the default: every object's shade and mark too
-        assert parse_detailed_caption(gpt["value"]) == objects
-        assert gpt["value"].count(",") == len(objects) - 1 and gpt["value"].endswith(" pattern.")
+        assert not CFG.caption_details  # the default: colour, shape and cell of every object
+        assert parse_caption(gpt["value"]) == [{k: o[k] for k in ("colour", "shape", "col", "row")} for o in objects]
+        assert gpt["value"].count(",") == len(objects) - 1 and "pattern" not in gpt["value"]
 
     stage2 = data["stage2_instruct.json"]
     text_only = [r for r in stage2 if "image" not in r]
@@ -437,8 +443,8 @@ def test_data_only_fields_keep_the_towers_hash():
     from vlmzoo_lab.tinyworld.config import DATA_ONLY_FIELDS
 
     assert DATA_ONLY_FIELDS == ("caption_details",)
-    plain = replace(CFG, caption_details=False)
-    assert plain.config_hash() != CFG.config_hash() and plain.towers_hash() == CFG.towers_hash()
+    detailed = replace(CFG, caption_details=True)
+    assert detailed.config_hash() != CFG.config_hash() and detailed.towers_hash() == CFG.towers_hash()
     other = replace(CFG, shade_strength=0.25)
     assert other.towers_hash() != CFG.towers_hash()
 

@@ -144,7 +144,9 @@ class TinyWorldConfig:
             reading them from any visual token that carries them; ``False``: colour, shape and cell
             only. The base view does not show the marks and layer -2 is nearly blind to shade, so
             for ``llava`` those words stay guesses; strategies that see the 2x crops or the early
-            layers can learn them (docs/tiny_world.md has the measurement).
+            layers can learn them. Off by default (the default run's world); the shade and fine
+            controls are measured with it on (``tiny_world.config.caption_details=true``);
+            docs/tiny_world.md has the measurements either way.
         max_turns: stage-2 records have 1..max_turns Q/A turns (turn-count weights below).
         turn_weights: relative frequency of 1, 2, ... max_turns turns.
         n_text_only: stage-2 text-only records (caption in the text, no image).
@@ -181,7 +183,7 @@ class TinyWorldConfig:
     mark_size: int = 6
     n_train_images: int = 16000
     n_caption_images: int = 16000
-    caption_details: bool = True
+    caption_details: bool = False
     max_turns: int = 4
     turn_weights: tuple[float, ...] = (0.4, 0.25, 0.2, 0.15)
     n_text_only: int = 160
