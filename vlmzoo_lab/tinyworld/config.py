@@ -21,9 +21,12 @@ from vlmzoo.utils import build_dataclass
 FORMAT_VERSION = 2
 
 #: Fields of :class:`TinyWorldConfig` that change only data the towers are not pretrained on (the
-#: stage-1 caption file: the tiny CLIP's contrastive captions are made from the scenes, without
-#: details); :meth:`TinyWorldConfig.towers_hash` ignores them.
-DATA_ONLY_FIELDS: tuple[str, ...] = ("caption_details",)
+#: stage-1 caption file: the tiny CLIP's contrastive captions and the tiny Llama's corpus are made
+#: from the scenes without them); :meth:`TinyWorldConfig.towers_hash` ignores them.
+DATA_ONLY_FIELDS: tuple[str, ...] = ("caption_details", "caption_order")
+
+#: Values of :attr:`TinyWorldConfig.caption_order`.
+CAPTION_ORDERS: tuple[str, ...] = ("row_major", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,9 @@ class TinyWorldConfig:
             layers can learn them. Off by default (the default run's world); the shade and fine
             controls are measured with it on (``tiny_world.config.caption_details=true``);
             docs/tiny_world.md has the measurements either way.
+        caption_order: order of the objects in a stage-1 caption: ``row_major`` (reading order), or
+            ``shuffled`` (a fixed random order per image), in which a caption can name an object's
+            cell only by reading it off that object's visual token, never by scanning the grid.
         max_turns: stage-2 records have 1..max_turns Q/A turns (turn-count weights below).
         turn_weights: relative frequency of 1, 2, ... max_turns turns.
         n_text_only: stage-2 text-only records (caption in the text, no image).
@@ -184,6 +190,7 @@ class TinyWorldConfig:
     n_train_images: int = 16000
     n_caption_images: int = 16000
     caption_details: bool = False
+    caption_order: str = "row_major"
     max_turns: int = 4
     turn_weights: tuple[float, ...] = (0.4, 0.25, 0.2, 0.15)
     n_text_only: int = 160
@@ -205,6 +212,8 @@ class TinyWorldConfig:
             raise ValueError(f"Need 1 <= min_objects <= max_objects <= grid**2, got {self.min_objects}, {self.max_objects}.")
         if len(self.turn_weights) != self.max_turns:
             raise ValueError(f"turn_weights needs {self.max_turns} entries, got {len(self.turn_weights)}.")
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"caption_order must be one of {', '.join(CAPTION_ORDERS)}, got {self.caption_order!r}.")
         if self.n_caption_images > self.n_train_images:
             raise ValueError("n_caption_images cannot exceed n_train_images.")
         unknown = [x for x in self.shades if x not in ("light", "dark")]

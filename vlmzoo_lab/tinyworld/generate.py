@@ -51,7 +51,7 @@ from .questions import (
 from .scene import MARK_TILES, Scene, box_downsample, kind_prior, render, sample_scene
 
 IMAGE_TOKEN = "<image>"
-_TRAIN, _EVAL, _TEXT = 1, 2, 3
+_TRAIN, _EVAL, _TEXT, _CAPTION = 1, 2, 3, 5  # 4: the LLM corpus (corpus.py)
 _MAX_TRIES = 20000
 
 
@@ -204,6 +204,15 @@ def _dump(obj: Any, path: str) -> None:
         f.write("\n")
 
 
+def _stage1_caption(i: int, scene: Scene, cfg: TinyWorldConfig) -> str:
+    """Train image ``i``'s stage-1 caption (details and order from the config; an own RNG stream,
+    so neither changes any other file)."""
+    order = None
+    if cfg.caption_order == "shuffled":
+        order = np.random.default_rng([cfg.seed, _CAPTION, i]).permutation(len(scene.objects)).tolist()
+    return caption(scene, cfg, with_marks=cfg.caption_details, order=order)
+
+
 def generate_world(cfg: TinyWorldConfig, data_dir: str, keep_train_hires: bool = True,
                    log: Any = print) -> GeneratedWorld:
     """Generate all JSON files and PNGs under ``data_dir`` (see the module docstring)."""
@@ -225,7 +234,7 @@ def generate_world(cfg: TinyWorldConfig, data_dir: str, keep_train_hires: bool =
         if i < cfg.n_caption_images:
             stage1.append({"id": f"cap-{i:06d}", "image": rel,
                            "conversations": [{"from": "human", "value": IMAGE_TOKEN, "regions": []},
-                                             _gpt(caption(scene, cfg, with_marks=cfg.caption_details))]})
+                                             _gpt(_stage1_caption(i, scene, cfg))]})
         conv = []
         for k, qa in enumerate(qas):
             conv += [_human(qa.question, with_image=k == 0, regions=question_regions(qa, scene, cfg)), _gpt(qa.answer)]

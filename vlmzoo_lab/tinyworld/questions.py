@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -63,15 +63,17 @@ def plural(shape: str) -> str:
     return shape + "es" if shape.endswith(("s", "x", "ch", "sh")) else shape + "s"
 
 
-def caption(scene: Scene, cfg: TinyWorldConfig, with_marks: bool = False) -> str:
-    """Row-major list of objects, e.g. ``"red circle at a1, blue square at c2."``.
+def caption(scene: Scene, cfg: TinyWorldConfig, with_marks: bool = False,
+            order: Sequence[int] | None = None) -> str:
+    """List of objects, e.g. ``"red circle at a1, blue square at c2."``: row-major, or in ``order``
+    (indices into ``scene.objects``).
 
     ``with_marks`` adds the fine marks (``"... at a1 with checkered pattern"``) and, in worlds
     with shades, the shade (``"light red circle ..."``). The stage-1 captions have them when the
     config's ``caption_details`` is on; the tiny CLIP's contrastive captions never do.
     """
     parts = []
-    for o in scene.objects:
+    for o in (scene.objects if order is None else [scene.objects[k] for k in order]):
         shade = f"{cfg.shades[o.shade]} " if (with_marks and cfg.shades) else ""
         text = f"{shade}{cfg.colour_names[o.colour]} {cfg.shapes[o.shape]} at {cell_name(o.row, o.col)}"
         if with_marks:
