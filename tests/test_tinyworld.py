@@ -442,11 +442,32 @@ def test_data_only_fields_keep_the_towers_hash():
     """Shipped towers serve every world that differs from theirs only in data no tower reads."""
     from vlmzoo_lab.tinyworld.config import DATA_ONLY_FIELDS
 
-    assert DATA_ONLY_FIELDS == ("caption_details",)
-    detailed = replace(CFG, caption_details=True)
-    assert detailed.config_hash() != CFG.config_hash() and detailed.towers_hash() == CFG.towers_hash()
+    assert DATA_ONLY_FIELDS == ("caption_details", "caption_order")
+    for variant in (replace(CFG, caption_details=True), replace(CFG, caption_order="shuffled")):
+        assert variant.config_hash() != CFG.config_hash() and variant.towers_hash() == CFG.towers_hash()
     other = replace(CFG, shade_strength=0.25)
     assert other.towers_hash() != CFG.towers_hash()
+    with pytest.raises(ValueError, match="caption_order must be one of row_major, shuffled, got 'random'"):
+        replace(CFG, caption_order="random")
+
+
+def test_shuffled_detailed_captions_change_only_the_caption_file(data, tmp_path):
+    """Same objects, shades and marks as the scenes, in a per-image order that is not always reading
+    order; every other file the generator writes is unchanged."""
+    cfg = replace(CFG, caption_details=True, caption_order="shuffled")
+    generate_world(cfg, str(tmp_path), keep_train_hires=False, log=_quiet)
+    for name in DATA_FILES:
+        if name not in ("stage1_captions.json", "world.json"):
+            assert json.loads((tmp_path / name).read_text()) == data[name], name
+    scenes = data["scenes.json"]["train"]
+    reordered, captions = 0, json.loads((tmp_path / "stage1_captions.json").read_text())
+    for rec in captions:
+        listed = parse_detailed_caption(rec["conversations"][1]["value"])
+        objects = scenes[rec["image"]]
+        key = lambda o: (o["row"], o["col"])  # noqa: E731
+        assert sorted(listed, key=key) == sorted(objects, key=key)
+        reordered += listed != objects
+    assert reordered > len(captions) // 2
 
 
 # ---------------------------------------------------------------------------- fine detail
