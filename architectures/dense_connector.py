@@ -19,7 +19,7 @@ Module group: ``connector``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch.nn import functional as F
@@ -38,7 +38,7 @@ from vlmzoo import (
 from vlmzoo.layers import MLPConnector
 from vlmzoo.multilayer import check_groups, contiguous_groups, mean_of_layers, unique_layers
 
-MODES = ("dci", "sti")
+Mode = Literal["dci", "sti"]
 
 
 @dataclass
@@ -54,7 +54,7 @@ class DenseConnectorConfig(StrategyConfig):
     """
 
     vision_layer: int = -2
-    mode: str = "dci"
+    mode: Mode = "dci"
     dci_groups: int = 2
     dci_layer_groups: Optional[list[list[int]]] = None
     sti_layers: list[int] = field(default_factory=lambda: [7, 15])
@@ -71,8 +71,6 @@ class DenseConnectorStrategy(GuidanceStrategy):
 
     def __init__(self, config: DenseConnectorConfig, dims: CoreDims) -> None:
         super().__init__(config, dims)
-        if config.mode not in MODES:
-            raise ValueError(f"dense_connector mode {config.mode!r} is not one of {', '.join(MODES)}.")
         if config.mode == "sti" and not 1 <= config.sti_pool <= dims.vision_num_patches:
             raise ValueError(f"dense_connector sti_pool must be in 1..{dims.vision_num_patches}, got {config.sti_pool}.")
         if config.dci_layer_groups is not None:

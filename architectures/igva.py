@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -59,9 +59,9 @@ from vlmzoo.layers import MLPConnector, MultiHeadAttention, ZeroLinear
 from vlmzoo.multilayer import check_groups, contiguous_groups, mean_of_layers, unique_layers
 from vlmzoo.strategy import ZeroInitEquivalence
 
-INSTRUCTION_SOURCES = ("text_encoder", "llm_embeddings")
-CONCAT_ORDERS = ("base_first", "fused_first")
-ENTROPY_FORMS = ("double_softmax", "kl_uniform")
+InstructionSource = Literal["text_encoder", "llm_embeddings"]
+ConcatOrder = Literal["base_first", "fused_first"]
+EntropyForm = Literal["double_softmax", "kl_uniform"]
 
 
 @dataclass
@@ -94,16 +94,16 @@ class IGVAConfig(StrategyConfig):
     num_groups: int = 4
     layer_groups: Optional[list[list[int]]] = None
     use_allocator: bool = True
-    instruction_source: str = "text_encoder"
+    instruction_source: InstructionSource = "text_encoder"
     allocator_blocks: int = 4
     allocator_heads: int = 4
     allocator_ffn_size: int = 0
     allocator_dropout: float = 0.0
     allocator_norm_eps: float = 1e-5
-    concat_order: str = "base_first"
+    concat_order: ConcatOrder = "base_first"
     zero_init_head: bool = False
     entropy_weight: float = 0.0
-    entropy_form: str = "double_softmax"
+    entropy_form: EntropyForm = "double_softmax"
     connector_depth: int = 2
     connector_act: str = "gelu"
 
@@ -191,11 +191,6 @@ class IGVAStrategy(GuidanceStrategy):
             self.groups = check_groups(config.layer_groups, "igva layer_groups")
         else:
             self.groups = contiguous_groups(range(1, dims.vision_num_layers + 1), config.num_groups)
-        for field, value, allowed in (("instruction_source", config.instruction_source, INSTRUCTION_SOURCES),
-                                      ("concat_order", config.concat_order, CONCAT_ORDERS),
-                                      ("entropy_form", config.entropy_form, ENTROPY_FORMS)):
-            if value not in allowed:
-                raise ValueError(f"igva {field} {value!r} is not one of {', '.join(allowed)}.")
         d_v = dims.vision_hidden_size
         self.connector = MLPConnector(2 * d_v, dims.llm_hidden_size, depth=config.connector_depth,
                                       act=config.connector_act)

@@ -237,14 +237,8 @@ class TALlavaStrategy(GuidanceStrategy):
         super().__init__(config, dims)
         if config.period < 2:
             raise ValueError(f"ta_llava period must be >= 2 (text and vision offsets differ), got {config.period}.")
-        if config.order not in ("text_first", "vision_first"):
-            raise ValueError(f"ta_llava order must be 'text_first' or 'vision_first', got {config.order!r}.")
         if config.num_prefix_tokens < 1:
             raise ValueError(f"ta_llava num_prefix_tokens must be >= 1, got {config.num_prefix_tokens}.")
-        if config.instruction_span not in ("before_reply_role", "first_user_text"):
-            raise ValueError(
-                f"ta_llava instruction_span must be 'before_reply_role' or 'first_user_text', got {config.instruction_span!r}."
-            )
         d = dims.llm_hidden_size
         self.projector = MLPConnector(dims.vision_hidden_size, d, depth=config.projector_depth, act=config.projector_act)
         self.prefix = LearnedTokens(config.num_prefix_tokens, d, std=config.prefix_init_std)

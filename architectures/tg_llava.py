@@ -32,6 +32,7 @@ not build those.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ class TGLlavaConfig(StrategyConfig):
     connector_act: str = "gelu"
     use_fom: bool = True
     use_dp: bool = True
-    fom_source: str = "text"
+    fom_source: Literal["text", "oracle"] = "text"
     fom_layers: int = 2
     fom_cross_attention_freq: int = 2
     fom_heads: int = 16
@@ -267,8 +268,6 @@ class TGLlavaStrategy(GuidanceStrategy):
     def __init__(self, config: TGLlavaConfig, dims: CoreDims) -> None:
         super().__init__(config, dims)
         d_v, d_llm, p = dims.vision_hidden_size, dims.llm_hidden_size, dims.vision_num_patches
-        if config.fom_source not in ("text", "oracle"):
-            raise ValueError(f"tg_llava fom_source must be 'text' or 'oracle', got {config.fom_source!r}.")
         if self._text_fom or config.use_dp:
             if dims.text_encoder_hidden_size is None:
                 raise ValueError("tg_llava with use_dp, or use_fom with fom_source 'text', needs an instruction text "

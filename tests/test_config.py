@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
@@ -13,13 +14,14 @@ import yaml
 from vlmzoo.build import build_on_meta
 from vlmzoo.config import (
     CONFIGS_DIR,
-    prepare_run_files,
     RunConfig,
-    arch_config_path,
     config_hash,
     load_config_tree,
     load_run_config,
+    prepare_run_files,
     run_config_from_dict,
+    strategy_run_config,
+    strategy_run_config_path,
 )
 from vlmzoo.config_tree import deep_merge, load_yaml_tree, parse_override
 from vlmzoo.registry import register_strategy
@@ -226,20 +228,20 @@ def test_variables(tmp_path):
 
 # ---- command lines -------------------------------------------------------------------------------
 def test_arch_lookup_names_what_exists():
-    assert arch_config_path("llava") == CONFIGS_DIR / "llava" / "tiny.yaml"
-    assert arch_config_path("llava", "reference") == CONFIGS_DIR / "llava" / "reference.yaml"
+    assert strategy_run_config_path("llava") == CONFIGS_DIR / "llava" / "tiny.yaml"
+    assert strategy_run_config_path("llava", "reference") == CONFIGS_DIR / "llava" / "reference.yaml"
     with pytest.raises(FileNotFoundError, match=r"No strategy 'lava'.*Did you mean 'llava'\?.*Registered strategies: .*llava"):
-        arch_config_path("lava")
-    with pytest.raises(FileNotFoundError, match=r"No 'huge' config for arch 'llava'; available: reference, tiny"):
-        arch_config_path("llava", "huge")
+        strategy_run_config_path("lava")
+    with pytest.raises(FileNotFoundError, match=r"No 'huge' config for strategy 'llava'; available: reference, tiny"):
+        strategy_run_config_path("llava", "huge")
     with pytest.raises(FileNotFoundError, match=r"No strategy 'base'"):
-        arch_config_path("base", "reference")
+        strategy_run_config_path("base", "reference")
 
 
 def test_a_registered_strategy_without_a_config_folder_gets_the_tiny_base(tmp_path):
     """--arch NAME of a strategy with no configs/NAME/: the shared tiny base, model.strategy=NAME and
     the config dataclass's defaults; reference configs come from the strategy's own config_dir."""
-    from vlmzoo.config import TINY_BASE, arch_config, strategy_config_files
+    from vlmzoo.config import TINY_BASE, strategy_run_config, strategy_config_files
     from vlmzoo.registry import STRATEGIES, get_strategy_class
 
     class NoFolder(get_strategy_class("llava")):
@@ -247,21 +249,21 @@ def test_a_registered_strategy_without_a_config_folder_gets_the_tiny_base(tmp_pa
 
     register_strategy("no_folder_llava")(NoFolder)
     try:
-        path, first = arch_config("no_folder_llava")
+        path, first = strategy_run_config("no_folder_llava")
         assert path == CONFIGS_DIR / TINY_BASE
         cfg = load_run_config(path, first, resolve_vars=False)
         assert cfg.model.strategy == "no_folder_llava" and cfg.model.strategy_config == {}
         assert cfg.output.name == "no_folder_llava-tiny"
         assert [s.name for s in cfg.training.stages] == ["stage1_align", "stage2_instruct"]
-        with pytest.raises(FileNotFoundError, match=r"No 'reference' config for arch 'no_folder_llava'; available: tiny"):
-            arch_config("no_folder_llava", "reference")
+        with pytest.raises(FileNotFoundError, match=r"No 'reference' config for strategy 'no_folder_llava'; available: tiny"):
+            strategy_run_config("no_folder_llava", "reference")
         assert strategy_config_files("no_folder_llava", "reference*.yaml") == []
 
         (tmp_path / "reference.yaml").write_text(
             f"_base_: [{CONFIGS_DIR / 'llava' / 'reference.yaml'}]\nmodel: {{strategy: no_folder_llava}}\n")
         NoFolder.config_dir = tmp_path
         assert strategy_config_files("no_folder_llava", "reference*.yaml") == [tmp_path / "reference.yaml"]
-        assert arch_config("no_folder_llava", "reference") == (tmp_path / "reference.yaml", ())
+        assert strategy_run_config("no_folder_llava", "reference") == (tmp_path / "reference.yaml", ())
         assert load_run_config(tmp_path / "reference.yaml").model.strategy == "no_folder_llava"
         NoFolder.config_dir = tmp_path / "missing"
         with pytest.raises(FileNotFoundError, match="declares config_dir .*missing"):
@@ -399,6 +401,8 @@ class _Outer:
     names: tuple[str, ...] = ()
     inner: _Inner = dataclasses.field(default_factory=_Inner)
     scale: float | None = None
+    mode: Literal["dci", "sti"] = "dci"
+    flag: Literal[1, True] = 1
 
 
 def test_build_dataclass_types_nested_fields_and_names_the_bad_one():
@@ -413,6 +417,23 @@ def test_build_dataclass_types_nested_fields_and_names_the_bad_one():
         build_dataclass(_Outer, {"scale": "big"}, "x")
     with pytest.raises(ConfigKeyError, match=r"Unknown key 'rbg' in x\.inner\. Did you mean 'rgb'"):
         build_dataclass(_Outer, {"inner": {"rbg": [1, 2, 3]}}, "x")
+    assert build_dataclass(_Outer, {"mode": "sti", "flag": True}, "x").mode == "sti"
+    with pytest.raises(ValueError, match=r"x\.mode must be one of 'dci', 'sti', got 'cat'"):
+        build_dataclass(_Outer, {"mode": "cat"}, "x")
+    with pytest.raises(ValueError, match=r"x\.flag must be one of 1, True, got 1\.0"):  # equal is not enough
+        build_dataclass(_Outer, {"flag": 1.0}, "x")
+
+
+@pytest.mark.parametrize("strategy, key, value, choices", [
+    ("igva", "concat_order", "last", "'base_first', 'fused_first'"),
+    ("dense_connector", "mode", "cat", "'dci', 'sti'"),
+    ("tg_llava", "fom_source", "boxes", "'text', 'oracle'"),
+    ("ta_llava", "order", "mixed", "'text_first', 'vision_first'"),
+])
+def test_a_strategy_choice_is_checked_when_the_config_loads(strategy, key, value, choices):
+    path, first = strategy_run_config(strategy)
+    with pytest.raises(ValueError, match=rf"strategy_config\[{strategy}\]\.{key} must be one of {choices}, got '{value}'"):
+        load_run_config(path, [*first, f"model.strategy_config.{key}={value}"])
 
 
 # ---- value ranges, one-line errors ---------------------------------------------------------------

@@ -166,7 +166,7 @@ def test_connector_input_columns_follow_concat_order(pixels, order):
     base_half, fused_half = (second, first) if order == "fused_first" else (first, second)
     torch.testing.assert_close(base_half, base, rtol=0, atol=0)
     assert not torch.allclose(fused_half, base, atol=1e-3)
-    with pytest.raises(ValueError, match="concat_order 'base_last' is not one of base_first, fused_first"):
+    with pytest.raises(ValueError, match=r"concat_order must be one of 'base_first', 'fused_first', got 'base_last'"):
         igva_model(concat_order="base_last")
 
 
@@ -235,7 +235,7 @@ def test_entropy_regulariser_adds_the_hand_computed_aux_loss(pixels, form):
     stage1_plain = igva_model(seed=4, entropy_weight=0.0, use_allocator=False)
     stage1_plain.load_state_dict(stage1.state_dict())
     assert _forward(stage1, batch, labels=labels).loss == _forward(stage1_plain, batch, labels=labels).loss
-    with pytest.raises(ValueError, match="entropy_form 'kl' is not one of double_softmax, kl_uniform"):
+    with pytest.raises(ValueError, match=r"entropy_form must be one of 'double_softmax', 'kl_uniform', got 'kl'"):
         igva_model(entropy_form="kl")
 
 

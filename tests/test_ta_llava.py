@@ -468,9 +468,9 @@ def test_tiny_config_trains_both_stages_and_evaluates(tmp_path):
 # ---- reference scale on meta: parameters and prefill FLOPs ------------------------------------------
 def _meta(arch: str, scale: str, *overrides: str):
     from vlmzoo.build import build_on_meta
-    from vlmzoo.config import arch_config_path, load_run_config
+    from vlmzoo.config import strategy_run_config_path, load_run_config
 
-    return build_on_meta(load_run_config(arch_config_path(arch, scale), list(overrides)))
+    return build_on_meta(load_run_config(strategy_run_config_path(arch, scale), list(overrides)))
 
 
 @pytest.mark.parametrize(("scale", "spec", "layers"), [

@@ -350,7 +350,7 @@ def test_oracle_needs_a_region_mask_of_the_tower_grid(pixels):
         _forward(model, {k: v for k, v in batch.items() if k != "region_mask"})
     with pytest.raises(ValueError, match=r"region_mask has shape \(2, 9\); expected \(2, 16\)"):
         _forward(model, {**batch, "region_mask": torch.zeros(2, 9)})
-    with pytest.raises(ValueError, match="fom_source must be 'text' or 'oracle'"):
+    with pytest.raises(ValueError, match=r"strategy_config\[tg_llava\]\.fom_source must be one of 'text', 'oracle', got 'boxes'"):
         tiny_model("tg_llava", strategy_config={**TINY_TG, "use_dp": False, "fom_source": "boxes"})
     # TG-DP still reads the text: then a text encoder is needed again
     with pytest.raises(ValueError, match="needs an instruction text encoder"):

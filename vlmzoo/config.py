@@ -47,7 +47,7 @@ class ModelSection:
 
     Attributes:
         strategy: registered strategy name (required; ``--arch NAME`` picks its config,
-            :func:`arch_config`); ``strategy_config`` holds its fields (unset ones: the defaults of
+            :func:`strategy_run_config`); ``strategy_config`` holds its fields (unset ones: the defaults of
             the strategy's config dataclass).
         vision_tower / vision_backend: tower hub name or local path, and its backend (``hf``,
             ``timm``, ``open_clip``).
@@ -322,7 +322,7 @@ class EvalSection:
 class OutputSection:
     """Attributes:
     dir: run folder (default ``outputs/<name>-<config hash>``, so the same command resumes).
-    name: run name (default: the config file's ``<arch>-<scale>``).
+    name: run name (default: the config file's ``<strategy>-<scale>``).
     """
 
     dir: str | None = None
@@ -419,7 +419,7 @@ def prepare_run_files(cfg: RunConfig) -> None:
 
 
 # ---- entry points --------------------------------------------------------------------------------
-_NOT_ARCHS = ("base",)  # folders of configs/ that hold shared bases, not strategies
+_NOT_STRATEGIES = ("base",)  # folders of configs/ that hold shared bases, not strategies
 #: The shared tiny-world base: the tiny recipe of a registered strategy that ships no ``tiny.yaml``.
 TINY_BASE = "base/tiny_world.yaml"
 
@@ -427,7 +427,7 @@ TINY_BASE = "base/tiny_world.yaml"
 def strategy_config_dirs(name: str) -> list[Path]:
     """Folders holding run configs of strategy ``name``: ``configs/<name>/`` of this repository, then
     the ``config_dir`` its class declares (configs shipped with a third-party package)."""
-    dirs = [CONFIGS_DIR / name] if name not in _NOT_ARCHS and (CONFIGS_DIR / name).is_dir() else []
+    dirs = [CONFIGS_DIR / name] if name not in _NOT_STRATEGIES and (CONFIGS_DIR / name).is_dir() else []
     cls = STRATEGIES.find(name)
     if cls is not None and cls.config_dir is not None:
         own = Path(cls.config_dir)
@@ -447,33 +447,34 @@ def strategy_config_files(name: str, pattern: str = "*.yaml") -> list[Path]:
     return [found[stem] for stem in sorted(found)]
 
 
-def arch_config(arch: str, scale: str = "tiny") -> tuple[Path, tuple[str, ...]]:
-    """The run config of ``--arch ARCH --scale SCALE`` as ``(file, overrides applied first)``.
+def strategy_run_config(strategy: str, scale: str = "tiny") -> tuple[Path, tuple[str, ...]]:
+    """The run config of ``--arch NAME --scale SCALE`` (``--arch`` names a strategy) as
+    ``(file, overrides applied first)``.
 
     ``SCALE.yaml`` of the strategy's config folders (:func:`strategy_config_files`) if there is one;
     else, for ``tiny`` and any registered strategy, the shared tiny base (:data:`TINY_BASE`) with
-    ``model.strategy=ARCH`` and the strategy's config dataclass defaults: a strategy installed from
+    ``model.strategy=NAME`` and the strategy's config dataclass defaults: a strategy installed from
     another package trains on the tiny world with no config file. An unknown strategy or scale is an
     error naming the ones that exist.
     """
     registered = available_strategies()
-    files = {p.stem: p for p in strategy_config_files(arch)} if arch not in _NOT_ARCHS else {}
+    files = {p.stem: p for p in strategy_config_files(strategy)} if strategy not in _NOT_STRATEGIES else {}
     if scale in files:
         return files[scale], ()
-    if arch in registered and scale == "tiny":
-        return CONFIGS_DIR / TINY_BASE, (f"model.strategy={json.dumps(arch)}", f"output.name={json.dumps(arch + '-tiny')}")
-    if arch not in registered and not files:
-        near = nearest_names(arch, registered)
+    if strategy in registered and scale == "tiny":
+        return CONFIGS_DIR / TINY_BASE, (f"model.strategy={json.dumps(strategy)}", f"output.name={json.dumps(strategy + '-tiny')}")
+    if strategy not in registered and not files:
+        near = nearest_names(strategy, registered)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise FileNotFoundError(f"No strategy {arch!r}: none is registered under that name and {CONFIGS_DIR} has "
-                                f"no folder {arch}/.{hint} Registered strategies: {', '.join(registered)}.")
-    scales = sorted({*files, *(("tiny",) if arch in registered else ())})
-    raise FileNotFoundError(f"No {scale!r} config for arch {arch!r}; available: {', '.join(scales)}.")
+        raise FileNotFoundError(f"No strategy {strategy!r}: none is registered under that name and {CONFIGS_DIR} has "
+                                f"no folder {strategy}/.{hint} Registered strategies: {', '.join(registered)}.")
+    scales = sorted({*files, *(("tiny",) if strategy in registered else ())})
+    raise FileNotFoundError(f"No {scale!r} config for strategy {strategy!r}; available: {', '.join(scales)}.")
 
 
-def arch_config_path(arch: str, scale: str = "tiny") -> Path:
-    """The file of :func:`arch_config` (its overrides dropped: use :func:`arch_config` to load it)."""
-    return arch_config(arch, scale)[0]
+def strategy_run_config_path(strategy: str, scale: str = "tiny") -> Path:
+    """The file of :func:`strategy_run_config` (its overrides dropped: use :func:`strategy_run_config` to load it)."""
+    return strategy_run_config(strategy, scale)[0]
 
 
 def load_config_tree(path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -682,11 +683,11 @@ def diff_configs(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 # ---- command line --------------------------------------------------------------------------------
-def add_config_arguments(parser, arch: bool = True) -> None:
-    """``--config FILE`` (and ``--arch NAME [--scale S]``) plus trailing ``key=value`` overrides."""
+def add_config_arguments(parser, strategy_flag: bool = True) -> None:
+    """``--config FILE`` (and ``--arch NAME [--scale S]``: a registered strategy) plus trailing ``key=value`` overrides."""
     group = parser.add_mutually_exclusive_group(required=False)
     group.add_argument("--config", help="run config YAML file")
-    if arch:
+    if strategy_flag:
         group.add_argument("--arch", help="registered strategy: its <scale>.yaml (configs/<arch>/ or the strategy's "
                            "config_dir), else for tiny the shared tiny base with the strategy's defaults")
         parser.add_argument("--scale", default="tiny", help="config file of --arch (default: tiny)")
@@ -700,5 +701,5 @@ def config_from_args(args, extra_overrides: Sequence[str] = ()) -> RunConfig:
     """The run config the parsed command line names (``extra_overrides`` come last)."""
     path, first = args.config, ()
     if path is None and getattr(args, "arch", None):
-        path, first = arch_config(args.arch, args.scale)
+        path, first = strategy_run_config(args.arch, args.scale)
     return load_run_config(path, [*first, *args.overrides, *extra_overrides])

@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(default: eval.high_res_images, or data.high_res_images with data.images)")
     parser.add_argument("--train-data", help="training JSON for the blind control (default: the config's last stage)")
     parser.add_argument("--output-dir", help="where eval_metrics.json and predictions.jsonl go (default: <model>/eval)")
-    add_config_arguments(parser, arch=False)
+    add_config_arguments(parser, strategy_flag=False)
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     setup_logging()
     cfg = config_from_args(args)

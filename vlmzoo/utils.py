@@ -58,10 +58,15 @@ def build_dataclass(cls: type[_T], values: Any, where: str) -> _T:
 
 
 def coerce_value(tp: Any, value: Any, where: str) -> Any:
-    """``value`` checked against (and, where lossless, converted to) type hint ``tp``; types it
-    cannot check (``Any``, ``Literal``, classes) pass through."""
+    """``value`` checked against (and, where lossless, converted to) type hint ``tp``; a ``Literal``
+    value must be one of its choices (the error names ``where`` and the choices); types it cannot
+    check (``Any``, classes) pass through."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is typing.Literal:
+        if not any(type(value) is type(a) and value == a for a in args):
+            raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, help="only the first N records")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--output", help="write the statistics as JSON here too")
-    add_config_arguments(parser, arch=False)
+    add_config_arguments(parser, strategy_flag=False)
     args = parser.parse_intermixed_args(argv)  # key=value overrides may follow the flags
     setup_logging()
     cfg = config_from_args(args)

@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vlmzoo.build import build_on_meta
-from vlmzoo.config import arch_config, load_run_config, strategy_config_files
+from vlmzoo.config import strategy_run_config, load_run_config, strategy_config_files
 from vlmzoo.configuration import VLMConfig
 from vlmzoo.flops import prefill_flops
 from vlmzoo.modeling import VLMForConditionalGeneration
@@ -85,12 +85,12 @@ class _Vocab:
 def tiny_world_config(strategy: str, vocab_size: int = 96):
     """A :class:`~vlmzoo.VLMConfig` at the tiny world's sizes (its CLIP and Llama shapes, the last
     vocabulary id as the image token) with the strategy fields of its tiny config
-    (:func:`vlmzoo.config.arch_config`; the config dataclass's defaults for a strategy without one)
+    (:func:`vlmzoo.config.strategy_run_config`; the config dataclass's defaults for a strategy without one)
     and the tiny CLIP's text tower if the config names a text encoder or the strategy reads instruction text."""
     world = TinyWorldConfig()
     vocab = _Vocab(vocab_size)
     clip = clip_config(world, vocab)
-    path, first = arch_config(strategy, "tiny")
+    path, first = strategy_run_config(strategy, "tiny")
     run = load_run_config(path, first, resolve_vars=False)
     fields = dict(
         vision_config=HFVisionTower.spec_from_config(clip.vision_config),

@@ -2,7 +2,7 @@
 
 ``scripts/compare.py --archs llava igva --seeds 3`` trains every ``(strategy, seed)`` pair through
 :func:`vlmzoo.training.run_training` (the code path of ``scripts/train.py``) from the config
-``scripts/train.py --arch ARCH --scale SCALE`` would use (:func:`vlmzoo.config.arch_config`) with
+``scripts/train.py --arch ARCH --scale SCALE`` would use (:func:`vlmzoo.config.strategy_run_config`) with
 the same trailing overrides, then collects per run:
 
 * accuracy per question type, overall and macro, and the blind control (``eval/eval_metrics.json``);
@@ -67,7 +67,7 @@ import yaml
 from vlmzoo.build import torch_dtype
 from vlmzoo.config import (
     CONFIGS_DIR,
-    arch_config,
+    strategy_run_config,
     diff_configs,
     load_run_config,
     prepare_run_files,
@@ -179,12 +179,12 @@ def split_variant(name: str, scale: str) -> tuple[str, str]:
 
 def config_source(spec: StudySpec, arch: str) -> tuple[Path, tuple[str, ...]]:
     """The config of a study entry as ``(file, overrides applied first)``: the strategy's
-    ``<scale>.yaml`` (:func:`vlmzoo.config.arch_config`: its config folders, else the shared tiny base
+    ``<scale>.yaml`` (:func:`vlmzoo.config.strategy_run_config`: its config folders, else the shared tiny base
     for a strategy that ships none), or of ``arch:stem`` (an ablation variant) its ``<stem>.yaml``;
     with ``config_dir``, ``<config_dir>/<arch>/<stem>.yaml``."""
     folder, stem = split_variant(arch, spec.scale)
     if spec.config_dir is None:
-        return arch_config(folder, stem)
+        return strategy_run_config(folder, stem)
     path = Path(spec.config_dir) / folder / f"{stem}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"--config-dir: no {path} (arch {folder!r}, config {stem!r}).")
