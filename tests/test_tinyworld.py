@@ -188,6 +188,22 @@ def parse_caption(text: str) -> list[dict[str, Any]]:
     return [{"colour": c, "shape": s, "col": ord(col) - ord("a"), "row": int(row) - 1} for c, s, col, row in found]
 
 
+def assert_caption_lists(text: str, objects: list[dict[str, Any]], cfg) -> None:
+    """``text`` names every object once (with shade and mark under ``caption_details``), in reading
+    order under ``caption_order: row_major``."""
+    if cfg.caption_details:
+        listed, expected = parse_detailed_caption(text), objects
+    else:
+        listed = parse_caption(text)
+        expected = [{k: o[k] for k in ("colour", "shape", "col", "row")} for o in objects]
+        assert "pattern" not in text
+    assert text.count(",") == len(objects) - 1 and len(listed) == len(objects)
+    cell = lambda o: (o["row"], o["col"])  # noqa: E731
+    assert sorted(listed, key=cell) == sorted(expected, key=cell)
+    if cfg.caption_order == "row_major":
+        assert listed == expected
+
+
 def parse_detailed_caption(text: str) -> list[dict[str, Any]]:
     """Objects of a ``"light red circle at a1 with checkered pattern, ..."`` caption."""
     found = re.findall(r"(\w+) (\w+) (\w+) at ([a-z])(\d) with (\w+) pattern", text)
@@ -407,9 +423,7 @@ def test_training_files_match_the_scenes(data):
         objects = scenes[rec["image"]]
         human, gpt = rec["conversations"]
         assert human == {"from": "human", "value": IMAGE, "regions": []}
-        assert not CFG.caption_details  # the default: colour, shape and cell of every object
-        assert parse_caption(gpt["value"]) == [{k: o[k] for k in ("colour", "shape", "col", "row")} for o in objects]
-        assert gpt["value"].count(",") == len(objects) - 1 and "pattern" not in gpt["value"]
+        assert_caption_lists(gpt["value"], objects, CFG)
 
     stage2 = data["stage2_instruct.json"]
     text_only = [r for r in stage2 if "image" not in r]
@@ -443,7 +457,8 @@ def test_data_only_fields_keep_the_towers_hash():
     from vlmzoo_lab.tinyworld.config import DATA_ONLY_FIELDS
 
     assert DATA_ONLY_FIELDS == ("caption_details", "caption_order")
-    for variant in (replace(CFG, caption_details=True), replace(CFG, caption_order="shuffled")):
+    other_order = "shuffled" if CFG.caption_order == "row_major" else "row_major"
+    for variant in (replace(CFG, caption_details=not CFG.caption_details), replace(CFG, caption_order=other_order)):
         assert variant.config_hash() != CFG.config_hash() and variant.towers_hash() == CFG.towers_hash()
     other = replace(CFG, shade_strength=0.25)
     assert other.towers_hash() != CFG.towers_hash()
@@ -451,10 +466,11 @@ def test_data_only_fields_keep_the_towers_hash():
         replace(CFG, caption_order="random")
 
 
-def test_shuffled_detailed_captions_change_only_the_caption_file(data, tmp_path):
-    """Same objects, shades and marks as the scenes, in a per-image order that is not always reading
-    order; every other file the generator writes is unchanged."""
-    cfg = replace(CFG, caption_details=True, caption_order="shuffled")
+@pytest.mark.parametrize("details, order", [(True, "shuffled"), (False, "row_major")])
+def test_the_caption_switches_change_only_the_caption_file(data, tmp_path, details, order):
+    """Each setting lists the scene's objects as it says (shuffled: a per-image order that is often
+    not reading order); every other file the generator writes is unchanged."""
+    cfg = replace(CFG, caption_details=details, caption_order=order)
     generate_world(cfg, str(tmp_path), keep_train_hires=False, log=_quiet)
     for name in DATA_FILES:
         if name not in ("stage1_captions.json", "world.json"):
@@ -462,12 +478,10 @@ def test_shuffled_detailed_captions_change_only_the_caption_file(data, tmp_path)
     scenes = data["scenes.json"]["train"]
     reordered, captions = 0, json.loads((tmp_path / "stage1_captions.json").read_text())
     for rec in captions:
-        listed = parse_detailed_caption(rec["conversations"][1]["value"])
-        objects = scenes[rec["image"]]
-        key = lambda o: (o["row"], o["col"])  # noqa: E731
-        assert sorted(listed, key=key) == sorted(objects, key=key)
-        reordered += listed != objects
-    assert reordered > len(captions) // 2
+        text, objects = rec["conversations"][1]["value"], scenes[rec["image"]]
+        assert_caption_lists(text, objects, cfg)
+        reordered += details and parse_detailed_caption(text) != objects
+    assert reordered > len(captions) // 2 if order == "shuffled" else reordered == 0
 
 
 # ---------------------------------------------------------------------------- fine detail
