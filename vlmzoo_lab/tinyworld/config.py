@@ -147,12 +147,10 @@ class TinyWorldConfig:
             reading them from any visual token that carries them; ``False``: colour, shape and cell
             only. The base view does not show the marks and layer -2 is nearly blind to shade, so
             for ``llava`` those words stay guesses; strategies that see the 2x crops or the early
-            layers can learn them. Off by default (the default run's world); the shade and fine
-            controls are measured with it on (``tiny_world.config.caption_details=true``);
-            docs/tiny_world.md has the measurements either way.
-        caption_order: order of the objects in a stage-1 caption: ``row_major`` (reading order), or
-            ``shuffled`` (a fixed random order per image), in which a caption can name an object's
-            cell only by reading it off that object's visual token, never by scanning the grid.
+            layers can learn them (docs/tiny_world.md has the measurements).
+        caption_order: order of the objects in a stage-1 caption: ``shuffled`` (a fixed random
+            order per image), in which a caption can name an object's cell only by reading it off
+            that object's visual token, never by scanning the grid; or ``row_major`` (reading order).
         max_turns: stage-2 records have 1..max_turns Q/A turns (turn-count weights below).
         turn_weights: relative frequency of 1, 2, ... max_turns turns.
         n_text_only: stage-2 text-only records (caption in the text, no image).
@@ -189,8 +187,8 @@ class TinyWorldConfig:
     mark_size: int = 6
     n_train_images: int = 16000
     n_caption_images: int = 16000
-    caption_details: bool = False
-    caption_order: str = "row_major"
+    caption_details: bool = True
+    caption_order: str = "shuffled"
     max_turns: int = 4
     turn_weights: tuple[float, ...] = (0.4, 0.25, 0.2, 0.15)
     n_text_only: int = 160
