@@ -26,7 +26,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vlmzoo.build import build_on_meta
-from vlmzoo.config import strategy_run_config, load_run_config, strategy_config_files
+from vlmzoo.config import load_run_config, strategy_config_files, strategy_run_config
 from vlmzoo.configuration import VLMConfig
 from vlmzoo.flops import prefill_flops
 from vlmzoo.modeling import VLMForConditionalGeneration

@@ -67,11 +67,11 @@ import yaml
 from vlmzoo.build import torch_dtype
 from vlmzoo.config import (
     CONFIGS_DIR,
-    strategy_run_config,
     diff_configs,
     load_run_config,
     prepare_run_files,
     strategy_config_files,
+    strategy_run_config,
 )
 from vlmzoo.evaluation import (
     METRICS_FILE,
