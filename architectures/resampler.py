@@ -77,12 +77,8 @@ class ResamplerConfig(StrategyConfig):
     connector_act: str = "gelu"
 
 
-def _norm(kind: str, dim: int, eps: float) -> nn.Module:
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps)
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
-    raise ValueError(f"resampler norm must be 'layernorm' or 'rmsnorm', got {kind!r}.")
+def _norm(kind: NormKind, dim: int, eps: float) -> nn.Module:
+    return nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else nn.RMSNorm(dim, eps=eps)
 
 
 class ResamplerLayer(nn.Module):

@@ -206,7 +206,7 @@ def test_bad_configs():
         rs_model(num_latents=0)
     with pytest.raises(ValueError, match="num_layers >= 1"):
         rs_model(num_layers=0)
-    with pytest.raises(ValueError, match="'layernorm' or 'rmsnorm'"):
+    with pytest.raises(ValueError, match=r"strategy_config\[resampler\]\.norm must be one of 'layernorm', 'rmsnorm', got 'batchnorm'"):
         rs_model(norm="batchnorm")
     with pytest.raises(ConfigKeyError, match="num_latents"):
         rs_model(num_latent=8)
