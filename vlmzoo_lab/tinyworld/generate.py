@@ -205,7 +205,7 @@ def _dump(obj: Any, path: str) -> None:
 
 
 def _stage1_caption(i: int, scene: Scene, cfg: TinyWorldConfig) -> str:
-    """Train image ``i``'s stage-1 caption (details and order from the config; an own RNG stream,
+    """Train image ``i``'s stage-1 caption (details and order from the config; its own RNG stream,
     so neither changes any other file)."""
     order = None
     if cfg.caption_order == "shuffled":
