@@ -17,6 +17,12 @@ square and its grid is fixed). Shapes (``s = sqrt(P)``)::
     visual_embeds = connector(CAT(base, crops))                 (N, P + f^2 P, d_llm)
 
 At the tiny world: 16 + 64 = 80 tokens; at the reference scale (CLIP-L/336, f = 2): 576 + 2,304.
+
+``mark_named_object`` (a control of ours, off by default): a learned vector ``v`` ``(D_v,)`` (zero
+at the start) is added to the features of the base patches in the question's regions and of the
+crop patches inside them, before the connector (``region_mask`` ``(N, P)`` on the base grid, each
+base patch's ``f x f`` crop patches marked with it). The model is then handed both the detail and
+the object the question names: what is left to learn is reading the mark there.
 The connector is named ``connector`` as in `llava`, so a `llava` checkpoint's weights load into it.
 """
 
@@ -38,7 +44,7 @@ from vlmzoo import (
     patch_grid,
     register_strategy,
 )
-from vlmzoo.layers import MLPConnector
+from vlmzoo.layers import MLPConnector, RegionMarker
 
 
 @dataclass
@@ -48,6 +54,8 @@ class CropTokensConfig(StrategyConfig):
     high_res_factor: f: the image at f times the tower's size, cut into f x f crops (>= 2).
     include_base: also hand the base view's P patches to the LLM, before the crops (AnyRes does).
     connector_depth / connector_act: the one connector every token goes through (``mlp2x_gelu``).
+    mark_named_object: add a learned vector to the base and crop patches of the question's regions
+        (the named object's location; needs the data's ``regions`` and a square patch grid).
     """
 
     vision_layer: int = -2
@@ -55,6 +63,7 @@ class CropTokensConfig(StrategyConfig):
     include_base: bool = True
     connector_depth: int = 2
     connector_act: str = "gelu"
+    mark_named_object: bool = False
 
 
 def merge_crops(crops: torch.Tensor, factor: int, side: int) -> torch.Tensor:
@@ -82,6 +91,12 @@ class CropTokensStrategy(GuidanceStrategy):
         self.connector = MLPConnector(
             dims.vision_hidden_size, dims.llm_hidden_size, depth=config.connector_depth, act=config.connector_act
         )
+        self.marker: RegionMarker | None = None
+        if config.mark_named_object:
+            if self._side is None:
+                raise ValueError("strategy_config[crop_tokens].mark_named_object needs a square patch grid, got "
+                                 f"{dims.vision_num_patches} patches.")
+            self.marker = RegionMarker(dims.vision_hidden_size)
 
     @property
     def _side(self) -> int | None:
@@ -97,7 +112,7 @@ class CropTokensStrategy(GuidanceStrategy):
     def needs(self) -> StrategyNeeds:
         c = self.config
         return StrategyNeeds(vision_layers=(c.vision_layer,), high_res_factor=c.high_res_factor,
-                             high_res_layers=(c.vision_layer,))
+                             high_res_layers=(c.vision_layer,), query_regions=c.mark_named_object)
 
     @property
     def num_visual_tokens(self) -> int:
@@ -114,6 +129,14 @@ class CropTokensStrategy(GuidanceStrategy):
         base = patch_grid(self.dims.vision_num_patches, label="base patches") if self.config.include_base else ()
         return (*base, TokenGrid(self._num_base, f * side, f * side, "crop patches"))
 
+    def _token_mask(self, region_mask: torch.Tensor) -> torch.Tensor:
+        """Base-grid region mask ``(N, P)`` -> one entry per visual token ``(N, [P +] f^2 P)``: the
+        base patches as given, then each crop patch (merged raster) taking its base patch's value."""
+        f, side = self.config.high_res_factor, self._side
+        grid = region_mask.reshape(-1, side, side)
+        crops = grid.repeat_interleave(f, dim=1).repeat_interleave(f, dim=2).reshape(region_mask.shape[0], -1)
+        return torch.cat([region_mask, crops], dim=1) if self.config.include_base else crops
+
     def forward(self, inputs: GuidanceInputs) -> StrategyOutput:
         layer = self.config.vision_layer
         crops = inputs.vision.high_res[layer]  # (N, f^2 P, D_v), crop-major
@@ -121,4 +144,6 @@ class CropTokensStrategy(GuidanceStrategy):
         if side is not None:
             crops = merge_crops(crops, self.config.high_res_factor, side)
         features = torch.cat([inputs.vision.layers[layer], crops], dim=1) if self.config.include_base else crops
+        if self.marker is not None:
+            features = features + self.marker(self._token_mask(inputs.region_mask))
         return StrategyOutput(visual_embeds=self.connector(features))  # (N, [P +] f^2 P, d_llm)

@@ -48,7 +48,7 @@ from vlmzoo import (
     patch_grid,
     register_strategy,
 )
-from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, NormalLinear, SwiGLU, ZeroLinear
+from vlmzoo.layers import LearnedTokens, MLPConnector, MultiHeadAttention, NormalLinear, RegionMarker, SwiGLU, ZeroLinear
 from vlmzoo.strategy import ZeroInitEquivalence
 
 
@@ -173,22 +173,6 @@ class TextGuidedFOM(nn.Module):
         return self.mask_head(x)  # (N, P, D_v)
 
 
-class OracleFOM(nn.Module):
-    """The oracle TG-FOM (``fom_source="oracle"``): region mask ``(N, P)`` -> ``M (N, P, D_v)``
-    ``= mask[..., None] * v``, ``v`` ``(D_v,)`` zero-initialised (so M = 0 until it trains;
-    dL/dv = sum over the masked patches of dL/dM, not 0)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.v = nn.Parameter(torch.zeros(dim))
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.v)
-
-    def forward(self, region_mask: torch.Tensor) -> torch.Tensor:
-        return region_mask.to(self.v.dtype)[..., None] * self.v  # (N, P, D_v)
-
-
 class PerceiverLayer(nn.Module):
     """One TG-DP perceiver layer on latents ``(N, K, D)`` with ``context (N, S, D)``.
 
@@ -277,7 +261,7 @@ class TGLlavaStrategy(GuidanceStrategy):
         self.connector = MLPConnector(d_v, d_llm, depth=config.connector_depth, act=config.connector_act)
         self.fom: nn.Module | None = None
         if config.use_fom:
-            self.fom = TextGuidedFOM(config, p, d_v, dims.text_encoder_hidden_size) if self._text_fom else OracleFOM(d_v)
+            self.fom = TextGuidedFOM(config, p, d_v, dims.text_encoder_hidden_size) if self._text_fom else RegionMarker(d_v)
         self.dp = None
         if config.use_dp:
             self.dp = TextGuidedDP(config, config.dp_upscale**2 * p, d_v, dims.text_encoder_hidden_size, d_llm)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import architectures.crop_tokens  # noqa: F401  registers it even in a venv installed before it existed
-from tiny import IMAGE_SIZE, NUM_PATCHES, PATCH, left_pad, prompt_ids, tiny_model
+from tiny import IMAGE_SIZE, IMAGE_TOKEN_ID, NUM_PATCHES, PATCH, left_pad, prompt_ids, tiny_model
 from vlmzoo import TokenGrid, VLMForConditionalGeneration
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,3 +123,38 @@ def test_reference_config_on_meta():
     assert model.strategy.num_visual_tokens == 576 + 4 * 576 == 2880
     assert sum(p.numel() for p in model.strategy.parameters()) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert cfg.data.max_length >= 2880 + 512
+
+
+def test_marking_the_named_object_moves_its_base_and_crop_tokens_only(pixels):
+    """mark_named_object: the query's regions are needed; v starts at zero (a fresh model equals
+    plain crop_tokens); once v is non-zero exactly the marked base patch and its 2 x 2 crop patches
+    change, and v gets gradient only through a non-empty mask."""
+    plain = tiny_model("crop_tokens", seed=3)
+    model = tiny_model("crop_tokens", strategy_config={"mark_named_object": True})
+    assert model.strategy.needs.query_regions and not plain.strategy.needs.query_regions
+    assert model.config.get_input_spec().query_region_grid == SIDE
+    model.load_state_dict(plain.state_dict(), strict=False)
+    assert [n for n, _ in model.strategy.marker.named_parameters()] == ["v"]
+    n = model.strategy.num_visual_tokens
+    ids, mask = left_pad([prompt_ids(n, [1, 5], [6])])
+    hr = torch.randn(1, 3, 2 * IMAGE_SIZE, 2 * IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    regions = torch.zeros(1, NUM_PATCHES)
+    regions[0, 6] = 1  # row 1, column 2 of the 4 x 4 base grid
+    batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels[:1], pixel_values_hr=hr, region_mask=regions)
+    with torch.no_grad():
+        before = model(**batch).image_hidden_states
+        torch.testing.assert_close(before, plain(**{k: v for k, v in batch.items() if k != "region_mask"}).image_hidden_states,
+                                   rtol=0, atol=0)
+        model.strategy.marker.v.copy_(torch.randn(model.strategy.marker.v.shape, generator=torch.Generator().manual_seed(0)))
+        after = model(**batch).image_hidden_states
+    moved = ((after - before).abs().amax(-1) > 0)[0].nonzero().flatten().tolist()
+    crop = model.strategy.visual_token_grids[1]
+    assert moved == [6] + sorted(crop.start + r * crop.cols + c for r in (2, 3) for c in (4, 5))
+
+    model.strategy.marker.v.data.zero_()
+    labels = ids.masked_fill(ids == IMAGE_TOKEN_ID, -100).masked_fill(mask == 0, -100)
+    model.train()(**batch, labels=labels).loss.backward()
+    assert model.strategy.marker.v.grad.abs().sum() > 0
+    model.zero_grad()
+    model(**{**batch, "region_mask": torch.zeros_like(regions)}, labels=labels).loss.backward()
+    assert model.strategy.marker.v.grad.abs().sum() == 0

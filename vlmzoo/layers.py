@@ -50,6 +50,23 @@ class NormalLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class RegionMarker(nn.Module):
+    """Marks given tokens with one learned vector: mask ``(N, S)`` -> ``mask[..., None] * v``
+    ``(N, S, D)``, added to features by the caller. ``v`` ``(D,)`` starts at zero (a no-op until it
+    trains; dL/dv is the sum of dL/d(output) over the marked tokens, not 0). Controls use it to hand
+    a model the location of the object a question names (the query's ``region_mask``)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.zeros(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.v)
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        return mask.to(self.v.dtype)[..., None] * self.v  # (N, S, D)
+
+
 class MLPConnector(nn.Module):
     """LLaVA's ``mlp{depth}x_{act}`` projector: Linear(in, out), then (act, Linear(out, out)) x (depth-1).
 
