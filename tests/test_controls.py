@@ -17,7 +17,7 @@ import yaml
 import architectures.crop_tokens  # noqa: F401  registers it even in a venv installed before it existed
 
 REPO = Path(__file__).resolve().parent.parent
-CONTROLS = ["llava", "resampler", "crop_tokens", "llava:tiny_shade_layer", "tg_llava:tiny_fom_oracle"]
+CONTROLS = ["llava", "resampler", "crop_tokens", "crop_tokens:tiny_marked", "llava:tiny_shade_layer", "tg_llava:tiny_fom_oracle"]
 SEEDS = (0, 1)
 # A claims file over the controls alone (the shipped one needs the methods' runs too): two claims with
 # both controls (one the oracle mask's), one without a positive control, one whose method is not in
@@ -79,9 +79,20 @@ def test_oracle_config_is_fom_only_with_the_mask_from_the_regions():
     assert run_budget(oracle) == run_budget(fom)
 
 
+def test_marked_crop_tokens_config_is_crop_tokens_with_the_object_marked():
+    """configs/crop_tokens/tiny_marked.yaml = crop_tokens' tiny.yaml with mark_named_object on."""
+    from vlmzoo.config import load_run_config
+    from vlmzoo_lab.study import run_budget
+
+    marked = load_run_config(REPO / "configs" / "crop_tokens" / "tiny_marked.yaml", resolve_vars=False)
+    plain = load_run_config(REPO / "configs" / "crop_tokens" / "tiny.yaml", resolve_vars=False)
+    assert marked.model.strategy_config == {**plain.model.strategy_config, "mark_named_object": True}
+    assert run_budget(marked) == run_budget(plain)
+
+
 @pytest.fixture(scope="module")
 def controls_study(tmp_path_factory):
-    """A reduced study of the four controls, two seeds, two steps per stage, the whole eval."""
+    """A reduced study of the controls, two seeds, two steps per stage, the whole eval."""
     from vlmzoo_lab.study import main
     from vlmzoo_lab.tinyworld import small_test_config
 
@@ -122,8 +133,8 @@ def test_every_control_trains_a_few_steps(controls_study):
     resolved = yaml.safe_load((_run_dir(controls_study, "llava:tiny_shade_layer", 0) / "resolved_config.yaml").read_text())
     assert resolved["model"]["strategy_config"]["vision_layer"] == 1
     tokens = {a: int(float(rows[(a, "0")]["visual_tokens"])) for a in CONTROLS}
-    assert tokens == {"llava": 16, "resampler": 8, "crop_tokens": 16 + 64, "llava:tiny_shade_layer": 16,
-                      "tg_llava:tiny_fom_oracle": 16}
+    assert tokens == {"llava": 16, "resampler": 8, "crop_tokens": 16 + 64, "crop_tokens:tiny_marked": 16 + 64,
+                      "llava:tiny_shade_layer": 16, "tg_llava:tiny_fom_oracle": 16}
     # The oracle's v starts at zero and gets gradient only through the regions' patch mask: the
     # world's regions reached the model in both stages (captions: [] -> no gradient, so stage 2's).
     from vlmzoo import VLMForConditionalGeneration
@@ -133,6 +144,9 @@ def test_every_control_trains_a_few_steps(controls_study):
             _run_dir(controls_study, "tg_llava:tiny_fom_oracle", 0) / stage / "final")
         assert model.text_encoder is None and model.config.get_input_spec().query_regions
         assert bool(model.strategy.fom.v.abs().sum() > 0) == trained, stage
+        marked = VLMForConditionalGeneration.from_pretrained(
+            _run_dir(controls_study, "crop_tokens:tiny_marked", 0) / stage / "final")
+        assert bool(marked.strategy.marker.v.abs().sum() > 0) == trained, stage
 
 
 def _accuracies(out: Path, entry: str, qtype: str) -> list[float]:
