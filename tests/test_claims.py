@@ -72,6 +72,18 @@ def test_a_positive_control_under_25_points_makes_the_situation_not_learnable():
     assert _one_row(_claim(question_types=("shade",)), runs)["verdict"] == "reproduces"
 
 
+def test_a_negative_control_within_25_points_of_100_leaves_no_headroom():
+    """The same short gap is "no headroom" when not even 100% could beat the negative control by 25."""
+    runs = _runs("m", "position", [99, 26, 100]) + _runs("neg", "position", [99.8, 26.2, 99.7])
+    row = _one_row(_claim(question_types=("position",)), runs + _runs("pos", "position", [100, 100, 100]))
+    assert row["negative_mean"] == pytest.approx(75.233, abs=1e-3) and row["control_gap"] == pytest.approx(24.767, abs=1e-3)
+    assert row["verdict"] == "no headroom"
+    assert "24.8 < 25 points" in row["note"] and "75.2 leaves less than that to 100" in row["note"]
+    low = _runs("neg", "position", [70, 80, 74])  # mean 74.7: a perfect control would clear 25
+    assert _one_row(_claim(question_types=("position",)), runs[:3] + low + _runs("pos", "position", [90, 92, 94]))[
+        "verdict"] == "situation not learnable"
+
+
 def test_missing_controls_and_seeds_are_marked_not_guessed():
     method, neg = _runs("m", "fine", [50, 52, 54]), _runs("neg", "fine", [30, 31, 32])
     absent = _claim(positive_control=None, missing_positive_control="an oracle mask")

@@ -10,8 +10,10 @@ The verdict rule (docs/results.md, docs/controls.md), in order:
 1. a control that was not run in this study, or fewer than :data:`MIN_SEEDS` seeds: no verdict;
 2. a claim without a positive control: ``positive control missing``;
 3. a positive control that does not beat the negative control by :data:`MIN_CONTROL_GAP` points on
-   the type: ``situation not learnable`` (the world or the recipe does not let even the
-   configuration handed the information show it; the method's result then says nothing);
+   the type: ``no headroom`` when the negative control is itself within that many points of 100
+   (no configuration could beat it by that much: the baseline already does what the claim is
+   about), else ``situation not learnable`` (the world or the recipe does not let even the
+   configuration handed the information show it); either way the method's result says nothing;
 4. else the effect rule (:func:`effect_verdict`): ``reproduces`` if the effect exceeds both
    :data:`NOISE_MULTIPLE` x the seed noise and :data:`MIN_EFFECT` points; ``inconclusive`` if it
    is positive but within that; else ``does not reproduce``. For the spread of a declared strategy
@@ -71,7 +73,7 @@ CLAIMS_CSV_DOC = {
     "noise": "the larger seed std of the method and its negative control (a spread: the method's)",
     "seeds_for_3pt": "seeds per strategy for a 3-point effect at this noise: "
                      "ceil(2 (z_0.975 + z_0.8)^2 noise^2 / 3^2), one-sample (no factor 2) for a spread; at least 2",
-    "verdict": "reproduces / inconclusive / does not reproduce / situation not learnable / "
+    "verdict": "reproduces / inconclusive / does not reproduce / no headroom / situation not learnable / "
                "positive control missing / ... not run / too few seeds",
     "note": "what the effect rule alone gives where the verdict overrides it; missing runs",
 }
@@ -243,8 +245,12 @@ def _row(c: Claim, qtype: str, method: str, m: list[float], neg: list[float], po
             elif not pos:
                 override = ("positive control not run", f"{c.positive_control} is not in this study")
             elif row["control_gap"] < MIN_CONTROL_GAP:
-                override = ("situation not learnable",
-                            f"the positive control beats the negative by {row['control_gap']:.1f} < {MIN_CONTROL_GAP:g} points")
+                gap = f"the positive control beats the negative by {row['control_gap']:.1f} < {MIN_CONTROL_GAP:g} points"
+                if 100.0 - row["negative_mean"] < MIN_CONTROL_GAP:
+                    override = ("no headroom", f"{gap}, and the negative control's {row['negative_mean']:.1f} leaves "
+                                f"less than that to 100")
+                else:
+                    override = ("situation not learnable", gap)
             if override:
                 row["verdict"] = override[0]
                 row["note"] = f"{override[1]}; effect rule alone: {rule}"
