@@ -191,7 +191,7 @@ def test_the_shipped_claims_file():
     claims = {c.claim: c for c in load_claims()}
     dp = claims["TG-DP reads detail"]
     assert (dp.question_types, dp.methods, dp.negative_control, dp.positive_control) == (
-        ("fine",), ("tg_llava", "tg_llava:tiny_dp_only"), "llava", "crop_tokens")
+        ("fine",), ("tg_llava", "tg_llava:tiny_dp_only"), "llava", "crop_tokens:tiny_marked")
     fom = claims["TG-FOM selects the named object"]
     assert (fom.question_types, fom.methods, fom.negative_control, fom.positive_control) == (
         ("position",), ("tg_llava:tiny_fom_only",), "llava", "tg_llava:tiny_fom_oracle")
