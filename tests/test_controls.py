@@ -149,6 +149,25 @@ def test_every_control_trains_a_few_steps(controls_study):
         assert bool(marked.strategy.marker.v.abs().sum() > 0) == trained, stage
 
 
+@pytest.mark.slow
+def test_the_report_says_whether_each_control_finds_the_named_object(controls_study):
+    """results.md's selection section: the random-object reference and each strategy's accuracy on
+    the single-object types (fewest / most objects / all, mean over seeds), from the runs' own files."""
+    from vlmzoo_lab.tinyworld.selection import run_rows
+
+    section = (controls_study / "results.md").read_text().split("## Finding the named object", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    rows = {line.split(" | ")[0][2:]: line for line in lines[1:]}  # after the header
+    assert set(rows) == {"*random-object reference*", *CONTROLS}
+    per_seed = [run_rows(_run_dir(controls_study, "crop_tokens", s)) for s in SEEDS]
+    overall = {r.question_type: r for r in per_seed[0] if r.objects == 0}
+    assert set(overall) == {"position", "fine", "shade"}
+    ref = f"{overall['fine'].random_object:.1f} |"
+    assert rows["*random-object reference*"].split(" | ")[2].endswith(ref.rstrip(" |"))
+    fine = statistics.fmean(r.accuracy for rows_ in per_seed for r in rows_ if (r.question_type, r.objects) == ("fine", 0))
+    assert rows["crop_tokens"].split(" | ")[2].endswith(f"{fine:.1f}")
+
+
 def _accuracies(out: Path, entry: str, qtype: str) -> list[float]:
     """The entry's accuracy on ``qtype`` per seed, in points, from its own eval file."""
     return [100 * json.loads((_run_dir(out, entry, s) / "eval" / "eval_metrics.json").read_text())["per_type"][qtype]["accuracy"]

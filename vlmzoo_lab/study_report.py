@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from .study_claims import claim_rows, claims_markdown, write_claims_csv
+from .tinyworld.selection import SelectionRow, run_rows
 
 if TYPE_CHECKING:
     from .study import RunRecord, StudySpec
@@ -127,6 +128,40 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
     return "\n".join(lines)
 
 
+def selection_table(runs: Sequence[RunRecord]) -> str:
+    """The study's single-object types per strategy (:mod:`vlmzoo_lab.tinyworld.selection`):
+    ``fewest / most objects / all``, mean over seeds, first row the random-object reference; ``""``
+    when a run's eval has no tiny-world scenes (another data set) or no single-object type."""
+    per_run: dict[str, list[list[SelectionRow]]] = {}
+    for r in runs:
+        try:
+            per_run.setdefault(r.arch, []).append(run_rows(r.run_dir))
+        except (FileNotFoundError, ValueError, KeyError):
+            return ""
+    first = next(iter(per_run.values()))[0]
+    types = list(dict.fromkeys(row.question_type for row in first))
+    if not types:
+        return ""
+    counts = {t: sorted(row.objects for row in first if row.question_type == t and row.objects) for t in types}
+
+    def cells(rows_per_seed: list[list[SelectionRow]], field: str) -> list[str]:
+        out = []
+        for t in types:
+            values = []
+            for n in (counts[t][0], counts[t][-1], 0):
+                got = [getattr(row, field) for rows in rows_per_seed for row in rows if (row.question_type, row.objects) == (t, n)]
+                values.append(f"{statistics.fmean(got):.1f}" if got else "-")
+            out.append(" / ".join(values))
+        return out
+
+    head = [f"`{t}` ({counts[t][0]} / {counts[t][-1]} objects / all)" for t in types]
+    lines = ["| strategy | " + " | ".join(head) + " |", "|---|" + "---:|" * len(types),
+             "| *random-object reference* | " + " | ".join(cells([first], "random_object")) + " |"]
+    for arch, rows_per_seed in per_run.items():
+        lines.append(f"| {arch} | " + " | ".join(cells(rows_per_seed, "accuracy")) + " |")
+    return "\n".join(lines)
+
+
 def _short(override: str, limit: int = 60) -> str:
     return override if len(override) <= limit else override[: limit - 3] + "..."
 
@@ -168,6 +203,13 @@ def write_outputs(spec: "StudySpec", runs: Sequence["RunRecord"], claims: Sequen
         body += (f"\n## {title[:1].upper() + title[1:]} per question type\n\nMean of each component of `{key}` "
                  "over the eval questions of each type (mean over seeds).\n\n" + extra_table(runs, key)
                  + f"\n\n![{title}]({key}.png)\n")
+    selection = selection_table(runs)
+    if selection:
+        body += ("\n## Finding the named object\n\nAccuracy on the questions about one named object with the "
+                 "fewest and the most objects in the image, and overall (mean over seeds), beside the random-object "
+                 "reference: what reading the property right but picking a random object of the image scores. "
+                 "Accuracy that follows the reference means the property is read but the object is not found "
+                 "(docs/controls.md; scripts/selection.py splits one run by every object count).\n\n" + selection + "\n")
     if claims_table:
         body += ("\n## Claims\n\nEach claim's method against its negative control (the strategy lacking the "
                  "information) and its positive control (handed it directly), in points on the type (mean ± std over "
