@@ -8,6 +8,7 @@ Rows come from :class:`vlmzoo_lab.study.RunRecord` objects; :data:`CSV_DOC` docu
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import statistics
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from .study_claims import claim_rows, claims_markdown, write_claims_csv
 from .tinyworld.selection import SelectionRow, run_rows
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .study import RunRecord, StudySpec
@@ -131,12 +134,16 @@ def markdown_table(runs: Sequence[RunRecord]) -> str:
 def selection_table(runs: Sequence[RunRecord]) -> str:
     """The study's single-object types per strategy (:mod:`vlmzoo_lab.tinyworld.selection`):
     ``fewest / most objects / all``, mean over seeds, first row the random-object reference; ``""``
-    when a run's eval has no tiny-world scenes (another data set) or no single-object type."""
+    when a run's eval has no tiny-world scenes (another data set) or no single-object type, or when
+    a run's predictions do not match its world's files (logged as a warning naming the run)."""
     per_run: dict[str, list[list[SelectionRow]]] = {}
     for r in runs:
         try:
             per_run.setdefault(r.arch, []).append(run_rows(r.run_dir))
-        except (FileNotFoundError, ValueError, KeyError):
+        except FileNotFoundError:
+            return ""
+        except (ValueError, KeyError) as exc:
+            logger.warning("results.md has no 'Finding the named object' section: run %s: %s", r.run_dir, exc)
             return ""
     first = next(iter(per_run.values()))[0]
     types = list(dict.fromkeys(row.question_type for row in first))
