@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -101,14 +102,24 @@ def run_files(run_dir: str | Path) -> tuple[Path, Path, Path]:
     return predictions, Path(data), scenes
 
 
+@lru_cache(maxsize=4)
+def _world_file(path: Path, stamp: tuple[int, int]) -> Any:
+    """A world JSON file, parsed once per version (``stamp``: mtime and size): a study's runs share
+    one world's eval file and scenes (several MB), read only."""
+    return json.loads(path.read_text())
+
+
+def _read_world_file(path: Path) -> Any:
+    stat = path.stat()
+    return _world_file(path, (stat.st_mtime_ns, stat.st_size))
+
+
 def run_rows(run_dir: str | Path) -> list[SelectionRow]:
     """:func:`selection_rows` of an evaluated run folder."""
     predictions_path, data, scenes_path = run_files(run_dir)
     with open(predictions_path) as f:
         predictions = [json.loads(line) for line in f if line.strip()]
-    eval_records = json.loads(data.read_text())
-    scenes = json.loads(scenes_path.read_text())["eval"]
-    return selection_rows(predictions, eval_records, scenes)
+    return selection_rows(predictions, _read_world_file(data), _read_world_file(scenes_path)["eval"])
 
 
 def format_selection(runs: Mapping[str, Sequence[SelectionRow]]) -> str:
